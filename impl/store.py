@@ -1,0 +1,1060 @@
+"""The durable store: contexts, the per-context event stream, runs (PROTOCOL sections 3, 4 and 5).
+
+One async interface, :class:`Store`, over SQLAlchemy 2 async Core, with the same statements for
+``sqlite+aiosqlite`` (the embedded default) and ``postgresql+asyncpg`` (several nodes sharing one
+store). The guarantees the protocol needs are made by the database, never by an in-process lock:
+
+* one live context per user: a partial UNIQUE index on ``contexts(user_id) WHERE NOT expired``
+  plus ``INSERT ... ON CONFLICT DO NOTHING`` (section 3);
+* gap-free per-context ``seq``: ``contexts.next_seq`` is bumped with ``UPDATE ... RETURNING`` in the
+  same transaction as the event insert, so the row lock (PostgreSQL) or the write lock (SQLite,
+  ``BEGIN IMMEDIATE``) serialises allocation (section 5);
+* events move only forward: every state change is a conditional ``UPDATE`` whose ``WHERE`` admits
+  only the allowed source states (PENDING/SENT -> SENT/PENDING/ACKED/ESCALATED; ACKED and
+  ESCALATED are terminal) (section 5).
+
+Every failure is a :class:`~pipeproof.errors.StoreError` subclass naming the operation; messages
+never contain the DSN's password. Lookups that may legitimately find nothing are named ``find_*``
+and return ``None`` for "absent"; every other operation raises instead of returning ``None``.
+Referring to a context, event or run that does not exist raises :class:`StoreIntegrityError` (it is
+a dangling reference, exactly what a foreign key would refuse).
+
+Timestamps are float seconds supplied by the caller (``now``), as in the clock-free model.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypeVar, get_args
+
+import sqlalchemy.exc as sa_exc
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Row,
+    Table,
+    Text,
+    UniqueConstraint,
+    event,
+    false,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from pipeproof.errors import (
+    StoreAuthFailed,
+    StoreError,
+    StoreIntegrityError,
+    StorePoolExhausted,
+    StoreRollbackFailed,
+    StoreTimeout,
+    StoreUnavailable,
+)
+
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------------------------------
+# Records
+
+
+class EventState(enum.Enum):
+    """Delivery state of one event (PROTOCOL section 5). Same names as ``model.delivery.Delivery``."""
+
+    PENDING = "PENDING"
+    SENT = "SENT"
+    ACKED = "ACKED"
+    ESCALATED = "ESCALATED"
+
+
+LIVE_STATES: Final = (EventState.PENDING.value, EventState.SENT.value)
+"""Non-terminal states: the only ones any update may leave."""
+
+EscalationReason = Literal["max_attempts", "no_session", "send_failed"]
+ESCALATION_REASONS: Final[tuple[str, ...]] = get_args(EscalationReason)
+
+
+@dataclass(frozen=True)
+class ContextRecord:
+    """Result of :meth:`Store.get_or_create_context`: the user's one live context (section 3)."""
+
+    context_id: str
+    epoch: int
+    created: bool
+    user_id: str
+    account_id: str
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """A stored context row. ``last_seq`` is the highest seq allocated so far (0 if none)."""
+
+    context_id: str
+    user_id: str
+    account_id: str
+    epoch: int
+    created_at: float
+    last_used_at: float
+    expired: bool
+    expired_at: float | None
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One event of a context's stream (section 5). ``data`` is a read-only view of the payload."""
+
+    context_id: str
+    seq: int
+    event_id: str
+    run_id: str
+    kind: str
+    data: Mapping[str, Any]
+    state: EventState
+    attempt: int
+    reason: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run (section 4); ``request_id`` is unique per context, which makes ``run.start`` idempotent."""
+
+    run_id: str
+    context_id: str
+    request_id: str
+    user_id: str
+    state: str
+    created_at: float
+    updated_at: float
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+
+metadata = MetaData()
+
+schema_version_table = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("description", Text, nullable=False),
+    Column("applied_at", Float, nullable=False),
+)
+
+contexts = Table(
+    "contexts",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("user_id", Text, nullable=False),
+    Column("account_id", Text, nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float, nullable=False),
+    Column("expired", Boolean, nullable=False, server_default=false()),
+    Column("expired_at", Float, nullable=True),
+    Column("next_seq", Integer, nullable=False, server_default=text("1")),
+    UniqueConstraint("user_id", "epoch", name="uq_contexts_user_epoch"),
+    CheckConstraint("next_seq >= 1", name="ck_contexts_next_seq"),
+)
+# The section-3 guarantee, enforced by the database: at most one non-expired context per user.
+# ``NOT expired`` reads the same in SQLite (0/1) and PostgreSQL (boolean).
+Index(
+    "ux_contexts_one_live_per_user",
+    contexts.c.user_id,
+    unique=True,
+    sqlite_where=text("NOT expired"),
+    postgresql_where=text("NOT expired"),
+)
+
+_STATE_CHECK = "state IN ('PENDING', 'SENT', 'ACKED', 'ESCALATED')"
+_REASON_CHECK = "reason IS NULL OR reason IN ('max_attempts', 'no_session', 'send_failed')"
+
+events = Table(
+    "events",
+    metadata,
+    Column("context_id", Text, ForeignKey("contexts.id"), nullable=False),
+    Column("seq", Integer, nullable=False, autoincrement=False),
+    Column("event_id", Text, nullable=False, unique=True),
+    Column("run_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("data", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("reason", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    PrimaryKeyConstraint("context_id", "seq", name="pk_events"),
+    CheckConstraint(_STATE_CHECK, name="ck_events_state"),
+    CheckConstraint(_REASON_CHECK, name="ck_events_reason"),
+    CheckConstraint("seq >= 1 AND attempt >= 0", name="ck_events_seq_attempt"),
+)
+Index("ix_events_context_state", events.c.context_id, events.c.state)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("context_id", Text, ForeignKey("contexts.id"), nullable=False),
+    Column("request_id", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("context_id", "request_id", name="uq_runs_context_request"),
+)
+
+store_probe = Table(
+    "store_probe",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("checked_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step. ``apply`` runs inside the migration transaction (DDL is transactional in both
+    backends), so a failed step leaves the version unchanged."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _migration_1(conn: Connection) -> None:
+    # Version 1 is the initial schema. Later versions must be explicit ALTER/CREATE steps appended
+    # below (and the Table objects above updated to match), never edits to this one.
+    metadata.create_all(conn, tables=[contexts, events, runs, store_probe], checkfirst=False)
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(1, "contexts, events, runs, store_probe", _migration_1),
+)
+EXPECTED_SCHEMA_VERSION: Final = MIGRATIONS[-1].version
+
+_MIGRATION_LOCK_KEY: Final = 0x70697065_70726F6F  # "pipeproo": one advisory lock for all migrators
+_MAX_CONTEXT_RACE_RETRIES: Final = 8
+
+# --------------------------------------------------------------------------------------------------
+# Error mapping
+
+# SQLSTATE classes (PostgreSQL appendix A) that say how a failure should be typed.
+_PG_AUTH_STATES: Final = frozenset({"28000", "28P01"})
+_PG_TIMEOUT_STATES: Final = frozenset({"57014", "55P03", "40P01"})
+_PG_UNAVAILABLE_STATES: Final = frozenset({"3D000", "57P01", "57P02", "57P03", "53300"})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its explicit causes (SQLAlchemy wrapper -> adapter error -> driver error).
+
+    ``__context__`` is not followed: it holds whatever was being handled when ``exc`` arose (an
+    earlier, unrelated failure during a rollback, say), which would mis-type ``exc``.
+    """
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        orig = getattr(current, "orig", None)
+        current = current.__cause__ or (orig if isinstance(orig, BaseException) else None)
+    return seen
+
+
+def _classify(exc: BaseException) -> type[StoreError] | None:
+    """Which StoreError ``exc`` is, or None when it is not a store failure (a bug: let it raise)."""
+    if isinstance(exc, StoreError):
+        return type(exc)
+    # SQLAlchemy's pool timeout is its own class, not the builtin TimeoutError.
+    if isinstance(exc, sa_exc.TimeoutError):
+        return StorePoolExhausted
+    if isinstance(exc, sa_exc.IntegrityError):
+        return StoreIntegrityError
+    for link in _chain(exc):
+        sqlstate = getattr(link, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            if sqlstate in _PG_AUTH_STATES:
+                return StoreAuthFailed
+            if sqlstate.startswith("23"):
+                return StoreIntegrityError
+            if sqlstate in _PG_TIMEOUT_STATES:
+                return StoreTimeout
+            if sqlstate in _PG_UNAVAILABLE_STATES or sqlstate.startswith("08"):
+                return StoreUnavailable
+    for link in _chain(exc):
+        if isinstance(link, TimeoutError):  # connect timeout; checked before OSError, its base
+            return StoreTimeout
+        if isinstance(link, OSError):  # refused, unreachable, reset, rejected SSL upgrade
+            return StoreUnavailable
+        message = str(link).lower()
+        if "database is locked" in message or "database is busy" in message:
+            return StoreTimeout
+        if "unable to open database file" in message or "readonly database" in message:
+            return StoreUnavailable
+        if "disk i/o error" in message or "database or disk is full" in message:
+            return StoreUnavailable
+        if type(link).__module__.startswith("asyncpg") and "connection" in type(link).__name__.lower():
+            return StoreUnavailable
+    if isinstance(exc, sa_exc.DisconnectionError):
+        return StoreUnavailable
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return StoreUnavailable
+    if isinstance(exc, sa_exc.DBAPIError):
+        return StoreError
+    return None
+
+
+def _describe(exc: BaseException, secret: str | None) -> str:
+    """A one-line detail: the innermost driver message, never the password, never the SQL."""
+    innermost = _chain(exc)[-1]
+    message = str(innermost).splitlines()[0] if str(innermost) else ""
+    detail = f"{type(innermost).__name__}: {message}" if message else type(innermost).__name__
+    if secret:
+        detail = detail.replace(secret, "***")
+    return detail[:300]
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+
+
+def _json_dumps(data: Mapping[str, Any]) -> str:
+    return json.dumps(dict(data), separators=(",", ":"), sort_keys=True)
+
+
+def _event_from_row(row: Row[Any]) -> EventRecord:
+    payload = json.loads(row.data)
+    return EventRecord(
+        context_id=str(row.context_id),
+        seq=int(row.seq),
+        event_id=str(row.event_id),
+        run_id=str(row.run_id),
+        kind=str(row.kind),
+        data=MappingProxyType(payload),
+        state=EventState(row.state),
+        attempt=int(row.attempt),
+        reason=None if row.reason is None else str(row.reason),
+        created_at=float(row.created_at),
+        updated_at=float(row.updated_at),
+    )
+
+
+def _run_from_row(row: Row[Any]) -> RunRecord:
+    return RunRecord(
+        run_id=str(row.run_id),
+        context_id=str(row.context_id),
+        request_id=str(row.request_id),
+        user_id=str(row.user_id),
+        state=str(row.state),
+        created_at=float(row.created_at),
+        updated_at=float(row.updated_at),
+    )
+
+
+def _context_from_row(row: Row[Any]) -> ContextInfo:
+    return ContextInfo(
+        context_id=str(row.id),
+        user_id=str(row.user_id),
+        account_id=str(row.account_id),
+        epoch=int(row.epoch),
+        created_at=float(row.created_at),
+        last_used_at=float(row.last_used_at),
+        expired=bool(row.expired),
+        expired_at=None if row.expired_at is None else float(row.expired_at),
+        last_seq=int(row.next_seq) - 1,
+    )
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+class Store:
+    """The async store interface (PROTOCOL sections 3-5). Build it with :func:`open_store`.
+
+    Safe to share between tasks; every method runs in its own transaction on a pooled connection,
+    and the same instance (or instances in other processes) may be used concurrently.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, secret: str | None, pg_schema: str | None) -> None:
+        self._engine = engine
+        self._secret = secret
+        self._pg_schema = pg_schema
+        self._dialect = engine.dialect.name
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._dialect
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _error(self, operation: str, exc: BaseException) -> StoreError | None:
+        kind = _classify(exc)
+        if kind is None:
+            return None
+        return kind(operation, _describe(exc, self._secret))
+
+    async def _run(
+        self, operation: str, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool
+    ) -> T:
+        """Run ``body`` in one transaction, commit, and type every store failure.
+
+        ``write`` makes SQLite take its write lock at BEGIN (``BEGIN IMMEDIATE``): a deferred
+        transaction that reads and then writes can fail with SQLITE_BUSY without waiting, whereas an
+        immediate one waits up to ``busy_timeout`` for its turn.
+        """
+        try:
+            async with self._engine.connect() as conn:
+                if write:
+                    await conn.execution_options(pipeproof_write=True)
+                tx = await conn.begin()
+                try:
+                    result = await body(conn)
+                except BaseException as exc:
+                    try:
+                        await tx.rollback()
+                    except (sa_exc.SQLAlchemyError, OSError) as rollback_exc:
+                        # The outcome of the transaction is unknown: this must surface, typed.
+                        raise StoreRollbackFailed(
+                            operation,
+                            f"rollback after {type(exc).__name__} failed: "
+                            f"{_describe(rollback_exc, self._secret)}; "
+                            f"original failure: {_describe(exc, self._secret)}",
+                        ) from rollback_exc
+                    raise
+                await tx.commit()
+                return result
+        except StoreError:
+            raise
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            # OSError: the driver's own connect failures (refused, SSL rejected) are not wrapped.
+            typed = self._error(operation, exc)
+            if typed is None:
+                raise
+            raise typed from exc
+
+    def _insert(self, table: Table) -> Any:
+        return pg_insert(table) if self._dialect == "postgresql" else sqlite_insert(table)
+
+    # -- schema ------------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        """Apply every pending migration, idempotently and safely from many processes at once.
+
+        Migrators serialise on a PostgreSQL advisory transaction lock (SQLite: the write lock taken
+        by ``BEGIN IMMEDIATE``), then re-read the version inside the lock. Returns the versions this
+        call applied (empty when the schema was current).
+        """
+
+        async def body(conn: AsyncConnection) -> list[int]:
+            if self._dialect == "postgresql":
+                await conn.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+                if self._pg_schema is not None:
+                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self._pg_schema}"'))
+            await conn.run_sync(
+                lambda sync: metadata.create_all(sync, tables=[schema_version_table], checkfirst=True)
+            )
+            current = (await conn.execute(select(func.max(schema_version_table.c.version)))).scalar()
+            current_version = 0 if current is None else int(current)
+            applied: list[int] = []
+            for migration in MIGRATIONS:
+                if migration.version <= current_version:
+                    continue
+                await conn.run_sync(migration.apply)
+                await conn.execute(
+                    schema_version_table.insert().values(
+                        version=migration.version, description=migration.description, applied_at=time.time()
+                    )
+                )
+                applied.append(migration.version)
+            return applied
+
+        return await self._run("migrate", body, write=True)
+
+    async def schema_version(self) -> int:
+        """The applied schema version; 0 for an empty database."""
+
+        async def body(conn: AsyncConnection) -> int:
+            exists = await conn.run_sync(lambda sync: inspect(sync).has_table("schema_version"))
+            if not exists:
+                return 0
+            value = (await conn.execute(select(func.max(schema_version_table.c.version)))).scalar()
+            return 0 if value is None else int(value)
+
+        return await self._run("schema_version", body, write=False)
+
+    # -- readiness ---------------------------------------------------------------------------------
+
+    async def ping(self) -> float:
+        """Round-trip ``SELECT 1``; returns the seconds it took (``/readyz``, Transport section)."""
+
+        async def body(conn: AsyncConnection) -> float:
+            started = time.perf_counter()
+            await conn.execute(select(1))
+            return time.perf_counter() - started
+
+        return await self._run("ping", body, write=False)
+
+    async def check_writable(self, now: float | None = None) -> None:
+        """Commit a real write (an upsert of ``store_probe``) so ``/readyz`` catches a read-only or
+        full store, not only an unreachable one. Raises a StoreError subclass on failure."""
+        stamp = _now(now)
+
+        async def body(conn: AsyncConnection) -> None:
+            stmt = self._insert(store_probe).values(id=1, checked_at=stamp)
+            stmt = stmt.on_conflict_do_update(index_elements=[store_probe.c.id], set_={"checked_at": stamp})
+            await conn.execute(stmt)
+
+        await self._run("check_writable", body, write=True)
+
+    # -- contexts (section 3) ----------------------------------------------------------------------
+
+    async def get_or_create_context(self, user: str, account: str, now: float, ttl: float) -> ContextRecord:
+        """The user's live context, created if there is none (PROTOCOL section 3).
+
+        Atomic under any concurrency, in one process or many: the partial unique index admits one
+        live row per user and the insert is ``ON CONFLICT DO NOTHING``, so a loser re-reads the
+        winner's row. A live context idle for more than ``ttl`` (``now - last_used_at > ttl``) is
+        marked expired in the same transaction and replaced by a new one with ``epoch + 1``; an
+        expired context is never returned. Returning an existing context touches it. ``account``
+        is recorded when a context is created; a live context keeps the account it was created with.
+        """
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+
+        async def body(conn: AsyncConnection) -> ContextRecord:
+            for _ in range(_MAX_CONTEXT_RACE_RETRIES):
+                live = (
+                    await conn.execute(
+                        select(contexts)
+                        .where(contexts.c.user_id == user, contexts.c.expired == false())
+                        .with_for_update()  # PostgreSQL: serialise on the row; SQLite ignores it
+                    )
+                ).first()
+                if live is not None:
+                    if now - float(live.last_used_at) <= ttl:
+                        await conn.execute(
+                            update(contexts)
+                            .where(contexts.c.id == live.id)
+                            .values(last_used_at=max(float(live.last_used_at), now))
+                        )
+                        return ContextRecord(str(live.id), int(live.epoch), False, user, str(live.account_id))
+                    await conn.execute(
+                        update(contexts)
+                        .where(contexts.c.id == live.id, contexts.c.expired == false())
+                        .values(expired=True, expired_at=now)
+                    )
+                next_epoch = (
+                    select(func.coalesce(func.max(contexts.c.epoch), 0) + 1)
+                    .where(contexts.c.user_id == user)
+                    .scalar_subquery()
+                )
+                inserted = (
+                    await conn.execute(
+                        self._insert(contexts)
+                        .values(
+                            id=uuid.uuid4().hex,
+                            user_id=user,
+                            account_id=account,
+                            epoch=next_epoch,
+                            created_at=now,
+                            last_used_at=now,
+                            expired=False,
+                            next_seq=1,
+                        )
+                        .on_conflict_do_nothing()
+                        .returning(contexts.c.id, contexts.c.epoch)
+                    )
+                ).first()
+                if inserted is not None:
+                    return ContextRecord(str(inserted.id), int(inserted.epoch), True, user, account)
+                # Another transaction committed a live context first: loop and read it.
+            raise StoreIntegrityError(
+                "get_or_create_context",
+                f"no live context after {_MAX_CONTEXT_RACE_RETRIES} conflicting inserts for one user",
+            )
+
+        return await self._run("get_or_create_context", body, write=True)
+
+    async def touch_context(self, context_id: str, now: float, ttl: float | None = None) -> bool:
+        """Record activity on a context. True if it is live and was touched; False if it has expired
+        (and, with ``ttl``, if it is idle past ``ttl``, in which case it is marked expired now), so
+        the caller must resolve a new context. Unknown ``context_id``: StoreIntegrityError."""
+
+        async def body(conn: AsyncConnection) -> bool:
+            row = (
+                await conn.execute(select(contexts).where(contexts.c.id == context_id).with_for_update())
+            ).first()
+            if row is None:
+                raise StoreIntegrityError("touch_context", f"no context {context_id!r}")
+            if bool(row.expired):
+                return False
+            if ttl is not None and now - float(row.last_used_at) > ttl:
+                await conn.execute(
+                    update(contexts)
+                    .where(contexts.c.id == context_id, contexts.c.expired == false())
+                    .values(expired=True, expired_at=now)
+                )
+                return False
+            await conn.execute(
+                update(contexts)
+                .where(contexts.c.id == context_id)
+                .values(last_used_at=max(float(row.last_used_at), now))
+            )
+            return True
+
+        return await self._run("touch_context", body, write=True)
+
+    async def expire_idle_contexts(self, now: float, ttl: float) -> list[str]:
+        """Mark every live context idle past ``ttl`` expired (a sweeper); returns their ids."""
+
+        async def body(conn: AsyncConnection) -> list[str]:
+            result = await conn.execute(
+                update(contexts)
+                .where(contexts.c.expired == false(), contexts.c.last_used_at < now - ttl)
+                .values(expired=True, expired_at=now)
+                .returning(contexts.c.id)
+            )
+            return sorted(str(r.id) for r in result)
+
+        return await self._run("expire_idle_contexts", body, write=True)
+
+    async def find_context(self, context_id: str) -> ContextInfo | None:
+        """The context row, or None if no such context exists."""
+
+        async def body(conn: AsyncConnection) -> ContextInfo | None:
+            row = (await conn.execute(select(contexts).where(contexts.c.id == context_id))).first()
+            return None if row is None else _context_from_row(row)
+
+        return await self._run("find_context", body, write=False)
+
+    # -- events (section 5) ------------------------------------------------------------------------
+
+    async def append_event(
+        self, context_id: str, run_id: str, kind: str, data: Mapping[str, Any], now: float
+    ) -> EventRecord:
+        """Append one PENDING event with the context's next ``seq`` (PROTOCOL section 5).
+
+        The seq counter bump and the insert share one transaction, so seqs are 1, 2, 3... with no
+        gap or duplicate under any concurrency. Appending also touches the context (a running run
+        is activity). Appending to an expired context is allowed: its events still need delivering
+        or escalating. Unknown context: StoreIntegrityError.
+        """
+        payload = _json_dumps(data)  # fail on unserialisable data before touching the store
+
+        async def body(conn: AsyncConnection) -> EventRecord:
+            bumped = (
+                await conn.execute(
+                    update(contexts)
+                    .where(contexts.c.id == context_id)
+                    .values(
+                        next_seq=contexts.c.next_seq + 1,
+                        last_used_at=func.max(contexts.c.last_used_at, now)
+                        if self._dialect == "sqlite"
+                        else func.greatest(contexts.c.last_used_at, now),
+                    )
+                    .returning(contexts.c.next_seq)
+                )
+            ).first()
+            if bumped is None:
+                raise StoreIntegrityError("append_event", f"no context {context_id!r}")
+            seq = int(bumped.next_seq) - 1
+            row = (
+                await conn.execute(
+                    events.insert()
+                    .values(
+                        context_id=context_id,
+                        seq=seq,
+                        event_id=uuid.uuid4().hex,
+                        run_id=run_id,
+                        kind=kind,
+                        data=payload,
+                        state=EventState.PENDING.value,
+                        attempt=0,
+                        reason=None,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .returning(*events.c)
+                )
+            ).one()
+            return _event_from_row(row)
+
+        return await self._run("append_event", body, write=True)
+
+    async def _transition(
+        self,
+        operation: str,
+        context_id: str,
+        seq: int,
+        values: dict[str, Any],
+        extra_where: Sequence[Any],
+    ) -> EventRecord:
+        """Apply ``values`` if the event is in a live state and ``extra_where`` holds; either way
+        return the event as stored after the call. Unknown event: StoreIntegrityError."""
+
+        async def body(conn: AsyncConnection) -> EventRecord:
+            changed = (
+                await conn.execute(
+                    update(events)
+                    .where(
+                        events.c.context_id == context_id,
+                        events.c.seq == seq,
+                        events.c.state.in_(LIVE_STATES),
+                        *extra_where,
+                    )
+                    .values(**values)
+                    .returning(*events.c)
+                )
+            ).first()
+            if changed is not None:
+                return _event_from_row(changed)
+            current = (
+                await conn.execute(
+                    select(events).where(events.c.context_id == context_id, events.c.seq == seq)
+                )
+            ).first()
+            if current is None:
+                raise StoreIntegrityError(operation, f"no event seq {seq} in context {context_id!r}")
+            return _event_from_row(current)
+
+        return await self._run(operation, body, write=True)
+
+    async def mark_sent(
+        self, context_id: str, seq: int, attempt: int, now: float | None = None
+    ) -> EventRecord:
+        """PENDING/SENT -> SENT with ``attempt`` (section 5), if ``attempt`` is not below the stored one.
+
+        Returns the event as stored: an ACKED/ESCALATED event, or a stale (lower) attempt from a
+        racing sender, is left unchanged, which the caller sees in ``state`` / ``attempt``.
+        """
+        if attempt < 1:
+            raise ValueError("attempt counts sends and starts at 1")
+        return await self._transition(
+            "mark_sent",
+            context_id,
+            seq,
+            {"state": EventState.SENT.value, "attempt": attempt, "updated_at": _now(now)},
+            [events.c.attempt <= attempt],
+        )
+
+    async def mark_pending(self, context_id: str, seq: int, now: float | None = None) -> EventRecord:
+        """SENT -> PENDING: the send failed or the socket went away; the event awaits a retry or a
+        resume (section 5). Same rank in the state order, so not a backwards move. Returns the
+        event as stored (terminal events are left unchanged)."""
+        return await self._transition(
+            "mark_pending",
+            context_id,
+            seq,
+            {"state": EventState.PENDING.value, "updated_at": _now(now)},
+            [events.c.state == EventState.SENT.value],
+        )
+
+    async def escalate(
+        self, context_id: str, seq: int, reason: EscalationReason, now: float | None = None
+    ) -> EventRecord:
+        """PENDING/SENT -> ESCALATED with ``reason`` (section 5). An ACKED event stays ACKED, and an
+        event already ESCALATED keeps its first reason; the stored event is returned either way."""
+        if reason not in ESCALATION_REASONS:
+            raise ValueError(f"unknown escalation reason {reason!r}; expected one of {ESCALATION_REASONS}")
+        return await self._transition(
+            "escalate",
+            context_id,
+            seq,
+            {"state": EventState.ESCALATED.value, "reason": reason, "updated_at": _now(now)},
+            [],
+        )
+
+    async def ack_through(self, context_id: str, seq: int, now: float | None = None) -> list[int]:
+        """Cumulative ack (section 5): every PENDING/SENT event with ``seq' <= seq`` becomes ACKED.
+
+        Returns the seqs this call acked, ascending (empty when all were already terminal). ACKED
+        and ESCALATED events are untouched, so an ack never un-escalates and never moves backwards;
+        acking a seq beyond the stream acks what exists and nothing more.
+        """
+        stamp = _now(now)
+
+        async def body(conn: AsyncConnection) -> list[int]:
+            result = await conn.execute(
+                update(events)
+                .where(
+                    events.c.context_id == context_id,
+                    events.c.seq <= seq,
+                    events.c.state.in_(LIVE_STATES),
+                )
+                .values(state=EventState.ACKED.value, updated_at=stamp)
+                .returning(events.c.seq)
+            )
+            return sorted(int(r.seq) for r in result)
+
+        return await self._run("ack_through", body, write=True)
+
+    async def _select_events(
+        self, operation: str, *where: Any, limit: int | None = None
+    ) -> list[EventRecord]:
+        async def body(conn: AsyncConnection) -> list[EventRecord]:
+            stmt = select(events).where(*where).order_by(events.c.seq)
+            if limit is not None:
+                stmt = stmt.limit(limit)
+            return [_event_from_row(r) for r in await conn.execute(stmt)]
+
+        return await self._run(operation, body, write=False)
+
+    async def unacked_after(
+        self, context_id: str, seq: int, *, include_escalated: bool = False
+    ) -> list[EventRecord]:
+        """Events with seq > ``seq`` still in delivery (PENDING/SENT), ascending: what a resume
+        redelivers (section 5). ``include_escalated`` adds ESCALATED ones (never ACKED)."""
+        states = [*LIVE_STATES, EventState.ESCALATED.value] if include_escalated else list(LIVE_STATES)
+        return await self._select_events(
+            "unacked_after",
+            events.c.context_id == context_id,
+            events.c.seq > seq,
+            events.c.state.in_(states),
+        )
+
+    async def events_after(self, context_id: str, seq: int, limit: int = 100) -> list[EventRecord]:
+        """Every event with seq > ``seq``, any state, ascending, at most ``limit`` (``GET /v1/events``)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._select_events(
+            "events_after", events.c.context_id == context_id, events.c.seq > seq, limit=limit
+        )
+
+    async def escalations(self, context_id: str) -> list[EventRecord]:
+        """The context's ESCALATED events, ascending (``GET /v1/escalations``)."""
+        return await self._select_events(
+            "escalations",
+            events.c.context_id == context_id,
+            events.c.state == EventState.ESCALATED.value,
+        )
+
+    # -- runs (section 4) --------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        context_id: str,
+        request_id: str,
+        user: str,
+        now: float,
+        *,
+        state: str = "ACCEPTED",
+        run_id: str | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """Create the run for ``(context_id, request_id)`` or return the existing one (section 4).
+
+        Returns ``(run, created)``; a repeated ``request_id`` returns the first run and ``False``,
+        whatever ``state``/``run_id`` the repeat passed. Unknown context: StoreIntegrityError.
+        """
+        new_id = run_id if run_id is not None else uuid.uuid4().hex
+
+        async def body(conn: AsyncConnection) -> tuple[RunRecord, bool]:
+            inserted = (
+                await conn.execute(
+                    self._insert(runs)
+                    .values(
+                        run_id=new_id,
+                        context_id=context_id,
+                        request_id=request_id,
+                        user_id=user,
+                        state=state,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=[runs.c.context_id, runs.c.request_id])
+                    .returning(*runs.c)
+                )
+            ).first()
+            if inserted is not None:
+                return _run_from_row(inserted), True
+            existing = (
+                await conn.execute(
+                    select(runs).where(runs.c.context_id == context_id, runs.c.request_id == request_id)
+                )
+            ).one()
+            return _run_from_row(existing), False
+
+        return await self._run("create_run", body, write=True)
+
+    async def set_run_state(
+        self,
+        run_id: str,
+        state: str,
+        now: float | None = None,
+        *,
+        from_states: Collection[str] | None = None,
+    ) -> RunRecord:
+        """Set a run's state; with ``from_states``, only if the current state is one of them (a
+        compare-and-set, so two nodes cannot both finish a run). Returns the run as stored.
+        Unknown run: StoreIntegrityError."""
+        stamp = _now(now)
+
+        async def body(conn: AsyncConnection) -> RunRecord:
+            stmt = update(runs).where(runs.c.run_id == run_id)
+            if from_states is not None:
+                stmt = stmt.where(runs.c.state.in_(list(from_states)))
+            changed = (
+                await conn.execute(stmt.values(state=state, updated_at=stamp).returning(*runs.c))
+            ).first()
+            if changed is not None:
+                return _run_from_row(changed)
+            current = (await conn.execute(select(runs).where(runs.c.run_id == run_id))).first()
+            if current is None:
+                raise StoreIntegrityError("set_run_state", f"no run {run_id!r}")
+            return _run_from_row(current)
+
+        return await self._run("set_run_state", body, write=True)
+
+    async def find_run(self, run_id: str) -> RunRecord | None:
+        """The run, or None if there is no such run."""
+
+        async def body(conn: AsyncConnection) -> RunRecord | None:
+            row = (await conn.execute(select(runs).where(runs.c.run_id == run_id))).first()
+            return None if row is None else _run_from_row(row)
+
+        return await self._run("find_run", body, write=False)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close every pooled connection. The store is unusable afterwards."""
+        await self._engine.dispose()
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout: float) -> None:
+    busy_ms = max(1, round(busy_timeout * 1000))
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand BEGIN to SQLAlchemy (see _on_begin): the sqlite3 module's implicit BEGIN skips
+        # SELECTs and cannot take the write lock up front.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            # WAL: readers do not block the writer; several processes can share the file.
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = bool(conn.get_execution_options().get("pipeproof_write", False))
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _check_schema_name(name: str) -> str:
+    # The schema name is interpolated into DDL and search_path, so only plain identifiers pass.
+    if not name.replace("_", "").isalnum() or not name[0].isalpha() or len(name) > 63:
+        raise ValueError(f"invalid PostgreSQL schema name {name!r}")
+    return name
+
+
+async def open_store(
+    url: str,
+    pool_size: int = 10,
+    timeout: float = 5.0,
+    *,
+    migrate: bool = True,
+    pg_schema: str | None = None,
+) -> Store:
+    """Open the store at ``url`` (``sqlite+aiosqlite:///path`` or ``postgresql+asyncpg://...``).
+
+    ``pool_size`` caps connections (no overflow); ``timeout`` (seconds) bounds waiting for a pooled
+    connection (StorePoolExhausted), connecting (StoreTimeout / StoreUnavailable), SQLite's lock
+    wait (``busy_timeout``: StoreTimeout) and PostgreSQL statements and lock waits
+    (``statement_timeout`` / ``lock_timeout``: StoreTimeout). A SQLite file's directory is created.
+    ``pg_schema`` puts every table in that PostgreSQL schema (created by :meth:`Store.migrate`).
+    With ``migrate`` (the default) pending migrations are applied, so connection and auth problems
+    surface here as typed errors. Raises ValueError for an unsupported URL.
+    """
+    if pool_size < 1 or timeout <= 0:
+        raise ValueError("pool_size must be >= 1 and timeout > 0")
+    parsed: URL = make_url(url)
+    secret = parsed.password if isinstance(parsed.password, str) else None
+    backend = parsed.get_backend_name()
+    driver = parsed.get_driver_name()
+    connect_args: dict[str, Any] = {}
+    if (backend, driver) == ("sqlite", "aiosqlite"):
+        if pg_schema is not None:
+            raise ValueError("pg_schema applies to PostgreSQL only")
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            raise ValueError("the SQLite store needs a file path (several connections share it)")
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        connect_args["timeout"] = timeout
+    elif (backend, driver) == ("postgresql", "asyncpg"):
+        millis = str(max(1, round(timeout * 1000)))
+        server_settings = {
+            "application_name": "pipeproof",
+            "statement_timeout": millis,
+            "lock_timeout": millis,
+        }
+        if pg_schema is not None:
+            server_settings["search_path"] = _check_schema_name(pg_schema)
+        connect_args.update(timeout=timeout, server_settings=server_settings)
+    else:
+        raise ValueError(f"unsupported store URL scheme {backend}+{driver}")
+
+    engine = create_async_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=timeout,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+    if backend == "sqlite":
+        _install_sqlite_hooks(engine, timeout)
+    store = Store(engine, secret=secret, pg_schema=pg_schema)
+    if migrate:
+        try:
+            await store.migrate()
+        except BaseException:
+            await engine.dispose()
+            raise
+    return store
+
+
+__all__ = [
+    "ESCALATION_REASONS",
+    "EXPECTED_SCHEMA_VERSION",
+    "MIGRATIONS",
+    "ContextInfo",
+    "ContextRecord",
+    "EscalationReason",
+    "EventRecord",
+    "EventState",
+    "Migration",
+    "RunRecord",
+    "Store",
+    "open_store",
+]

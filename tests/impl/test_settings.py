@@ -1,0 +1,240 @@
+"""Tests for pipeproof.impl.settings: defaults, env parsing, field validation, startup validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from pipeproof.errors import ConfigError
+from pipeproof.impl.settings import (
+    DEV_JWT_SECRET,
+    Settings,
+    effective_jwt_secret,
+    is_placeholder_secret,
+    load_settings,
+    validate_for_startup,
+)
+
+GOOD_SECRET = "k3J9-vQx7!pL2#mZ8@rT5$wY1%nB4^cD6&"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No PIPEPROOF_* variable and no .env leak in from the developer's shell or checkout."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PIPEPROOF_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_match_the_protocol() -> None:
+    s = load_settings()
+    assert s.env == "dev"
+    assert s.port == 8765
+    assert s.jwt_algorithm == "HS256"
+    assert s.jwt_secret is None and s.jwt_audience is None
+    assert (s.init_timeout, s.ack_timeout, s.max_attempts) == (3.0, 5.0, 5)
+    assert (s.resume_window, s.context_ttl) == (120.0, 1800.0)
+    assert (s.max_connections_per_user, s.max_connections_per_account) == (8, 256)
+    assert (s.preready_buffer_frames, s.preready_buffer_bytes) == (32, 262_144)
+    assert (s.send_queue_max, s.error_budget, s.shutdown_grace) == (256, 10, 10.0)
+    assert (s.store_timeout, s.store_pool_size) == (5.0, 10)
+    assert s.memory_limit_mb is None
+    assert s.heartbeat_interval == 15.0 and s.heartbeat_ms == 15_000
+    assert s.disabled_users == []
+
+
+def test_default_database_and_audit_paths_live_under_data_dir(clean_env: Path) -> None:
+    s = load_settings(data_dir=Path("state"))
+    expected_db = (clean_env / "state" / "pipeproof.db").resolve()
+    assert s.resolved_database_url() == f"sqlite+aiosqlite:///{expected_db}"
+    assert s.resolved_audit_log() == Path("state") / "audit.jsonl"
+    assert load_settings(audit_log="stdout").resolved_audit_log() == "stdout"
+    assert load_settings(audit_log="OFF").resolved_audit_log() == "off"
+    assert load_settings(audit_log="/var/log/pp.jsonl").resolved_audit_log() == Path("/var/log/pp.jsonl")
+    url = "postgresql+asyncpg://pp@db:5432/pp"
+    assert load_settings(database_url=url).resolved_database_url() == url
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPEPROOF_ENV", "test")
+    monkeypatch.setenv("PIPEPROOF_PORT", "9000")
+    monkeypatch.setenv("PIPEPROOF_ACK_TIMEOUT", "0.25")
+    monkeypatch.setenv("PIPEPROOF_HEARTBEAT_INTERVAL", "0.5")
+    monkeypatch.setenv("PIPEPROOF_MEMORY_LIMIT_MB", "512")
+    s = load_settings()
+    assert (s.env, s.port, s.ack_timeout, s.memory_limit_mb) == ("test", 9000, 0.25, 512.0)
+    assert s.heartbeat_ms == 500
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('["alice", "bob"]', ["alice", "bob"]),
+        ("alice, bob ,carol", ["alice", "bob", "carol"]),
+        ("", []),
+    ],
+)
+def test_disabled_users_accepts_json_or_commas(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("PIPEPROOF_DISABLED_USERS", raw)
+    assert load_settings().disabled_users == expected
+
+
+def test_dotenv_file_is_read(clean_env: Path) -> None:
+    (clean_env / ".env").write_text("PIPEPROOF_MAX_ATTEMPTS=7\nPIPEPROOF_JWT_AUDIENCE=pp\n")
+    s = load_settings()
+    assert s.max_attempts == 7
+    assert s.jwt_audience == "pp"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "setting"),
+    [
+        ("ack_timeout", 0, "PIPEPROOF_ACK_TIMEOUT"),
+        ("init_timeout", -1.0, "PIPEPROOF_INIT_TIMEOUT"),
+        ("resume_window", 0.0, "PIPEPROOF_RESUME_WINDOW"),
+        ("context_ttl", -5, "PIPEPROOF_CONTEXT_TTL"),
+        ("heartbeat_interval", 0, "PIPEPROOF_HEARTBEAT_INTERVAL"),
+        ("store_timeout", 0, "PIPEPROOF_STORE_TIMEOUT"),
+        ("max_attempts", 0, "PIPEPROOF_MAX_ATTEMPTS"),
+        ("store_pool_size", 0, "PIPEPROOF_STORE_POOL_SIZE"),
+        ("preready_buffer_frames", 0, "PIPEPROOF_PREREADY_BUFFER_FRAMES"),
+        ("error_budget", 0, "PIPEPROOF_ERROR_BUDGET"),
+        ("memory_limit_mb", 0, "PIPEPROOF_MEMORY_LIMIT_MB"),
+        ("port", 70000, "PIPEPROOF_PORT"),
+        ("env", "staging", "PIPEPROOF_ENV"),
+        ("jwt_algorithm", "none", "PIPEPROOF_JWT_ALGORITHM"),
+    ],
+)
+def test_invalid_fields_raise_config_error_naming_the_variable(
+    field: str, value: object, setting: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(**{field: value})
+    assert info.value.setting == setting
+    assert setting in str(info.value)
+
+
+def test_bad_database_scheme_is_rejected_without_echoing_the_url() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(database_url="mysql://root:hunter2@db/pp")
+    assert info.value.setting == "PIPEPROOF_DATABASE_URL"
+    assert "hunter2" not in str(info.value)
+
+
+def test_per_user_limit_cannot_exceed_per_account_limit() -> None:
+    with pytest.raises(ConfigError):
+        load_settings(max_connections_per_user=10, max_connections_per_account=5)
+
+
+# -- startup validation ---------------------------------------------------------------------------
+
+
+def test_prod_requires_a_secret() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_for_startup(load_settings(env="prod"))
+    assert info.value.setting == "PIPEPROOF_JWT_SECRET"
+    with pytest.raises(ConfigError):
+        effective_jwt_secret(load_settings(env="prod"))
+
+
+def test_prod_rejects_a_short_secret() -> None:
+    short = "Zq8#vL2!pX9@"  # random-looking but 12 bytes
+    with pytest.raises(ConfigError) as info:
+        validate_for_startup(load_settings(env="prod", jwt_secret=short))
+    assert info.value.setting == "PIPEPROOF_JWT_SECRET"
+    assert "32" in info.value.detail
+    assert short not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "changeme",
+        "CHANGEME",
+        "secret",
+        "placeholder",
+        "dev-secret",
+        "test-secret",
+        "your-secret-here",
+        "xxx",
+        "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",
+        "change-this-before-going-live-0123456789",
+        "Changeit-9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+        "please-replace-this-placeholder-1234567890",
+        "abababababababababababababababababab",
+        DEV_JWT_SECRET,
+    ],
+)
+def test_prod_rejects_placeholders(secret: str) -> None:
+    assert is_placeholder_secret(secret)
+    with pytest.raises(ConfigError) as info:
+        validate_for_startup(load_settings(env="prod", jwt_secret=secret))
+    assert info.value.setting == "PIPEPROOF_JWT_SECRET"
+
+
+def test_prod_accepts_a_real_secret() -> None:
+    assert not is_placeholder_secret(GOOD_SECRET)
+    s = load_settings(env="prod", jwt_secret=GOOD_SECRET)
+    validate_for_startup(s)
+    assert effective_jwt_secret(s) == GOOD_SECRET
+
+
+@pytest.mark.parametrize("env", ["dev", "test"])
+def test_dev_and_test_fall_back_to_the_documented_dev_secret(env: str) -> None:
+    s = load_settings(env=env)
+    validate_for_startup(s)
+    assert effective_jwt_secret(s) == DEV_JWT_SECRET
+    assert len(DEV_JWT_SECRET.encode()) >= 32
+    # An explicit secret wins even when it would be unacceptable in prod.
+    assert effective_jwt_secret(load_settings(env=env, jwt_secret="changeme")) == "changeme"
+
+
+def _rsa_pems() -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
+
+
+@pytest.mark.parametrize("env", ["prod", "dev"])
+def test_rs256_requires_a_public_key(env: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_for_startup(load_settings(env=env, jwt_algorithm="RS256"))
+    assert info.value.setting == "PIPEPROOF_JWT_PUBLIC_KEY"
+
+
+def test_rs256_keys_must_parse() -> None:
+    private, public = _rsa_pems()
+    validate_for_startup(
+        load_settings(env="prod", jwt_algorithm="RS256", jwt_public_key=public, jwt_private_key=private)
+    )
+    with pytest.raises(ConfigError) as info:
+        validate_for_startup(load_settings(env="prod", jwt_algorithm="RS256", jwt_public_key="not a pem"))
+    assert info.value.setting == "PIPEPROOF_JWT_PUBLIC_KEY"
+    with pytest.raises(ConfigError) as info:
+        validate_for_startup(
+            load_settings(env="prod", jwt_algorithm="RS256", jwt_public_key=public, jwt_private_key=public)
+        )
+    assert info.value.setting == "PIPEPROOF_JWT_PRIVATE_KEY"
+    assert "BEGIN" not in str(info.value)
+
+
+def test_settings_are_immutable() -> None:
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        s.port = 1
