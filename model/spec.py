@@ -1,0 +1,393 @@
+"""Machines as data: states, variables, parameters, inputs and guarded transitions, declared once.
+
+Every other artifact is derived from a ``Machine``: the python-statemachine class
+(:func:`build_statemachine`), the explorer's successor function (model/system.py), the Hypothesis
+rules (model/hypothesis_check.py), the Z3 transition relation and the DOT diagram. A machine is
+validated when it is constructed: undeclared states or names, unreachable states, dead ends and
+states from which no terminal (rest) state can be reached are rejected with a
+:class:`~pipeproof.errors.ModelDefinitionError` naming the machine, the state and the rule.
+
+The machine is pure: no clock, no I/O. Time is a variable the caller advances with an event.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+from pipeproof.errors import IllegalTransition, ModelDefinitionError
+from pipeproof.model.expr import TRUE, Env, Expr, ExprLike, Value, lift, to_python
+
+
+class FastEnum(enum.Enum):
+    """Enum for machine states. Members are singletons, so identity hashing is exact, and it is
+    several times faster than Enum's name hashing on the explorer's hot path."""
+
+    __hash__ = object.__hash__
+
+
+class Kind(enum.Enum):
+    """What a transition means to an architect; drives the diagram colours (docs/diagrams.md)."""
+
+    HAPPY = "happy"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    ESCALATION = "escalation"
+    HOUSEKEEPING = "housekeeping"
+
+
+@dataclass(frozen=True)
+class VarDecl:
+    """A small typed variable: ``int`` (bounded below by ``lo``) or ``bool``."""
+
+    name: str
+    type: type
+    initial: Value
+    lo: int = 0
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One guarded transition ``source --event [guard] / updates--> target``.
+
+    ``emits`` names what the server puts on the wire (a frame type, or ``close 4401 ...``) so the
+    conformance kit and the diagrams can show it; ``invariants`` names the properties that
+    constrain this edge.
+    """
+
+    event: str
+    source: enum.Enum
+    target: enum.Enum
+    guard: Expr = TRUE
+    updates: tuple[tuple[str, ExprLike], ...] = ()
+    kind: Kind = Kind.HAPPY
+    emits: str = ""
+    doc: str = ""
+    invariants: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Literals in updates (``("queued", 0)``) become constants so every update is an Expr.
+        object.__setattr__(self, "updates", tuple((n, lift(e)) for n, e in self.updates))
+
+    @property
+    def label(self) -> str:
+        parts = [self.event]
+        if self.guard is not TRUE:
+            parts.append(f"[{self.guard.render()}]")
+        if self.updates:
+            parts.append("/ " + ", ".join(f"{n}:={e.render()}" for n, e in self.updates))
+        return " ".join(parts)
+
+    @property
+    def key(self) -> str:
+        """Stable identity used by coverage, mutants and diagrams."""
+        return f"{self.source.name}--{self.event}-->{self.target.name}"
+
+
+Config = tuple[enum.Enum, tuple[Value, ...]]
+"""A machine's whole state: its control state and its variables in declaration order."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A declared state machine. Construction validates it (see module docstring)."""
+
+    name: str
+    states: type[enum.Enum]
+    initial: enum.Enum
+    terminal: frozenset[enum.Enum]
+    transitions: tuple[Transition, ...]
+    variables: tuple[VarDecl, ...] = ()
+    params: Mapping[str, Value] = field(default_factory=dict)
+    inputs: Mapping[str, type] = field(default_factory=dict)
+    doc: str = ""
+    section: str = ""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def events(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for t in self.transitions:
+            seen.setdefault(t.event, None)
+        return tuple(seen)
+
+    @property
+    def var_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.variables)
+
+    def transitions_from(self, state: enum.Enum, event: str | None = None) -> tuple[Transition, ...]:
+        return tuple(
+            t for t in self.transitions if t.source is state and (event is None or t.event == event)
+        )
+
+    @cached_property
+    def _compiled(self) -> dict[tuple[enum.Enum, str | None], tuple[_Compiled, ...]]:
+        """Guards and updates compiled to Python closures, indexed by (source, event)."""
+        index = {n: k for k, n in enumerate(self.var_names)}
+        table: dict[tuple[enum.Enum, str | None], list[_Compiled]] = {}
+        for t in self.transitions:
+            guard_src = to_python(t.guard, index, self.params)
+            upd = dict(t.updates)
+            values = ", ".join(
+                to_python(upd[n], index, self.params) if n in upd else f"v[{k}]" for k, n in enumerate(self.var_names)
+            )
+            guard = eval(f"lambda v, i: bool({guard_src})")  # noqa: S307 - source built from our own AST
+            update = eval(f"lambda v, i: ({values},)") if self.var_names else (lambda v, i: ())  # noqa: S307
+            entry = _Compiled(t, guard, update)
+            table.setdefault((t.source, t.event), []).append(entry)
+            table.setdefault((t.source, None), []).append(entry)
+        return {k: tuple(v) for k, v in table.items()}
+
+    def initial_config(self) -> Config:
+        return (self.initial, tuple(v.initial for v in self.variables))
+
+    def with_params(self, **params: Value) -> Machine:
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ModelDefinitionError(self.name, "declared_params", f"unknown parameters {sorted(unknown)}")
+        return replace(self, params={**self.params, **params})
+
+    # -- firing --------------------------------------------------------------------------------
+    def env(self, config: Config, inputs: Mapping[str, Value] | None = None) -> Env:
+        return Env(dict(zip(self.var_names, config[1], strict=True)), self.params, inputs or {})
+
+    def enabled(
+        self, config: Config, event: str, inputs: Mapping[str, Value] | None = None
+    ) -> tuple[Transition, ...]:
+        """Every transition for ``event`` whose guard holds in ``config`` (usually zero or one)."""
+        i = inputs or _NO_INPUTS
+        v = config[1]
+        return tuple(c.transition for c in self._compiled.get((config[0], event), ()) if c.guard(v, i))
+
+    def fire_all(
+        self, config: Config, event: str | None, inputs: Mapping[str, Value] | None = None
+    ) -> list[tuple[Transition, Config]]:
+        """(transition, next config) for every enabled transition of ``event`` (``None``: any event)."""
+        i = inputs or _NO_INPUTS
+        v = config[1]
+        return [
+            (c.transition, (c.transition.target, c.update(v, i)))
+            for c in self._compiled.get((config[0], event), ())
+            if c.guard(v, i)
+        ]
+
+    def apply(self, config: Config, transition: Transition, inputs: Mapping[str, Value] | None = None) -> Config:
+        """The configuration after ``transition``; updates read the pre-state (simultaneous assignment)."""
+        env = self.env(config, inputs)
+        values = dict(env.vars)
+        for name, expr in transition.updates:
+            values[name] = expr.evaluate(env)
+        return (transition.target, tuple(values[n] for n in self.var_names))
+
+    def evaluate_guard(self, config: Config, transition: Transition, inputs: Mapping[str, Value] | None = None) -> bool:
+        """The declared guard evaluated by walking the expression tree (the reference semantics
+        the compiled closures are tested against)."""
+        return bool(transition.guard.evaluate(self.env(config, inputs)))
+
+    def step(self, config: Config, event: str, inputs: Mapping[str, Value] | None = None) -> tuple[Transition, Config]:
+        """Fire ``event`` deterministically: exactly the first enabled transition in declaration order.
+
+        Raises :class:`IllegalTransition` when none is enabled: the server turns that into a
+        documented close code, never a silent continue.
+        """
+        enabled = self.enabled(config, event, inputs)
+        if not enabled:
+            raise IllegalTransition(self.name, event, config[0].name, self.describe(config))
+        return enabled[0], self.apply(config, enabled[0], inputs)
+
+    def successors(
+        self, config: Config, inputs: Mapping[str, Value] | None = None
+    ) -> Iterator[tuple[Transition, Config]]:
+        yield from self.fire_all(config, None, inputs)
+
+    def describe(self, config: Config) -> str:
+        if not self.variables:
+            return config[0].name
+        vs = ", ".join(f"{n}={v}" for n, v in zip(self.var_names, config[1], strict=True))
+        return f"{config[0].name}({vs})"
+
+
+_NO_INPUTS: Mapping[str, Value] = {}
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    transition: Transition
+    guard: Callable[[tuple[Value, ...], Mapping[str, Value]], bool]
+    update: Callable[[tuple[Value, ...], Mapping[str, Value]], tuple[Value, ...]]
+
+
+def validate(m: Machine) -> None:
+    """Structural rules every machine must meet when it is defined (docs/model.md, "validation")."""
+    states = set(m.states)
+    if m.initial not in states:
+        raise ModelDefinitionError(m.name, "declared_states", "initial state is not declared", str(m.initial))
+    for s in m.terminal:
+        if s not in states:
+            raise ModelDefinitionError(m.name, "declared_states", "terminal state is not declared", str(s))
+    if not m.terminal:
+        raise ModelDefinitionError(m.name, "has_terminal", "a machine needs at least one terminal (rest) state")
+    names = {v.name for v in m.variables}
+    if len(names) != len(m.variables):
+        raise ModelDefinitionError(m.name, "declared_vars", "a variable is declared twice")
+    for t in m.transitions:
+        for end, s in (("source", t.source), ("target", t.target)):
+            if s not in states:
+                raise ModelDefinitionError(
+                    m.name, "declared_states", f"transition {t.event!r} has undeclared {end} {s!r}", str(s)
+                )
+        used = set(t.guard.names())
+        for n, e in t.updates:
+            used |= {("var", n)} | set(e.names())
+        for kind, n in used:
+            declared = {"var": names, "param": set(m.params), "input": set(m.inputs)}[kind]
+            if n not in declared:
+                raise ModelDefinitionError(
+                    m.name,
+                    "declared_names",
+                    f"transition {t.event!r} uses undeclared {kind} {n!r}",
+                    t.source.name,
+                )
+    succ: dict[enum.Enum, set[enum.Enum]] = {s: set() for s in m.states}
+    for t in m.transitions:
+        succ[t.source].add(t.target)
+    reach = _closure({m.initial}, succ)
+    for s in m.states:
+        if s not in reach:
+            raise ModelDefinitionError(m.name, "no_unreachable_state", "unreachable from the initial state", s.name)
+        if s not in m.terminal and not succ[s]:
+            raise ModelDefinitionError(m.name, "no_dead_end", "dead end: no outgoing transition", s.name)
+        if not (_closure({s}, succ) & m.terminal):
+            raise ModelDefinitionError(m.name, "terminal_reachable", "no terminal state is reachable", s.name)
+
+
+def _closure(start: set[enum.Enum], succ: Mapping[enum.Enum, set[enum.Enum]]) -> set[enum.Enum]:
+    seen = set(start)
+    todo = list(start)
+    while todo:
+        for n in succ[todo.pop()]:
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+# -- python-statemachine ----------------------------------------------------------------------
+
+
+class _Model:
+    """The python-statemachine model object: holds the variables the guards read."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.values: dict[str, Value] = {v.name: v.initial for v in machine.variables}
+        self.last: Transition | None = None
+
+
+def build_statemachine(machine: Machine) -> type[Any]:
+    """Derive a python-statemachine class from the declaration.
+
+    One ``State`` per enum member; one ``Event`` per event name, joining that event's
+    transitions in declaration order, each with a condition evaluating the declared guard and an
+    action applying the declared updates. Terminal states without outgoing transitions are
+    ``final``. Instances take a keyword ``inputs`` when an event is sent.
+    """
+    from statemachine import State, StateMachine
+
+    outgoing = {t.source for t in machine.transitions}
+    st: dict[enum.Enum, Any] = {}
+    for s in machine.states:
+        st[s] = State(
+            s.name,
+            value=s.name,
+            initial=s is machine.initial,
+            final=s in machine.terminal and s not in outgoing,
+        )
+    attrs: dict[str, Any] = {f"s_{s.name}": st[s] for s in machine.states}
+    by_event: dict[str, Any] = {}
+    for t in machine.transitions:
+        tr = st[t.source].to(st[t.target], cond=_guard_callable(machine, t), on=_update_callable(machine, t))
+        by_event[t.event] = tr if t.event not in by_event else by_event[t.event] | tr
+    for event, trs in by_event.items():
+        # Prefixed so an event called ``send`` cannot shadow ``StateMachine.send``.
+        attrs[f"ev_{event}"] = trs
+    attrs["_pipeproof_machine"] = machine
+    return type(f"{machine.name.title().replace('_', '')}StateMachine", (StateMachine,), attrs)
+
+
+def _guard_callable(machine: Machine, t: Transition) -> Any:
+    def guard(model: _Model, inputs: Mapping[str, Value] | None = None) -> bool:
+        return bool(t.guard.evaluate(Env(model.values, machine.params, inputs or {})))
+
+    guard.__name__ = f"guard_{t.key}"
+    return guard
+
+
+def _update_callable(machine: Machine, t: Transition) -> Any:
+    def update(model: _Model, inputs: Mapping[str, Value] | None = None) -> None:
+        env = Env(dict(model.values), machine.params, inputs or {})
+        for name, expr in t.updates:
+            model.values[name] = expr.evaluate(env)
+        model.last = t
+
+    update.__name__ = f"update_{t.key}"
+    return update
+
+
+class Runner:
+    """A live instance of a machine driven by python-statemachine, for the I/O shell (impl/).
+
+    ``fire`` raises :class:`IllegalTransition` (never returns a failure value); ``state`` and
+    ``values`` expose the current configuration for the audit log.
+    """
+
+    def __init__(self, machine: Machine, sm_class: type[Any] | None = None) -> None:
+        self.machine = machine
+        self.model = _Model(machine)
+        self.sm = (sm_class or build_statemachine(machine))(model=self.model)
+
+    @property
+    def state(self) -> enum.Enum:
+        (current,) = tuple(self.sm.configuration)
+        return self.machine.states[current.id.removeprefix("s_")]
+
+    @property
+    def config(self) -> Config:
+        return (self.state, tuple(self.model.values[n] for n in self.machine.var_names))
+
+    @property
+    def values(self) -> Mapping[str, Value]:
+        return dict(self.model.values)
+
+    def can(self, event: str, **inputs: Value) -> bool:
+        return bool(self.machine.enabled(self.config, event, inputs))
+
+    def fire(self, event: str, **inputs: Value) -> Transition:
+        from statemachine.exceptions import TransitionNotAllowed
+
+        source = self.state
+        if event not in self.machine.events:
+            raise IllegalTransition(self.machine.name, event, source.name, "event not declared")
+        self.model.last = None
+        try:
+            self.sm.send(f"ev_{event}", inputs=inputs)
+        except TransitionNotAllowed as exc:
+            raise IllegalTransition(
+                self.machine.name, event, source.name, self.machine.describe(self.config)
+            ) from exc
+        if self.model.last is None:
+            # python-statemachine found no transition whose condition held.
+            raise IllegalTransition(self.machine.name, event, source.name, self.machine.describe(self.config))
+        return self.model.last
+
+
+def transition_table(machine: Machine) -> Sequence[tuple[str, str, str, str]]:
+    """(source, event, guard, target) rows in declaration order; used by docs and tests."""
+    return [(t.source.name, t.event, t.guard.render(), t.target.name) for t in machine.transitions]
