@@ -24,7 +24,7 @@ from pipeproof.errors import ModelDefinitionError
 from pipeproof.model.connection import ATTACHED, CONNECTION, Conn
 from pipeproof.model.context import Ctx, context_machine
 from pipeproof.model.delivery import Delivery, delivery_machine
-from pipeproof.model.run import AGENT_EVENTS, TERMINAL_EVENTS, Run, run_machine
+from pipeproof.model.run import AGENT_EVENTS, Run, run_machine
 from pipeproof.model.spec import Config, Machine, Transition
 
 FAMILIES = ("conn", "ctx", "run", "event")
@@ -46,6 +46,7 @@ class Bounds:
     max_steps: int = 1
     max_connections_per_user: int = 1
     max_connections_per_account: int = 2
+    runs: int = -1  # users 0..runs-1 have an agent run (-1: every user); others only connect
     frames: bool = True  # client data frames (pipelining, handling); off: only init/ack/drop
     clock: bool = True  # model time (timeouts, resume window, liveness horizon)
     drain: bool = True  # server shutdown (DRAINING)
@@ -359,6 +360,8 @@ class System:
         m = self.model
         if state.ctxs[u][0] is not Ctx.LIVE:
             return  # a run belongs to a live context
+        if 0 <= self.bounds.runs <= u:
+            return
         cfg = state.runs[u]
         appended = len(state.events[u])
         for event in m.run.events:
@@ -368,8 +371,9 @@ class System:
                 firings = [Firing("run", (u,), t, cfg, after)]
                 nxt = state._replace(runs=_set(state.runs, u, after))
                 if event in AGENT_EVENTS:
-                    # Keep one slot for the terminal event so every run can finish in the bounds.
-                    room = self.bounds.events_per_user - appended - (0 if event in TERMINAL_EVENTS else 1)
+                    # An emission that leaves the run unfinished keeps one slot for its terminal
+                    # event, so every run can finish within the bounds.
+                    room = self.bounds.events_per_user - appended - (0 if t.target in m.run.terminal else 1)
                     if room <= 0:
                         continue
                     new = m.delivery.initial_config()

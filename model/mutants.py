@@ -1,0 +1,185 @@
+"""The mutant zoo: known-broken designs, each a small delta against the real declaration.
+
+Every mutant reproduces one failure from the seed analysis (docs/mutants.md) by adding, dropping
+or changing one transition of one machine, or by swapping one piece of glue. Each names the
+property that must catch it and the scenario whose interleavings expose it. A checker that
+misses a mutant it should catch fails CI (tests/model/test_mutants.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from pipeproof.errors import ModelDefinitionError
+from pipeproof.model.connection import Conn
+from pipeproof.model.context import Ctx
+from pipeproof.model.delivery import Delivery
+from pipeproof.model.expr import TRUE, Var
+from pipeproof.model.run import Run
+from pipeproof.model.scenarios import DEFAULT_SCENARIOS, Scenario
+from pipeproof.model.spec import Machine, Transition
+from pipeproof.model.system import Bounds, State, System, SystemModel
+
+Family = str  # "connection" | "context" | "delivery" | "run"
+
+
+def add(machine: Machine, transition: Transition) -> Machine:
+    """The machine with one more transition (validated again, like any declaration)."""
+    return replace(machine, transitions=(*machine.transitions, transition))
+
+
+def drop(machine: Machine, key: str) -> Machine:
+    kept = tuple(t for t in machine.transitions if t.key != key)
+    if len(kept) == len(machine.transitions):
+        raise ModelDefinitionError(machine.name, "mutant_delta", f"no transition {key!r} to drop")
+    return replace(machine, transitions=kept)
+
+
+def change(machine: Machine, key: str, **fields: object) -> Machine:
+    found = False
+    out = []
+    for t in machine.transitions:
+        if t.key == key:
+            found = True
+            t = replace(t, **fields)  # type: ignore[arg-type]
+        out.append(t)
+    if not found:
+        raise ModelDefinitionError(machine.name, "mutant_delta", f"no transition {key!r} to change")
+    return replace(machine, transitions=tuple(out))
+
+
+def _on(family: Family, delta: Callable[[Machine], Machine]) -> Callable[[SystemModel], SystemModel]:
+    def apply(model: SystemModel) -> SystemModel:
+        return replace(model, **{family: delta(getattr(model, family))})
+
+    return apply
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    seed: str  # the failure from the seed analysis it reproduces
+    delta: str  # the change, in words, as an architect reads it
+    apply: Callable[[SystemModel], SystemModel]
+    prop: str  # the property that must catch it
+    scenario: str  # the default scenario whose bounds expose it
+    wire_visible: bool = True
+
+    def model(self, bounds: Bounds, base: SystemModel | None = None) -> SystemModel:
+        from pipeproof.model.system import reference_model
+
+        return replace(self.apply(base or reference_model(bounds)), name=self.name)
+
+    def system(self, bounds: Bounds | None = None) -> System:
+        b = bounds or scenario(self.scenario).bounds
+        return System(b, self.model(b))
+
+
+def scenario(name: str) -> Scenario:
+    for s in (*DEFAULT_SCENARIOS, *EXTRA_SCENARIOS):
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
+EXTRA_SCENARIOS: tuple[Scenario, ...] = ()
+
+q, ack_sent, cancel_requested = Var("queued"), Var("ack_sent"), Var("cancel_requested")
+epoch, conns, instances = Var("epoch"), Var("conns"), Var("instances")
+
+
+def _any_stream(system: System, state: State, session: int, user: int) -> bool:
+    # The broken lookup: the stream comes from the client's resume claim, the token is not checked.
+    return True
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "handle_before_ready",
+        "1. WebSocket handshake race: a message handled before the handshake completes (users see 1011)",
+        "connection: add INITIALISING --handle_frame [queued > 0] / queued-1--> INITIALISING",
+        _on("connection", lambda m: add(m, Transition(
+            "handle_frame", Conn.INITIALISING, Conn.INITIALISING, guard=q > 0, updates=(("queued", q - 1),)))),
+        "no_message_before_ready", "readiness",
+    ),
+    Mutant(
+        "ack_before_ready",
+        "1. graphql-ws issue 501: connection_ack sent before the socket is marked READY",
+        "connection: add INITIALISING --send_ack [!ack_sent] / ack_sent:=true--> INITIALISING",
+        _on("connection", lambda m: add(m, Transition(
+            "send_ack", Conn.INITIALISING, Conn.INITIALISING, guard=~ack_sent, updates=(("ack_sent", TRUE),),
+            emits="connection_ack"))),
+        "ready_before_ack", "readiness",
+    ),
+    Mutant(
+        "swallow_send_failure",
+        "2. `except Exception: log.warning` around the event send: the failure is logged and forgotten",
+        "delivery: PENDING --send_failed--> PENDING becomes PENDING --send_failed--> ACKED (marked done)",
+        _on("delivery", lambda m: change(m, "PENDING--send_failed-->PENDING", target=Delivery.ACKED)),
+        "every_event_acked_or_escalated", "races",
+    ),
+    Mutant(
+        "no_escalation",
+        "2/5. retries run out and nothing happens: the user waits forever",
+        "delivery: drop SENT --ack_timeout [attempt >= max_attempts]--> ESCALATED",
+        _on("delivery", lambda m: drop(m, "SENT--ack_timeout-->ESCALATED")),
+        "every_event_acked_or_escalated", "readiness",
+    ),
+    Mutant(
+        "resend_acked",
+        "5. no delivery confirmation: an acked event is sent again",
+        "delivery: add ACKED --send--> ACKED",
+        _on("delivery", lambda m: add(m, Transition("send", Delivery.ACKED, Delivery.ACKED, emits="event"))),
+        "acked_never_resent", "readiness",
+    ),
+    Mutant(
+        "unlocked_context_create",
+        "4. UserContextManager without the per-user lock: two concurrent inits create two contexts",
+        "context: add LIVE --create / epoch+1, conns+1, instances+1--> LIVE (a stale lookup creates again)",
+        _on("context", lambda m: add(m, Transition(
+            "create", Ctx.LIVE, Ctx.LIVE,
+            updates=(("epoch", epoch + 1), ("conns", conns + 1), ("instances", instances + 1))))),
+        "one_context_per_user", "races",
+    ),
+    Mutant(
+        "expired_context_reused",
+        "14. no validation of context age: an expired context is handed out again",
+        "context: add EXPIRED --attach / conns+1, instances+1--> LIVE (same epoch)",
+        _on("context", lambda m: add(m, Transition(
+            "attach", Ctx.EXPIRED, Ctx.LIVE, updates=(("conns", conns + 1), ("instances", instances + 1))))),
+        "expired_context_never_reused", "races",
+    ),
+    Mutant(
+        "cross_user_resume",
+        "4/6. cross-user contamination: a session resumes (reads) another user's stream",
+        "glue: route every stream to every live session (the resume claim is not checked against the token)",
+        lambda model: replace(model, route=_any_stream),
+        "no_cross_user_read", "isolation",
+    ),
+    Mutant(
+        "event_after_terminal",
+        "2. the error pipe: events keep coming after the run ended",
+        "run: add COMPLETED --agent_thinking--> COMPLETED",
+        _on("run", lambda m: add(m, Transition("agent_thinking", Run.COMPLETED, Run.COMPLETED,
+                                               emits="agent_thinking"))),
+        "run_events_well_ordered", "runs",
+    ),
+    Mutant(
+        "unpaired_tool_event",
+        "5. tool progress without confirmation: tool_completed with no tool_executing",
+        "run: add RUNNING --tool_completed--> RUNNING",
+        _on("run", lambda m: add(m, Transition("tool_completed", Run.RUNNING, Run.RUNNING,
+                                               emits="tool_completed"))),
+        "run_events_well_ordered", "runs",
+    ),
+    Mutant(
+        "cancel_before_start_lost",
+        "8. prerequisites not validated before start: a cancel that arrived first is ignored",
+        "run: ACCEPTED --agent_started [!cancel_requested]--> RUNNING loses its guard",
+        _on("run", lambda m: change(m, "ACCEPTED--agent_started-->RUNNING", guard=TRUE)),
+        "cancel_before_start_wins", "readiness",
+    ),
+)
+
+BY_NAME: dict[str, Mutant] = {m.name: m for m in MUTANTS}
