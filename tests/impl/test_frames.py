@@ -1,0 +1,109 @@
+"""Tests for pipeproof.impl.frames: every frame parses, serialises and matches its JSON Schema."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from pipeproof.impl.frames import (
+    CLIENT_FRAME_TYPES,
+    CLOSE_CODES,
+    SERVER_FRAME_TYPES,
+    Ack,
+    ConnectionInit,
+    ErrorFrame,
+    InvalidMessage,
+    RunStart,
+    close_code_for,
+    parse_client_frame,
+    parse_server_frame,
+)
+
+ALL = CLIENT_FRAME_TYPES + SERVER_FRAME_TYPES
+
+
+@pytest.mark.parametrize("model", ALL, ids=lambda m: m.__name__)
+def test_example_validates_against_schema_and_round_trips(model) -> None:
+    example = model.json_example()
+    jsonschema.validate(example, model.model_json_schema(by_alias=True))
+    parsed = model.model_validate(example)
+    assert json.loads(parsed.to_wire()) == example
+
+
+@pytest.mark.parametrize("model", CLIENT_FRAME_TYPES, ids=lambda m: m.__name__)
+def test_client_examples_parse_through_the_union(model) -> None:
+    frame = parse_client_frame(json.dumps(model.json_example()))
+    assert type(frame) is model
+
+
+@pytest.mark.parametrize("model", SERVER_FRAME_TYPES, ids=lambda m: m.__name__)
+def test_server_examples_parse_through_the_union(model) -> None:
+    assert type(parse_server_frame(json.dumps(model.json_example()))) is model
+
+
+def test_unknown_fields_are_ignored() -> None:
+    frame = parse_client_frame('{"type":"ack","seq":3,"extra":{"x":1}}')
+    assert frame == Ack(seq=3)
+
+
+def test_dotted_types() -> None:
+    frame = parse_client_frame('{"type":"run.start","request_id":"r","input":"hi"}')
+    assert isinstance(frame, RunStart) and frame.tools is None
+    assert json.loads(frame.to_wire()) == {"type": "run.start", "request_id": "r", "input": "hi"}
+
+
+def test_init_without_token_is_not_a_schema_violation() -> None:
+    frame = parse_client_frame('{"type":"connection_init"}')
+    assert isinstance(frame, ConnectionInit) and frame.token is None
+
+
+@pytest.mark.parametrize(
+    ("text", "frame_type", "fragment"),
+    [
+        ("{not json", None, "not JSON"),
+        ("[1,2]", None, "JSON object"),
+        ('{"seq":1}', None, "'type'"),
+        ('{"type":7}', None, "'type'"),
+        ('{"type":"run.stop"}', "run.stop", "unknown frame type"),
+        ('{"type":"ack","seq":-1}', "ack", "seq"),
+        ('{"type":"ack"}', "ack", "seq"),
+        ('{"type":"run.start","input":"x"}', "run.start", "request_id"),
+        ('{"type":"connection_init","token":12345}', "connection_init", "token"),
+        (b"\xff\xfe", None, "UTF-8"),
+    ],
+)
+def test_invalid_frames_raise_invalid_message(text, frame_type, fragment) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse_client_frame(text)
+    err = info.value
+    assert (err.code, err.close_code, err.reason) == ("invalid_message", 4400, "invalid_message")
+    assert err.frame_type == frame_type
+    assert fragment in err.detail
+
+
+def test_invalid_message_detail_never_echoes_values() -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse_client_frame('{"type":"connection_init","token":["secret-token-value"]}')
+    assert "secret-token-value" not in str(info.value)
+
+
+def test_error_frame_omits_unset_fields() -> None:
+    wire = json.loads(ErrorFrame(code="runs_unavailable").to_wire())
+    assert wire == {"type": "error", "code": "runs_unavailable"}
+
+
+def test_close_code_table_covers_the_protocol() -> None:
+    by_code: dict[int, set[str]] = {}
+    for row in CLOSE_CODES:
+        by_code.setdefault(row.code, set()).add(row.reason)
+        assert row.meaning and row.client_should
+    assert set(by_code) == {1000, 1001, 1013, 4400, 4401, 4403, 4408, 4429}
+    assert by_code[4429] == {"duplicate_init", "preready_buffer_full", "connection_limit"}
+    assert by_code[4408] == {"init_timeout", "heartbeat_timeout"}
+    assert {"init_required", "token_missing", "user_unknown"} <= by_code[4401]
+    assert 1011 not in by_code
+    assert close_code_for("user_disabled").code == 4403
+    reasons = [row.reason for row in CLOSE_CODES]
+    assert len(reasons) == len(set(reasons))
