@@ -1,0 +1,210 @@
+"""The FastAPI reference server (PROTOCOL Transport section; sections 1-3 and 6).
+
+:func:`create_app` builds one app with its own settings, metrics registry, audit writer, limiter
+and store. Routes are thin: ``/v1/ws`` hands the socket to a
+:class:`~pipeproof.impl.session.ConnectionShell` (or refuses it before the lifecycle starts with
+1013 ``try_again_later`` when the server is not ready or over its memory limit, 1001 when it is
+shutting down); ``/healthz``, ``/readyz`` and ``/metrics`` report. :func:`uvicorn_config` is how
+the server must be run: this repo's WebSocket protocol class and uvicorn's own pings disabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from fastapi import FastAPI, Response, WebSocket
+from fastapi.responses import JSONResponse
+
+from .audit import AuditWriter
+from .auth import UserDirectory, default_directory
+from .contexts import ContextRegistry
+from .frames import close_code_for
+from .handlers import FrameHandler, UnavailableRuns
+from .limits import ConnectionLimiter, InProcessLimiter
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import PipeproofWebSocketProtocol
+from .readiness import Readiness
+from .session import ConnectionShell
+from .settings import Settings, load_settings, validate_for_startup
+from .store import Store
+
+log = logging.getLogger("pipeproof.app")
+
+READY_RETRY_SECONDS: Final = 1.0
+READY_RECHECK_SECONDS: Final = 10.0
+_MIB: Final = 1024 * 1024
+
+
+@dataclass
+class ServerState:
+    """Everything one app instance owns; sessions read it, nothing else mutates it."""
+
+    settings: Settings
+    metrics: Metrics
+    audit: AuditWriter
+    readiness: Readiness
+    limiter: ConnectionLimiter
+    directory: UserDirectory
+    handler: FrameHandler
+    contexts: ContextRegistry | None = None
+    sessions: set[ConnectionShell] = field(default_factory=set)
+    draining: bool = False
+
+    def memory_exceeded(self) -> bool:
+        """The memory guard (section 6): process RSS above ``memory_limit_mb``."""
+        limit = self.settings.memory_limit_mb
+        if limit is None:
+            return False
+        import psutil
+
+        return bool(psutil.Process().memory_info().rss / _MIB > limit)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    handler: FrameHandler | None = None,
+    limiter: ConnectionLimiter | None = None,
+    directory: UserDirectory | None = None,
+    audit: AuditWriter | None = None,
+    store_opener: Callable[..., Awaitable[Store]] | None = None,
+) -> FastAPI:
+    """Build the app. ``settings`` default to env / .env (ConfigError on bad input); the
+    handler defaults to :class:`UnavailableRuns`, the limiter to :class:`InProcessLimiter`;
+    ``store_opener`` replaces :func:`~pipeproof.impl.store.open_store` (tests: a PostgreSQL schema).
+
+    Startup (lifespan) runs :func:`validate_for_startup` (a ConfigError stops the server), opens
+    the audit log, then the readiness checks; until they pass, sockets are refused with 1013 and
+    ``/readyz`` says which check fails, retried every second in the background.
+    """
+    s = settings if settings is not None else load_settings()
+    metrics = Metrics()
+    readiness = Readiness(s, metrics) if store_opener is None else Readiness(s, metrics, store_opener)
+    state_box: dict[str, ServerState] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        validate_for_startup(s)
+        writer = audit if audit is not None else AuditWriter(s.resolved_audit_log())
+        state = ServerState(
+            settings=s,
+            metrics=metrics,
+            audit=writer,
+            readiness=readiness,
+            limiter=limiter or InProcessLimiter(s.max_connections_per_user, s.max_connections_per_account),
+            directory=directory or default_directory(s),
+            handler=handler or UnavailableRuns(),
+        )
+        state_box["state"] = state
+        app.state.pipeproof = state
+
+        def on_open(store: Store) -> None:
+            state.contexts = ContextRegistry(
+                store, writer, metrics, ttl=s.context_ttl, max_per_user=s.max_connections_per_user
+            )
+
+        readiness.on_store_open(on_open)
+        report = await readiness.check()
+        if not report.ok:
+            log.warning("not ready: %s failed (%s)", report.failing, report.checks.get(report.failing or ""))
+        monitor = asyncio.get_running_loop().create_task(_monitor(readiness), name="readiness-monitor")
+        try:
+            yield
+        finally:
+            state.draining = True
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+            for session in list(state.sessions):
+                session.begin_drain()
+            await _wait_sessions(state, s.shutdown_grace)
+            await readiness.close()
+            if audit is None:
+                writer.close()
+
+    app = FastAPI(title="pipeproof reference server", lifespan=lifespan)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        report = await readiness.check()
+        return JSONResponse(report.as_json(), status_code=200 if report.ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.websocket("/v1/ws")
+    async def ws_endpoint(ws: WebSocket) -> None:
+        state = state_box["state"]
+        refusal = _refusal(state)
+        if refusal is not None:
+            await _refuse(state, ws, refusal)
+            return
+        await ConnectionShell(state, ws).run()
+
+    return app
+
+
+def _refusal(state: ServerState) -> str | None:
+    """Why a new socket is refused before its lifecycle starts, or None to accept it."""
+    if state.draining:
+        return "going_away"
+    if not state.readiness.ready or state.contexts is None:
+        return "try_again_later"
+    if state.memory_exceeded():
+        return "try_again_later"
+    return None
+
+
+async def _refuse(state: ServerState, ws: WebSocket, reason: str) -> None:
+    row = close_code_for(reason)
+    await ws.accept()
+    state.metrics.closes.labels(code=str(row.code), reason=row.reason).inc()
+    log.info("socket refused before init: %s %s", row.code, row.reason)
+    await ws.close(row.code, row.reason)
+
+
+async def _monitor(readiness: Readiness) -> None:
+    """Retry the checks until ready, then re-check now and then (an idle server notices too)."""
+    while True:
+        await asyncio.sleep(READY_RECHECK_SECONDS if readiness.ready else READY_RETRY_SECONDS)
+        await readiness.check()
+
+
+async def _wait_sessions(state: ServerState, grace: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while state.sessions and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    if state.sessions:
+        log.warning("%d sockets still open after shutdown_grace", len(state.sessions))
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:
+    """The uvicorn.Config to run ``app`` with: app-driven heartbeats (section 6), no 1011."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "ws": PipeproofWebSocketProtocol,
+        "ws_ping_interval": None,
+        "ws_ping_timeout": None,
+        "lifespan": "on",
+        "log_level": "info",
+        "timeout_graceful_shutdown": settings.shutdown_grace + 1.0,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+__all__ = ["ServerState", "create_app", "uvicorn_config"]

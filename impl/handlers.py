@@ -1,0 +1,77 @@
+"""What the server does with frames once a socket is READY (PROTOCOL sections 4 and 5).
+
+The connection shell (impl/session.py) parses each frame and, once the model allows
+``handle_frame``, calls exactly one method of a :class:`FrameHandler` with a :class:`Session`.
+Handlers never write to the socket directly: ``session.send`` goes through the single choke point
+(impl/sender.py). :class:`UnavailableRuns` is the part-1 default; the runs and delivery
+implementation replaces it by passing its own handler to ``create_app``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .frames import Ack, ConnectionAck, ErrorFrame, EventFrame, RunAccepted, RunCancel, RunStart
+
+OutboundFrame = ConnectionAck | EventFrame | RunAccepted | ErrorFrame
+
+
+@runtime_checkable
+class Session(Protocol):
+    """A READY socket as a handler sees it (read-only identity plus the one way to send)."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def account(self) -> str: ...
+
+    @property
+    def context_id(self) -> str: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    async def send(self, frame: OutboundFrame) -> None:
+        """Queue ``frame`` on the socket's choke point (an ``event`` fires the model's ``deliver``).
+
+        Raises :class:`~pipeproof.impl.sender.SendFailed` if the socket is closed or its queue is
+        full (the socket is then closed through the machine); never fails silently.
+        """
+        ...
+
+
+@runtime_checkable
+class FrameHandler(Protocol):
+    """Handles client frames after READY, one at a time per socket, in arrival order (section 1)."""
+
+    async def on_ack(self, session: Session, frame: Ack) -> None: ...
+
+    async def on_run_start(self, session: Session, frame: RunStart) -> None: ...
+
+    async def on_run_cancel(self, session: Session, frame: RunCancel) -> None: ...
+
+
+class UnavailableRuns:
+    """Part 1: runs are not implemented yet, and say so on the wire instead of going silent.
+
+    ``run.start`` and ``run.cancel`` answer ``{"type":"error","code":"runs_unavailable"}`` (with the
+    ``request_id`` for ``run.start``); an ``ack`` is accepted and has nothing to acknowledge.
+    """
+
+    async def on_ack(self, session: Session, frame: Ack) -> None:
+        return None
+
+    async def on_run_start(self, session: Session, frame: RunStart) -> None:
+        await session.send(
+            ErrorFrame(code="runs_unavailable", request_id=frame.request_id, detail="runs are not enabled")
+        )
+
+    async def on_run_cancel(self, session: Session, frame: RunCancel) -> None:
+        await session.send(ErrorFrame(code="runs_unavailable", detail="runs are not enabled"))
+
+
+__all__ = ["FrameHandler", "OutboundFrame", "Session", "UnavailableRuns"]

@@ -1,0 +1,150 @@
+"""Startup validation and ``GET /readyz`` (PROTOCOL Transport section; DESIGN.md "Operators").
+
+The server accepts no socket until every check has passed, and ``/readyz`` re-runs the checks on
+each request (a cheap ping and a one-row write, each under a timeout) so it turns 503 as soon as
+the store becomes unreachable and 200 again when it is back. Checks, in order:
+
+* ``config``: :func:`~pipeproof.impl.settings.validate_for_startup` passed;
+* ``store_reachable``: the store opens (first time) and answers ``SELECT 1``;
+* ``schema_version``: the schema is at :data:`~pipeproof.impl.store.EXPECTED_SCHEMA_VERSION`
+  (opening the store applies pending migrations; a newer schema than this build fails);
+* ``store_writable``: a real write commits (a read-only or full store is not ready).
+
+The report names the first failing check; the detail is the StoreError's code and its sanitised
+message (the store never puts the DSN's password in a message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+from pipeproof.errors import ConfigError, StoreError, StoreTimeout, StoreUnavailable
+
+from .metrics import Metrics
+from .settings import Settings, validate_for_startup
+from .store import EXPECTED_SCHEMA_VERSION, Store, open_store
+
+log = logging.getLogger("pipeproof.readiness")
+
+CHECKS: Final = ("config", "store_reachable", "schema_version", "store_writable")
+PROBE_TIMEOUT_CAP: Final = 2.0
+"""Upper bound for one readiness probe, so /readyz answers quickly even with a long store_timeout."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ReadyReport:
+    """``checks`` maps every check name to ``"ok"``, a failure detail, or ``"not_run"``."""
+
+    ok: bool
+    failing: str | None
+    checks: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"status": "ready" if self.ok else "not_ready", "checks": self.checks}
+        if self.failing is not None:
+            body["failing"] = self.failing
+        return body
+
+
+class Readiness:
+    """Owns the store handle; ``check()`` opens it on first success and re-probes it after."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        opener: Callable[..., Awaitable[Store]] = open_store,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._opener = opener
+        self.store: Store | None = None
+        self.last = ReadyReport(False, "store_reachable", {name: "not_run" for name in CHECKS})
+        self._lock = asyncio.Lock()
+        self._on_open: list[Callable[[Store], None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.last.ok
+
+    def on_store_open(self, callback: Callable[[Store], None]) -> None:
+        self._on_open.append(callback)
+
+    async def check(self) -> ReadyReport:
+        """Run every check (one run at a time); the result is also kept in :attr:`last`."""
+        async with self._lock:
+            self.last = await self._run_checks()
+            return self.last
+
+    async def _probe(self, operation: str, awaitable: Awaitable[T], timeout: float) -> T:
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError:
+            raise StoreTimeout(operation, f"no answer within {timeout:.1f}s") from None
+
+    async def _run_checks(self) -> ReadyReport:
+        checks = {name: "not_run" for name in CHECKS}
+        probe_timeout = min(self.settings.store_timeout, PROBE_TIMEOUT_CAP)
+        try:
+            validate_for_startup(self.settings)
+        except ConfigError as exc:
+            checks["config"] = f"config_error: {exc}"
+            return ReadyReport(False, "config", checks)
+        checks["config"] = "ok"
+        name = "store_reachable"
+        try:
+            if self.store is None:
+                self.store = await self._open(self.settings.store_timeout + 1.0)
+                for callback in self._on_open:
+                    callback(self.store)
+            await self._probe("ping", self.store.ping(), probe_timeout)
+            checks[name] = "ok"
+            name = "schema_version"
+            version = await self._probe("schema_version", self.store.schema_version(), probe_timeout)
+            if version != EXPECTED_SCHEMA_VERSION:
+                checks[name] = f"schema_mismatch: found {version}, expected {EXPECTED_SCHEMA_VERSION}"
+                return ReadyReport(False, name, checks)
+            checks[name] = "ok"
+            name = "store_writable"
+            await self._probe("check_writable", self.store.check_writable(), probe_timeout)
+            checks[name] = "ok"
+        except StoreError as exc:
+            self.metrics.store_errors.labels(type=exc.code).inc()
+            checks[name] = f"{exc.code}: {exc.detail or exc.operation}"
+            if self.last.ok:
+                log.warning("store became unready (%s): %s", name, exc)
+            return ReadyReport(False, name, checks)
+        return ReadyReport(True, None, checks)
+
+    async def _open(self, timeout: float) -> Store:
+        settings = self.settings
+        try:
+            return await self._probe(
+                "open",
+                self._opener(
+                    settings.resolved_database_url(),
+                    pool_size=settings.store_pool_size,
+                    timeout=settings.store_timeout,
+                ),
+                timeout,
+            )
+        except OSError as exc:
+            # Creating the SQLite file's directory failed (a file in the way, no permission):
+            # the store is unreachable, typed like every other store failure.
+            raise StoreUnavailable("open", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise StoreUnavailable("open", f"unusable store URL: {exc}") from None
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+
+__all__ = ["CHECKS", "Readiness", "ReadyReport"]
