@@ -207,10 +207,8 @@ class ConnectionShell:
     async def _read_loop(self) -> None:
         init_deadline = time.monotonic() + self.settings.init_timeout
         first = True
-        while not self.closed:
+        while True:
             await self._wait_for_room()
-            if self.closed:
-                return
             try:
                 if first:
                     message = await asyncio.wait_for(
@@ -224,6 +222,10 @@ class ConnectionShell:
             if message["type"] == "websocket.disconnect":
                 self._peer_gone(int(message.get("code") or 1005), str(message.get("reason") or ""))
                 return
+            if self.closed:
+                # Arrived after our close frame went out (RFC 6455 5.5.1): the machine is CLOSED
+                # and the frame is discarded unhandled; keep reading until the peer's close.
+                continue
             first = False
             self.last_heard = time.monotonic()
             payload: str | bytes | None = message.get("text")
