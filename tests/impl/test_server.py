@@ -18,16 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from pipeproof.impl.auth import UserStatus, mint_token
-from pipeproof.impl.store import open_store
-from pipeproof.model.connection import CONNECTION
-from pipeproof.model.context import context_machine
-from pipeproof.model.spec import Machine
-
-from .server_harness import (
+from server_harness import (
     RawClient,
     ServerThread,
     expect_close,
@@ -36,9 +29,17 @@ from .server_harness import (
     open_ws,
     recv_json,
 )
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from pipeproof.impl.auth import UserStatus, mint_token
+from pipeproof.impl.store import open_store
+from pipeproof.model.connection import CONNECTION
+from pipeproof.model.context import context_machine
+from pipeproof.model.spec import Machine
 
 PG_URL = os.environ.get("PIPEPROOF_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="set PIPEPROOF_TEST_POSTGRES_URL to run PostgreSQL tests")
+OTHER_SECRET = "a1B2-c3D4!e5F6@g7H8#i9J0$k1L2%m3N4^"
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, needs_pg])]
 
 Factory = Callable[..., ServerThread]
@@ -162,12 +163,13 @@ async def test_first_frame_must_be_init(start_server: Factory) -> None:
 
 def _auth_cases() -> list[tuple[str, Callable[[ServerThread], str | None]]]:
     past = time.time() - 7200
+    exp = int(time.time()) + 600
     return [
         ("token_missing", lambda s: None),
         ("token_malformed", lambda s: "not-a-jwt"),
         (
             "token_bad_signature",
-            lambda s: token(s)[:-4] + ("AAAA" if not token(s).endswith("AAAA") else "BBBB"),
+            lambda s: jwt.encode({"sub": "alice", "exp": exp}, OTHER_SECRET, algorithm="HS256"),
         ),
         ("token_expired", lambda s: mint_token(s.settings, "alice", ttl_seconds=60, now=past)),
         ("token_not_yet_valid", lambda s: mint_token(s.settings, "alice", nbf=int(time.time()) + 600)),
