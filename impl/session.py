@@ -425,6 +425,8 @@ class ConnectionShell:
             log.warning("session %s: the ASGI server cannot send pings; heartbeat disabled", self.session_id)
             return
         last_ping = time.monotonic()
+        # Silence is counted from READY: the time our own auth and store work took is not the peer's.
+        self.last_heard = max(self.last_heard, last_ping)
         while not self.closed:
             # Checked twice per interval so a silent peer is closed close to 2 intervals, not 3.
             await asyncio.sleep(interval / 2)

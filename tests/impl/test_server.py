@@ -498,3 +498,66 @@ async def test_audit_log_chains_are_model_steps(start_server: Factory) -> None:
     assert len(contexts) == 1
     _replay(context_machine(2), contexts[0])
     assert [line["event"] for line in contexts[0]].count("reject_limit") == 1
+
+
+class TcpProxy:
+    """A loopback TCP proxy the test can cut and restore: the store "becomes unreachable"."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # one side went away: the other is closed below, as a real network cut would
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+
+@pytest.mark.postgres
+@needs_pg
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_readyz_follows_a_postgresql_outage(start_server: Factory) -> None:
+    from sqlalchemy.engine import make_url
+
+    assert PG_URL is not None
+    url = make_url(PG_URL)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    server = start_server(database_url=proxied, store_timeout=1.0)
+    loop = asyncio.get_running_loop()
+    get = functools.partial(loop.run_in_executor, None, server.get)
+    assert (await get("/readyz")).status_code == 200
+    await proxy.stop()
+    response = await get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["failing"] == "store_reachable"
+    await proxy.start()
+    response = await get("/readyz")
+    assert response.status_code == 200, response.text
+    ws, _ack = await ready_socket(server)
+    await ws.close()
+    await proxy.stop()
