@@ -155,8 +155,11 @@ class ConnectionShell:
             self.sender.send(frame)
         except SendFailed as exc:
             if exc.why == "queue_full":
+                # A peer that does not read is treated like a failed write (its events stay
+                # pending for resume); DRAINING has no send_error edge, so it leaves via peer_close.
+                event = "send_error" if self.conn.can("send_error") else "peer_close"
                 self._close_via(
-                    "send_error", code=1013, reason="try_again_later", detail={"send_failed": "queue_full"}
+                    event, code=1013, reason="try_again_later", detail={"send_failed": "queue_full"}
                 )
             raise
 
