@@ -1,0 +1,90 @@
+"""``pipeproof check``: the main job. Runs every checker and prints one verdict table.
+
+Exit 0 when every property holds (or is proved), 1 on any violation, 2 when a checker could not
+decide (unknown) and nothing was violated. ``--json`` prints the rows as a JSON list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "run the model checkers (explorer, Hypothesis, Z3) and print the verdict table"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
+    p.add_argument("--no-explorer", action="store_true", help="skip the exhaustive explorer")
+    p.add_argument("--no-hypothesis", action="store_true", help="skip Hypothesis")
+    p.add_argument("--no-z3", action="store_true", help="skip the Z3 proofs")
+    p.add_argument("--examples", type=int, default=150, help="Hypothesis examples per test (default 150)")
+    p.add_argument("--steps", type=int, default=40, help="Hypothesis steps per example (default 40)")
+    p.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: derandomized)")
+    p.add_argument("--max-states", type=int, default=2_000_000, help="explorer state budget per scenario")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    g = p.add_argument_group("bounds", "set any of these to check one custom instance instead of the defaults")
+    g.add_argument("--users", type=int)
+    g.add_argument("--sessions", type=int, help="sessions per user")
+    g.add_argument("--events", type=int, help="events per user's stream")
+    g.add_argument("--attempts", type=int, help="max_attempts")
+    g.add_argument("--buffer", type=int, help="pre-ready buffer size (frames)")
+    g.add_argument("--ack-timeout", type=int, help="ticks; 0 with --resume-window 0 is untimed")
+    g.add_argument("--resume-window", type=int, help="ticks")
+    g.add_argument("--max-steps", type=int, help="thinking/tool steps per run")
+
+
+def _scenarios(args: argparse.Namespace) -> tuple[object, ...]:
+    from dataclasses import replace
+
+    from pipeproof.model.scenarios import DEFAULT_SCENARIOS, Scenario
+    from pipeproof.model.system import Bounds
+
+    fields = {
+        "users": args.users, "sessions_per_user": args.sessions, "events_per_user": args.events,
+        "max_attempts": args.attempts, "buffer_max": args.buffer, "ack_timeout": args.ack_timeout,
+        "resume_window": args.resume_window, "max_steps": args.max_steps,
+    }
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given:
+        return DEFAULT_SCENARIOS
+    b = replace(Bounds(), **given)
+    return (Scenario("custom", b, b.describe()),)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeproof.errors import ModelError
+    from pipeproof.model.checks import CheckOptions, render_table, run_checks
+
+    try:
+        scenarios = _scenarios(args)
+    except ModelError as exc:
+        print(f"pipeproof check: {exc}", file=sys.stderr)
+        return 2
+    log = (lambda _m: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    opts = CheckOptions(
+        scenarios=scenarios,  # type: ignore[arg-type]
+        explorer=not args.no_explorer,
+        hypothesis=not args.no_hypothesis,
+        z3=not args.no_z3,
+        max_states=args.max_states,
+        examples=args.examples,
+        steps=args.steps,
+        seed=args.seed,
+        log=log,
+    )
+    rows = run_checks(opts)
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+    else:
+        print(render_table(rows))
+        for r in rows:
+            if r.verdict == "violated" and r.trace:
+                print(f"\n{r.property} ({r.method}) violated, {r.detail}:")
+                print("\n".join(f"  {i:>3}. {s}" for i, s in enumerate(r.trace, 1)))
+    verdicts = {r.verdict for r in rows}
+    if "violated" in verdicts:
+        return 1
+    if "unknown" in verdicts:
+        return 2
+    return 0
