@@ -119,13 +119,12 @@ def hypothesis_rows(options: CheckOptions) -> list[Row]:
 
 def z3_rows(options: CheckOptions) -> list[Row]:
     """Z3 rows, when the Z3 checker is installed in this build (model/z3check.py)."""
-    try:
-        from pipeproof.model import z3check
-    except ModuleNotFoundError as exc:
-        if exc.name != "pipeproof.model.z3check":
-            raise
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("pipeproof.model.z3check") is None:
         return []
-    rows: list[Row] = z3check.z3_rows(options)
+    rows: list[Row] = importlib.import_module("pipeproof.model.z3check").z3_rows(options)
     return rows
 
 
