@@ -27,6 +27,7 @@ class Counterexample:
     prop: str
     message: str
     steps: tuple[str, ...]
+    path: tuple[Step, ...] = ()  # the same steps, structured (for sequence diagrams)
 
     def render(self) -> str:
         lines = [f"{self.prop} violated: {self.message}", f"  shortest trace, {len(self.steps)} steps:"]
@@ -81,7 +82,8 @@ def explore(
     def record(prop: str, message: str, state: State, last: Step | None) -> None:
         if prop in result.violations:
             return
-        result.violations[prop] = Counterexample(prop, message, _trace(system, parent, state, last))
+        path = _path(parent, state, last)
+        result.violations[prop] = Counterexample(prop, message, tuple(system.describe_step(s) for s in path), path)
 
     def done() -> bool:
         return stop_when is not None and stop_when <= set(result.violations)
@@ -135,17 +137,13 @@ def explore(
     return result
 
 
-def _trace(
-    system: System, parent: dict[State, tuple[State, Step] | None], state: State, last: Step | None
-) -> tuple[str, ...]:
-    steps: list[str] = []
-    if last is not None:
-        steps.append(system.describe_step(last))
-    cur = state
-    link = parent.get(cur)
+def _path(
+    parent: dict[State, tuple[State, Step] | None], state: State, last: Step | None
+) -> tuple[Step, ...]:
+    steps: list[Step] = [] if last is None else [last]
+    link = parent.get(state)
     while link is not None:
         prev, step = link
-        steps.append(system.describe_step(step))
-        cur = prev
-        link = parent.get(cur)
+        steps.append(step)
+        link = parent.get(prev)
     return tuple(reversed(steps))

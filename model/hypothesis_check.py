@@ -55,6 +55,7 @@ class HypothesisResult:
     seconds: float = 0.0
     violation: PropertyViolation | None = None
     trace: tuple[str, ...] = ()
+    path: tuple[Step, ...] = ()  # the shrunk steps, structured
     props: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -234,7 +235,8 @@ def run_system(
         start = time.perf_counter()
         taken = list(cls.last_steps)  # type: ignore[attr-defined]
         shrunk = shrink(system, invs, taken, result.violation.prop)
-        result.trace = tuple(system.describe_step(s) for s in replay(system, shrunk))
+        result.path = tuple(replay(system, shrunk))
+        result.trace = tuple(system.describe_step(s) for s in result.path)
         result.seconds += time.perf_counter() - start
     return result
 
