@@ -10,8 +10,6 @@ resolved) and the ack is a separate, later transition that is only enabled in RE
 
 from __future__ import annotations
 
-import enum
-
 from pipeproof.model.expr import TRUE, Param, Var
 from pipeproof.model.spec import FastEnum, Kind, Machine, Transition, VarDecl
 
@@ -28,7 +26,7 @@ queued = Var("queued")
 ack_sent = Var("ack_sent")
 buffer_max = Param("buffer_max")
 
-O, I, R, D, C = Conn.OPEN, Conn.INITIALISING, Conn.READY, Conn.DRAINING, Conn.CLOSED
+O, I, R, D, C = Conn.OPEN, Conn.INITIALISING, Conn.READY, Conn.DRAINING, Conn.CLOSED  # noqa: E741 - short names keep the table readable
 
 NMBR = "no_message_before_ready"
 RBA = "ready_before_ack"

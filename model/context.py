@@ -9,8 +9,6 @@ bumped on every create so an expired context is never handed out again.
 
 from __future__ import annotations
 
-import enum
-
 from pipeproof.model.expr import Input, Param, Var
 from pipeproof.model.spec import FastEnum, Kind, Machine, Transition, VarDecl
 

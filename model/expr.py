@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-Value = Union[int, bool]
+Value = int | bool
 
 
 class Expr:
@@ -76,7 +76,7 @@ class Expr:
         return BinOp("!=", self, lift(other))
 
 
-ExprLike = Union[Expr, int, bool]
+ExprLike = Expr | int | bool
 
 
 @dataclass(frozen=True)

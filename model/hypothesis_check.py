@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -123,8 +123,8 @@ def system_test(system: System, invariants: Iterable[Invariant] = INVARIANTS) ->
             SystemMachine.last_trace = self.trace
             SystemMachine.last_steps = self.taken
 
-        last_trace: list[str] = []
-        last_steps: list[Step] = []
+        last_trace: ClassVar[list[str]] = []
+        last_steps: ClassVar[list[Step]] = []
 
         def _take(self, steps: list[Step], data: st.DataObject) -> Step:
             # Faults (drops, timeouts, rejections) end sockets and runs early; drawn uniformly they
@@ -326,7 +326,7 @@ def machine_test(machine: Machine, invariants: Iterable[Invariant] = INVARIANTS)
             self.trace: list[str] = []
             MachineTest.last_trace = self.trace
 
-        last_trace: list[str] = []
+        last_trace: ClassVar[list[str]] = []
 
         def fire(self, event: str, inputs: dict[str, bool]) -> None:
             enabled = machine.enabled(self.config, event, inputs)
@@ -374,7 +374,7 @@ def machine_test(machine: Machine, invariants: Iterable[Invariant] = INVARIANTS)
 
 
 def _model_with(machine: Machine) -> SystemModel:
-    return replace(reference_model(Bounds()), **{machine.name: machine})
+    return replace(reference_model(Bounds()), **{machine.name: machine})  # type: ignore[arg-type]
 
 
 def run_machine(machine: Machine, *, max_examples: int = 100, steps: int = 30, seed: int | None = None,

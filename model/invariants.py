@@ -112,7 +112,7 @@ def _monotonic_event_state_step(system: System, step: Step, before: State) -> li
     for f in step.firings:
         if f.family != "event":
             continue
-        src, dst = f.before[0], f.after[0]
+        src, dst = Delivery(f.before[0].value), Delivery(f.after[0].value)
         if RANK[dst] < RANK[src] or (src in system.model.delivery.terminal and dst is not src):
             out.append(f"event u{f.index[0]}#{f.index[1]} moved backwards {src.name} -> {dst.name}")
     return out

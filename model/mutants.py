@@ -51,7 +51,7 @@ def change(machine: Machine, key: str, **fields: object) -> Machine:
 
 def _on(family: Family, delta: Callable[[Machine], Machine]) -> Callable[[SystemModel], SystemModel]:
     def apply(model: SystemModel) -> SystemModel:
-        return replace(model, **{family: delta(getattr(model, family))})
+        return replace(model, **{family: delta(getattr(model, family))})  # type: ignore[arg-type]
 
     return apply
 

@@ -9,8 +9,6 @@ calls so the machine is finite for the explorer; the server has no such bound.
 
 from __future__ import annotations
 
-import enum
-
 from pipeproof.model.expr import TRUE, Param, Var
 from pipeproof.model.spec import FastEnum, Kind, Machine, Transition, VarDecl
 

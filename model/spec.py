@@ -74,12 +74,17 @@ class Transition:
         object.__setattr__(self, "updates", tuple((n, lift(e)) for n, e in self.updates))
 
     @property
+    def assignments(self) -> tuple[tuple[str, Expr], ...]:
+        """``updates`` with every value an ``Expr`` (literals were lifted at construction)."""
+        return tuple((n, lift(e)) for n, e in self.updates)
+
+    @property
     def label(self) -> str:
         parts = [self.event]
         if self.guard is not TRUE:
             parts.append(f"[{self.guard.render()}]")
         if self.updates:
-            parts.append("/ " + ", ".join(f"{n}:={e.render()}" for n, e in self.updates))
+            parts.append("/ " + ", ".join(f"{n}:={e.render()}" for n, e in self.assignments))
         return " ".join(parts)
 
     @property
@@ -134,12 +139,12 @@ class Machine:
         table: dict[tuple[enum.Enum, str | None], list[_Compiled]] = {}
         for t in self.transitions:
             guard_src = to_python(t.guard, index, self.params)
-            upd = dict(t.updates)
+            upd = dict(t.assignments)
             values = ", ".join(
                 to_python(upd[n], index, self.params) if n in upd else f"v[{k}]" for k, n in enumerate(self.var_names)
             )
-            guard = eval(f"lambda v, i: bool({guard_src})")  # noqa: S307 - source built from our own AST
-            update = eval(f"lambda v, i: ({values},)") if self.var_names else (lambda v, i: ())  # noqa: S307
+            guard = eval(f"lambda v, i: bool({guard_src})")
+            update = eval(f"lambda v, i: ({values},)") if self.var_names else (lambda v, i: ())
             entry = _Compiled(t, guard, update)
             table.setdefault((t.source, t.event), []).append(entry)
             table.setdefault((t.source, None), []).append(entry)
@@ -182,7 +187,7 @@ class Machine:
         """The configuration after ``transition``; updates read the pre-state (simultaneous assignment)."""
         env = self.env(config, inputs)
         values = dict(env.vars)
-        for name, expr in transition.updates:
+        for name, expr in transition.assignments:
             values[name] = expr.evaluate(env)
         return (transition.target, tuple(values[n] for n in self.var_names))
 
@@ -244,7 +249,7 @@ def validate(m: Machine) -> None:
                     m.name, "declared_states", f"transition {t.event!r} has undeclared {end} {s!r}", str(s)
                 )
         used = set(t.guard.names())
-        for n, e in t.updates:
+        for n, e in t.assignments:
             used |= {("var", n)} | set(e.names())
         for kind, n in used:
             declared = {"var": names, "param": set(m.params), "input": set(m.inputs)}[kind]
@@ -333,7 +338,7 @@ def _guard_callable(machine: Machine, t: Transition) -> Any:
 def _update_callable(machine: Machine, t: Transition) -> Any:
     def update(model: _Model, inputs: Mapping[str, Value] | None = None) -> None:
         env = Env(dict(model.values), machine.params, inputs or {})
-        for name, expr in t.updates:
+        for name, expr in t.assignments:
             model.values[name] = expr.evaluate(env)
         model.last = t
 

@@ -93,7 +93,7 @@ class Firing(NamedTuple):
     """One component transition inside a step (what the step properties inspect)."""
 
     family: str
-    index: tuple[int, ...]
+    index: tuple[int, ...]  # type: ignore[assignment]  # shadows tuple.index; the name reads best
     transition: Transition
     before: Config
     after: Config
@@ -408,7 +408,7 @@ class System:
     # -- rendering -----------------------------------------------------------------------------
     def describe_step(self, step: Step) -> str:
         who = {"client": "client", "server": "server", "clock": "clock"}[step.actor]
-        args = []
+        args: list[str] = []
         if step.action in ("tick",):
             args = []
         elif step.args:
@@ -452,4 +452,4 @@ def with_model(system: System, model: SystemModel) -> System:
     return replace(system, model=model)
 
 
-__all__ = ["Bounds", "Firing", "State", "Step", "System", "SystemModel", "reference_model", "Run", "Ctx"]
+__all__ = ["Bounds", "Ctx", "Firing", "Run", "State", "Step", "System", "SystemModel", "reference_model"]
