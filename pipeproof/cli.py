@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "check": ("pipeproof.commands.check", "run the model checkers and print the verdict table"),
+    "diagrams": ("pipeproof.commands.diagrams", "draw the machines, counterexamples and protocol into diagrams/"),
     "serve": ("pipeproof.commands.serve", "run the reference server (FastAPI + uvicorn)"),
     "token": ("pipeproof.commands.token", "mint a JWT for a user (local testing)"),
 }
