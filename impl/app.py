@@ -24,7 +24,8 @@ from .audit import AuditWriter
 from .auth import UserDirectory, default_directory
 from .contexts import ContextRegistry
 from .frames import close_code_for
-from .handlers import FrameHandler, UnavailableRuns
+from .events_api import install_event_routes
+from .handlers import FrameHandler, LifecycleHandler, UnavailableRuns
 from .limits import ConnectionLimiter, InProcessLimiter
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import PipeproofWebSocketProtocol
@@ -107,6 +108,9 @@ def create_app(
             state.contexts = ContextRegistry(
                 store, writer, metrics, ttl=s.context_ttl, max_per_user=s.max_connections_per_user
             )
+            if isinstance(state.handler, LifecycleHandler):
+                # Runs and delivery start with the store: unfinished events are recovered (section 6).
+                state.handler.start(state, store)
 
         readiness.on_store_open(on_open)
         report = await readiness.check()
@@ -123,6 +127,9 @@ def create_app(
             for session in list(state.sessions):
                 session.begin_drain()
             await _wait_sessions(state, s.shutdown_grace)
+            if isinstance(state.handler, LifecycleHandler):
+                # Runs finish or fail before the store closes; unacked events stay stored (section 6).
+                await state.handler.stop(s.shutdown_grace)
             await readiness.close()
             if audit is None:
                 writer.close()
@@ -141,6 +148,8 @@ def create_app(
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    install_event_routes(app, lambda: state_box.get("state"))
 
     @app.websocket("/v1/ws")
     async def ws_endpoint(ws: WebSocket) -> None:

@@ -122,11 +122,14 @@ class TracedMachine:
         user: str | None = None,
         context_id: str | None = None,
         listener: TransitionListener | None = None,
+        runner: Runner | None = None,
     ) -> None:
         self.machine = machine
         self.name = name
         self.instance_id = instance_id
-        self.runner = Runner(machine)
+        # ``runner``: a Runner built from a shared python-statemachine class (building the class
+        # per instance costs milliseconds per event) or restored at a stored configuration.
+        self.runner = runner if runner is not None else Runner(machine)
         self.audit = audit
         self.user = user
         self.context_id = context_id

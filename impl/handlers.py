@@ -9,7 +9,7 @@ implementation replaces it by passing its own handler to ``create_app``.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .frames import Ack, ConnectionAck, ErrorFrame, EventFrame, RunAccepted, RunCancel, RunStart
 
@@ -55,6 +55,27 @@ class FrameHandler(Protocol):
     async def on_run_cancel(self, session: Session, frame: RunCancel) -> None: ...
 
 
+@runtime_checkable
+class SessionObserver(Protocol):
+    """A handler that also follows sockets (sections 1 and 5: delivery fans out to READY sockets,
+    a resume acks and redelivers). ``on_session_ready`` runs after the connection_ack is queued;
+    ``on_session_closed`` when the socket leaves READY for good (called at most once per socket)."""
+
+    async def on_session_ready(self, session: Session, resume_last_seq: int | None) -> None: ...
+
+    def on_session_closed(self, session: Session) -> None: ...
+
+
+@runtime_checkable
+class LifecycleHandler(Protocol):
+    """A handler with a lifecycle: ``start`` once the store is open (recovery of unfinished
+    events), ``stop`` at shutdown before the store closes (section 6)."""
+
+    def start(self, state: Any, store: Any) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+
 class UnavailableRuns:
     """Part 1: runs are not implemented yet, and say so on the wire instead of going silent.
 
@@ -74,4 +95,4 @@ class UnavailableRuns:
         await session.send(ErrorFrame(code="runs_unavailable", detail="runs are not enabled"))
 
 
-__all__ = ["FrameHandler", "OutboundFrame", "Session", "UnavailableRuns"]
+__all__ = ["FrameHandler", "LifecycleHandler", "OutboundFrame", "Session", "SessionObserver", "UnavailableRuns"]

@@ -54,7 +54,7 @@ from .frames import (
     close_code_for,
     parse_client_frame,
 )
-from .handlers import OutboundFrame
+from .handlers import OutboundFrame, SessionObserver
 from .limits import ConnectionLimitExceeded, Slot
 from .protocol import EXTENSION
 from .sender import Sender, SendFailed
@@ -118,6 +118,7 @@ class ConnectionShell:
         self.last_heard = time.monotonic()
         self.close_code: tuple[int, str] | None = None
         self.sender: Sender | None = None
+        self._observed = False  # the handler was told this socket is READY (SessionObserver)
 
     # -- Session protocol (impl/handlers.py) ----------------------------------------------------
 
@@ -364,6 +365,17 @@ class ConnectionShell:
         self.state.metrics.handshake_seconds.observe(time.monotonic() - self._init_started)
         self._spawn(self._heartbeat(), "heartbeat")
         self._wake_worker.set()
+        observer = self.state.handler
+        if isinstance(observer, SessionObserver):
+            # After the ack is queued: delivery may now write events (and resume) on this socket.
+            self._observed = True
+            resume = frame.resume.last_seq if isinstance(frame, ConnectionInit) and frame.resume else None
+            try:
+                await observer.on_session_ready(self, resume)
+            except StoreError as exc:
+                self.state.metrics.store_errors.labels(type=exc.code).inc()
+                log.warning("session %s: store failed during resume: %s", self.session_id, exc)
+                self._close_via("peer_close", code=1013, reason="try_again_later", detail={"store_error": exc.code})
 
     async def _work(self) -> None:
         """Handle queued frames one at a time, in arrival order, once the model allows it."""
@@ -549,6 +561,9 @@ class ConnectionShell:
         if self.closed:
             return
         self._closed.set()
+        if self._observed and isinstance(self.state.handler, SessionObserver):
+            self._observed = False
+            self.state.handler.on_session_closed(self)
         self._queue.clear()
         self._queued_bytes = 0
         if code is not None:

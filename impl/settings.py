@@ -127,6 +127,19 @@ class Settings(BaseSettings):
     ack_timeout: PositiveSeconds = 5.0
     max_attempts: int = Field(default=5, ge=1)
     resume_window: PositiveSeconds = 120.0
+    ack_backoff: float = Field(default=2.0, ge=1.0, description="ack wait multiplier per attempt")
+    ack_timeout_max: PositiveSeconds = 60.0
+    ack_jitter: float = Field(default=0.1, ge=0.0, le=1.0, description="ack wait jitter, a fraction")
+    max_inflight_events: int = Field(
+        default=1024, ge=1, description="unfinished events per context before a run's emit waits"
+    )
+
+    # Section 4: runs.
+    max_active_runs: int = Field(default=256, ge=1, description="queued plus running, per process")
+    max_queued_runs_per_context: int = Field(default=8, ge=1)
+    run_max_steps: int = Field(default=64, ge=1, description="thinking and tool steps per run")
+    run_input_max_chars: int = Field(default=16_384, ge=1)
+    tool_timeout: PositiveSeconds = 30.0
 
     # Section 6: heartbeat, shutdown, overload.
     heartbeat_interval: PositiveSeconds = 15.0

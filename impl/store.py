@@ -843,6 +843,24 @@ class Store:
             "events_after", events.c.context_id == context_id, events.c.seq > seq, limit=limit
         )
 
+    async def live_events(self) -> list[EventRecord]:
+        """Every PENDING/SENT event of every context, by context then seq: what a restarted node
+        recovers into delivery (section 5; section 6, "nothing pending is lost")."""
+        return await self._select_events("live_events", events.c.state.in_(LIVE_STATES))
+
+    async def find_live_context(self, user: str) -> ContextInfo | None:
+        """The user's non-expired context, or None when they have none (read-only: never creates)."""
+
+        async def body(conn: AsyncConnection) -> ContextInfo | None:
+            row = (
+                await conn.execute(
+                    select(contexts).where(contexts.c.user_id == user, contexts.c.expired == false())
+                )
+            ).first()
+            return None if row is None else _context_from_row(row)
+
+        return await self._run("find_live_context", body, write=False)
+
     async def escalations(self, context_id: str) -> list[EventRecord]:
         """The context's ESCALATED events, ascending (``GET /v1/escalations``)."""
         return await self._select_events(

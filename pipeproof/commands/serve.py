@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
         print("  auth           dev secret (never use in production)")
     print("  mint a token:  pipeproof token --user alice")
     sys.stdout.flush()
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level=args.log_level))
+    from pipeproof.impl.runs import AgentRuntime
+
+    # Runs and delivery are on: the demo agent and the shipped tools work out of the box.
+    app = create_app(settings, handler=AgentRuntime())
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level))
     # uvicorn re-raises the signal after its graceful shutdown has completed.
     with contextlib.suppress(KeyboardInterrupt):
         server.run()

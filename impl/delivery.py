@@ -1,0 +1,530 @@
+"""Guaranteed event delivery: every event ends ACKED or ESCALATED (PROTOCOL section 5).
+
+:class:`DeliveryService` owns, per context, a :class:`_Stream`: the READY sessions of that context
+on this node, and one traced delivery machine per unfinished event (audit id
+``"<context_id>:<seq>"``). The machine decides; the store records; the sockets carry:
+
+* :meth:`DeliveryService.publish` appends the event to the durable stream (one transaction; the
+  store allocates ``seq`` atomically) *before* anything is sent, then sends it if a session is live;
+* a send fires ``send`` when the frame was queued on at least one READY session of the context
+  (fan-out: every session gets it), else ``send_failed`` (escalating with ``send_failed`` when
+  attempts run out), and records the attempt in the store;
+* acks are cumulative, from any session of the context, and clamped to what was delivered (the
+  model's ``ack`` needs ``delivered``); the store acks exactly that prefix;
+* a per-stream clock fires the deadlines: ``tick`` then ``ack_timeout`` when the ack wait of the
+  attempt expires (resend, or escalate with ``max_attempts``), and ``tick`` then
+  ``no_session_timeout`` when a PENDING event has spent ``resume_window`` without a live session
+  (escalate with ``no_session``).
+
+Model time: the server's machine is ``delivery_machine(max_attempts, ack_timeout=1,
+resume_window=1)``; one model tick stands for "the deadline at hand has passed", so each expiry is
+logged as ``tick`` followed by the timeout. Real ack waits grow per attempt:
+``min(ack_timeout * ack_backoff ** (attempt - 1), ack_timeout_max)``, times ``1 + U(0, ack_jitter)``.
+
+Every state change of a stream (its store writes included) happens under the stream's lock, so
+the machines and the store never disagree about an event. Sends are in seq order (the oldest
+sendable event goes first, as in model/system.py). A session that joins gets, in seq order, the
+in-flight attempt of every SENT event (a late fan-out of that attempt: no new transition) and
+every PENDING event (a send). Memory is bounded: per-socket send queues are bounded by the sender
+(a full queue closes the socket, its events stay in the store and are resent or escalated), and
+a producer waits when its context already has ``max_inflight_events`` unfinished events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeproof.model.delivery import Delivery, delivery_machine
+from pipeproof.model.expr import Value
+from pipeproof.model.spec import Machine, Runner, _Model, build_statemachine
+
+from .audit import AuditWriter, TracedMachine
+from .frames import EventFrame
+from .handlers import Session
+from .metrics import Metrics
+from .sender import SendFailed
+from .settings import Settings
+from .store import EscalationReason, EventRecord, EventState, Store
+
+log = logging.getLogger("pipeproof.delivery")
+
+P, S, A, E = Delivery.PENDING, Delivery.SENT, Delivery.ACKED, Delivery.ESCALATED
+
+
+class DeliveryMetrics:
+    """Delivery and run counters on the app's own registry (``GET /metrics``)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.appended = Counter("pipeproof_events_appended", "Events appended, by kind", ["kind"], registry=r)
+        self.sends = Counter(
+            "pipeproof_event_sends", "Delivery attempts (first sends and resends)", ["first"], registry=r
+        )
+        self.send_failures = Counter(
+            "pipeproof_event_send_failures", "Sends no READY session could take", registry=r
+        )
+        self.acked = Counter("pipeproof_events_acked", "Events acked by a client", registry=r)
+        self.escalations = Counter(
+            "pipeproof_escalations", "Events escalated (section 5), by reason", ["reason"], registry=r
+        )
+        self.live = Gauge("pipeproof_events_live", "Events in PENDING or SENT on this node", registry=r)
+        self.ack_latency = Histogram(
+            "pipeproof_ack_latency_seconds",
+            "Event appended to acked",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.runs = Counter("pipeproof_runs", "Finished runs, by outcome", ["outcome"], registry=r)
+        self.run_rejections = Counter(
+            "pipeproof_run_rejections", "run.start refused, by code", ["code"], registry=r
+        )
+        self.runs_active = Gauge("pipeproof_runs_active", "Runs accepted and not finished", registry=r)
+        for reason in ("max_attempts", "no_session", "send_failed"):
+            self.escalations.labels(reason=reason)
+
+
+class _RestoredRunner(Runner):
+    """A Runner started at a stored configuration (an event recovered after a restart).
+
+    The model's Runner has no restore API; this builds the python-statemachine instance with
+    ``start_value`` on a fresh model object holding the restored variables.
+    """
+
+    def __init__(
+        self, machine: Machine, sm_class: type[Any], state: Delivery, values: Mapping[str, Value]
+    ) -> None:
+        self.machine = machine
+        self.model = _Model(machine)
+        self.model.values.update(values)
+        self.sm = sm_class(model=self.model, start_value=state.name)
+
+
+@dataclass
+class _Tracked:
+    """One unfinished event: its record, its machine, and its real-time deadlines."""
+
+    record: EventRecord
+    machine: TracedMachine
+    frame_attempt: int = 0  # the attempt number of the last frame written
+    ack_deadline: float = 0.0  # SENT: when the ack wait of this attempt ends
+    idle_spent: float = 0.0  # seconds spent PENDING with no live session (the resume_window budget)
+    idle_from: float | None = None  # accruing since (PENDING and no session), else None
+    appended_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def seq(self) -> int:
+        return self.record.seq
+
+    def frame(self, attempt: int) -> EventFrame:
+        r = self.record
+        return EventFrame(
+            seq=r.seq,
+            event_id=r.event_id,
+            run_id=r.run_id,
+            event=r.kind,  # type: ignore[arg-type]
+            data=dict(r.data),
+            attempt=attempt,
+        )
+
+
+@dataclass
+class _Stream:
+    """One context's stream on this node."""
+
+    context_id: str
+    user: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    sessions: dict[str, Session] = field(default_factory=dict)
+    live: dict[int, _Tracked] = field(default_factory=dict)  # insertion order is seq order
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    clock: asyncio.Task[None] | None = None
+    users: int = 0  # publishes and session registrations in progress: the stream must not be dropped
+
+
+_NEVER: Final = float("inf")
+
+
+class DeliveryService:
+    """Delivery for every context with sessions or unfinished events on this node (section 5)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        audit: AuditWriter,
+        metrics: DeliveryMetrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.audit = audit
+        self.metrics = metrics
+        self.machine = delivery_machine(settings.max_attempts, 1, 1)
+        self._sm_class = build_statemachine(self.machine)
+        self._rng = rng or random.Random()
+        self.streams: dict[str, _Stream] = {}
+        self.recovered = asyncio.Event()
+        self._closed = False
+
+    # -- waits ---------------------------------------------------------------------------------
+
+    def ack_wait(self, attempt: int) -> float:
+        """Real seconds to wait for the ack of ``attempt``: exponential backoff with jitter."""
+        s = self.settings
+        base = min(s.ack_timeout * s.ack_backoff ** max(0, attempt - 1), s.ack_timeout_max)
+        return base * (1.0 + self._rng.uniform(0.0, s.ack_jitter))
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def _stream(self, context_id: str, user: str) -> _Stream:
+        stream = self.streams.get(context_id)
+        if stream is None:
+            stream = _Stream(context_id, user)
+            self.streams[context_id] = stream
+        return stream
+
+    @contextlib.asynccontextmanager
+    async def _using(self, context_id: str, user: str) -> AsyncIterator[_Stream]:
+        """The context's stream, kept registered while the caller awaits on it."""
+        stream = self._stream(context_id, user)
+        stream.users += 1
+        try:
+            yield stream
+        finally:
+            stream.users -= 1
+            self._maybe_forget(stream)
+
+    def _machine(self, record: EventRecord, user: str, runner: Runner | None = None) -> TracedMachine:
+        return TracedMachine(
+            self.machine,
+            "delivery",
+            f"{record.context_id}:{record.seq}",
+            self.audit,
+            user=user,
+            context_id=record.context_id,
+            runner=runner if runner is not None else Runner(self.machine, self._sm_class),
+        )
+
+    def _track(self, stream: _Stream, tracked: _Tracked, now: float) -> None:
+        stream.live[tracked.seq] = tracked
+        self.metrics.live.inc()
+        if tracked.machine.state is P and not stream.sessions:
+            tracked.idle_from = now
+        self._ensure_clock(stream)
+
+    def _untrack(self, stream: _Stream, seq: int) -> None:
+        if stream.live.pop(seq, None) is not None:
+            self.metrics.live.dec()
+        if len(stream.live) < self.settings.max_inflight_events:
+            stream.room.set()
+        self._maybe_forget(stream)
+
+    def _maybe_forget(self, stream: _Stream) -> None:
+        # Memory stays proportional to what is live: an idle stream is dropped.
+        if (
+            not stream.live
+            and not stream.sessions
+            and stream.users == 0
+            and self.streams.get(stream.context_id) is stream
+        ):
+            del self.streams[stream.context_id]
+            stream.changed.set()
+
+    # -- recovery (section 6) ------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Load every PENDING/SENT event from the store into delivery; returns how many.
+
+        A SENT event went out before the restart: it waits for its ack (a resume acks it) and
+        is otherwise resent or escalated. A PENDING one waits for a session for ``resume_window``.
+        """
+        try:
+            records = await self.store.live_events()
+            users: dict[str, str] = {}
+            now = time.monotonic()
+            for record in sorted(records, key=lambda r: (r.context_id, r.seq)):
+                if record.context_id not in users:
+                    info = await self.store.find_context(record.context_id)
+                    users[record.context_id] = info.user_id if info is not None else ""
+                stream = self._stream(record.context_id, users[record.context_id])
+                state = S if record.state is EventState.SENT else P
+                values = {
+                    "attempt": record.attempt,
+                    "waited": 0,
+                    "idle": 0,
+                    "age": 0,
+                    "delivered": record.attempt > 0,
+                }
+                runner = _RestoredRunner(self.machine, self._sm_class, state, values)
+                tracked = _Tracked(record, self._machine(record, stream.user, runner), record.attempt)
+                if state is S:
+                    tracked.ack_deadline = now + self.ack_wait(record.attempt)
+                self._track(stream, tracked, now)
+            if records:
+                log.info("recovered %d unfinished events in %d contexts", len(records), len(users))
+            return len(records)
+        finally:
+            self.recovered.set()
+
+    # -- publish -------------------------------------------------------------------------------
+
+    async def publish(
+        self, context_id: str, user: str, run_id: str, kind: str, data: Mapping[str, Any]
+    ) -> EventRecord:
+        """Append one event durably, then send it to every READY session of the context.
+
+        Waits while the context has ``max_inflight_events`` unfinished events (back-pressure on
+        the producer instead of memory growth). Raises StoreError when the append fails.
+        """
+        async with self._using(context_id, user) as stream:
+            while len(stream.live) >= self.settings.max_inflight_events:
+                stream.room.clear()
+                await stream.room.wait()
+            # Shielded: a cancelled producer must not leave an appended event untracked.
+            return await asyncio.shield(self._append(stream, context_id, user, run_id, kind, data))
+
+    async def _append(
+        self, stream: _Stream, context_id: str, user: str, run_id: str, kind: str, data: Mapping[str, Any]
+    ) -> EventRecord:
+        async with stream.lock:
+            record = await self.store.append_event(context_id, run_id, kind, data, time.time())
+            self.metrics.appended.labels(kind=kind).inc()
+            tracked = _Tracked(record, self._machine(record, user))
+            self._track(stream, tracked, time.monotonic())
+            if stream.sessions:
+                await self._send(stream, tracked)
+        return record
+
+    async def _send(self, stream: _Stream, tracked: _Tracked) -> None:
+        """Send a PENDING event to every session (under the lock); fires send or send_failed."""
+        m = tracked.machine
+        if not m.can("send"):
+            return
+        attempt = int(m.values["attempt"]) + 1
+        frame = tracked.frame(attempt)
+        written = 0
+        for session in list(stream.sessions.values()):
+            try:
+                await session.send(frame)
+                written += 1
+            except SendFailed as exc:
+                # The session is closing (its close deregisters it); the others still count.
+                log.info(
+                    "event %s:%d not queued on %s: %s",
+                    stream.context_id,
+                    tracked.seq,
+                    session.session_id,
+                    exc.why,
+                )
+        now = time.monotonic()
+        if written:
+            m.fire("send", {"attempt": attempt, "sessions": written})
+            tracked.frame_attempt = attempt
+            tracked.idle_from = None
+            tracked.ack_deadline = now + self.ack_wait(attempt)
+            self.metrics.sends.labels(first=str(attempt == 1).lower()).inc()
+            await self.store.mark_sent(stream.context_id, tracked.seq, attempt)
+            stream.changed.set()
+            return
+        self.metrics.send_failures.inc()
+        transition = m.fire("send_failed", {"attempt": attempt})
+        if transition.target is E:
+            await self._escalate(stream, tracked, "send_failed")
+
+    async def _escalate(self, stream: _Stream, tracked: _Tracked, reason: EscalationReason) -> None:
+        stored = await self.store.escalate(stream.context_id, tracked.seq, reason)
+        self.metrics.escalations.labels(reason=reason).inc()
+        if stored.state is not EventState.ESCALATED:
+            log.warning(
+                "event %s:%d escalated here but stored as %s",
+                stream.context_id,
+                tracked.seq,
+                stored.state.value,
+            )
+        log.warning("event %s:%d escalated: %s", stream.context_id, tracked.seq, reason)
+        self._untrack(stream, tracked.seq)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def session_ready(self, session: Session, resume_last_seq: int | None) -> None:
+        """A socket of the context is READY and its connection_ack is queued (sections 1, 5).
+
+        Resume acks through ``last_seq`` (clamped to what was delivered); then the session gets
+        every unfinished event of the stream, in seq order.
+        """
+        await self.recovered.wait()
+        async with self._using(session.context_id, session.user) as stream:
+            # Shielded: a socket closing under us must not cut a store write from its transitions.
+            await asyncio.shield(self._register(stream, session, resume_last_seq))
+
+    async def _register(self, stream: _Stream, session: Session, resume_last_seq: int | None) -> None:
+        async with stream.lock:
+            if resume_last_seq is not None:
+                await self._ack_locked(
+                    stream, resume_last_seq, {"resume": True, "session_id": session.session_id}
+                )
+            if getattr(session, "closed", False):
+                return
+            if not stream.sessions:
+                now = time.monotonic()
+                for tracked in stream.live.values():
+                    if tracked.idle_from is not None:
+                        tracked.idle_spent += now - tracked.idle_from
+                        tracked.idle_from = None
+            stream.sessions[session.session_id] = session
+            for tracked in list(stream.live.values()):
+                if session.session_id not in stream.sessions:
+                    break  # the socket closed while we were writing to it
+                if tracked.machine.state is S and tracked.frame_attempt > 0:
+                    try:
+                        await session.send(tracked.frame(tracked.frame_attempt))
+                    except SendFailed:
+                        break
+                else:
+                    await self._send(stream, tracked)
+            stream.changed.set()
+
+    def session_closed(self, session: Session) -> None:
+        """A socket left: if it was the context's last one, PENDING events start spending their
+        no-session budget (``resume_window``). Idempotent."""
+        try:
+            context_id = session.context_id
+        except RuntimeError:
+            return  # never became READY
+        stream = self.streams.get(context_id)
+        if stream is None or stream.sessions.pop(session.session_id, None) is None:
+            return
+        if not stream.sessions:
+            now = time.monotonic()
+            for tracked in stream.live.values():
+                if tracked.machine.state is P and tracked.idle_from is None:
+                    tracked.idle_from = now
+        stream.changed.set()
+        self._maybe_forget(stream)
+
+    # -- acks ----------------------------------------------------------------------------------
+
+    async def ack(self, session: Session, seq: int) -> list[int]:
+        """A cumulative ack from any session of the context (section 5); returns the acked seqs."""
+        stream = self.streams.get(session.context_id)
+        if stream is None:
+            return []
+        return await asyncio.shield(self._ack(stream, seq, session.session_id))
+
+    async def _ack(self, stream: _Stream, seq: int, session_id: str) -> list[int]:
+        async with stream.lock:
+            return await self._ack_locked(stream, seq, {"session_id": session_id})
+
+    async def _ack_locked(self, stream: _Stream, seq: int, detail: Mapping[str, Any]) -> list[int]:
+        # The model acks only delivered events; an ack naming more than the client can have
+        # received is honoured up to the delivered prefix, and the rest stays in delivery.
+        through = 0
+        for s, tracked in stream.live.items():
+            if s > seq:
+                break
+            if not tracked.machine.values["delivered"]:
+                break
+            through = s
+        if through == 0:
+            return []
+        acked = await self.store.ack_through(stream.context_id, through)
+        now = time.monotonic()
+        for s in acked:
+            done = stream.live.get(s)
+            if done is None:
+                continue
+            done.machine.fire("ack", {**detail, "through": seq})
+            self.metrics.acked.inc()
+            self.metrics.ack_latency.observe(now - done.appended_at)
+            self._untrack(stream, s)
+        return acked
+
+    # -- the clock -----------------------------------------------------------------------------
+
+    def _ensure_clock(self, stream: _Stream) -> None:
+        if stream.clock is None or stream.clock.done():
+            stream.clock = asyncio.get_running_loop().create_task(
+                self._run_clock(stream), name=f"delivery-clock-{stream.context_id}"
+            )
+        stream.changed.set()
+
+    def _deadline(self, tracked: _Tracked) -> float:
+        state = tracked.machine.state
+        if state is S:
+            return tracked.ack_deadline
+        if state is P and tracked.idle_from is not None:
+            return tracked.idle_from + max(0.0, self.settings.resume_window - tracked.idle_spent)
+        return _NEVER
+
+    async def _run_clock(self, stream: _Stream) -> None:
+        """Fire every due deadline of the stream; exits when the stream has nothing unfinished."""
+        while stream.live and not self._closed:
+            stream.changed.clear()
+            due = min((self._deadline(t) for t in stream.live.values()), default=_NEVER)
+            wait = due - time.monotonic()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.changed.wait(), None if due == _NEVER else wait)
+                continue
+            await asyncio.shield(self._fire_due_locked(stream))
+
+    async def _fire_due_locked(self, stream: _Stream) -> None:
+        async with stream.lock:
+            await self._fire_due(stream, time.monotonic())
+
+    async def _fire_due(self, stream: _Stream, now: float) -> None:
+        has_session = bool(stream.sessions)
+        resend = False
+        for tracked in list(stream.live.values()):
+            if self._deadline(tracked) > now:
+                continue
+            m = tracked.machine
+            if m.state is S:
+                m.fire("tick", {"deadline": "ack_timeout"}, has_session=has_session)
+                transition = m.fire("ack_timeout", {"attempt": m.values["attempt"]}, has_session=has_session)
+                if transition.target is E:
+                    await self._escalate(stream, tracked, "max_attempts")
+                    continue
+                await self.store.mark_pending(stream.context_id, tracked.seq)
+                if has_session:
+                    resend = True
+                else:
+                    tracked.idle_from = now
+            elif m.state is P and not has_session:
+                m.fire("tick", {"deadline": "resume_window"}, has_session=False)
+                m.fire(
+                    "no_session_timeout",
+                    {"idle_s": round(tracked.idle_spent + now - (tracked.idle_from or now), 3)},
+                    has_session=False,
+                )
+                await self._escalate(stream, tracked, "no_session")
+        if resend:
+            for tracked in list(stream.live.values()):
+                if tracked.machine.state is P:
+                    await self._send(stream, tracked)
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the clocks. Unfinished events stay in the store as they are, for the next start."""
+        self._closed = True
+        clocks = [s.clock for s in self.streams.values() if s.clock is not None]
+        for stream in self.streams.values():
+            stream.changed.set()
+        for task in clocks:
+            task.cancel()
+        await asyncio.gather(*clocks, return_exceptions=True)
+
+
+__all__ = ["DeliveryMetrics", "DeliveryService"]

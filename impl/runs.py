@@ -1,0 +1,509 @@
+"""Agent runs: validation, idempotent start, cancel, the driver, shutdown (PROTOCOL sections 4-6).
+
+:class:`AgentRuntime` is the server's :class:`~pipeproof.impl.handlers.FrameHandler` once runs are
+enabled (``create_app(settings, handler=AgentRuntime())``; ``pipeproof serve`` does this). It also
+observes sessions (READY / closed, for delivery and resume) and takes part in the app's lifecycle
+(recovery at startup, draining at shutdown).
+
+Each run is one traced run machine (``model.run``; audit id ``run_id``) and the driver fires it
+for every step *before* appending the step's event, so the events of a run are exactly the
+machine's emissions, in its order:
+
+* ``run.start``: prerequisites are checked before anything starts -- not shutting down, input
+  valid (``invalid_input``), tools registered (``unknown_tool``), context live
+  (``context_expired``), quotas and memory headroom (``over_capacity``). A failure fires
+  ``validate_fail`` and answers ``error``; success stores the run (the store makes
+  ``(context, request_id)`` unique, so a repeated ``request_id`` answers the first run's
+  ``run.accepted`` and starts nothing), fires ``validate_ok`` and answers ``run.accepted``.
+* Runs of one context execute one at a time, in order; a run waits ACCEPTED behind earlier ones.
+  ``run.cancel`` fires ``cancel``: a waiting run then never starts (the machine refuses
+  ``agent_started``) and ends with one ``agent_failed`` (code ``cancelled``); a running run stops
+  at its next step (a tool in progress is cancelled and completes ``ok=false``).
+* The agent's steps become ``agent_thinking``, ``tool_executing``/``tool_completed`` pairs and
+  ``agent_completed``. A step the machine refuses (the step budget ``run_max_steps``) ends the run
+  with ``agent_failed`` (``step_limit``); :class:`~pipeproof.impl.agents.AgentFailed` ends it with
+  its code; any other exception inside the agent ends it with ``agent_failed`` (``internal``).
+* Shutdown: no new runs; waiting runs end ``agent_failed`` (``shutdown``); running runs get
+  ``shutdown_grace`` to finish, then are cancelled and end ``agent_failed`` (``shutdown``). Their
+  events stay in the store for resume after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from pipeproof.errors import StoreError
+from pipeproof.model.run import Run, run_machine
+from pipeproof.model.spec import Runner, build_statemachine
+
+from .agents import Agent, AgentFailed, AgentRequest, DemoAgent, FinalAnswer, StepStream, Thinking, ToolCall
+from .audit import TracedMachine
+from .delivery import DeliveryMetrics, DeliveryService
+from .frames import Ack, ErrorFrame, RunAccepted, RunCancel, RunStart
+from .handlers import Session
+from .sender import SendFailed
+from .store import Store
+from .tools import ToolOutcome, ToolRegistry, default_registry, execute
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+log = logging.getLogger("pipeproof.runs")
+
+CANCEL_SETTLE_SECONDS: Final = 2.0
+"""After shutdown_grace, how long cancelled runs get to append their agent_failed."""
+
+
+@dataclass
+class _Run:
+    run_id: str
+    context_id: str
+    user: str
+    request_id: str
+    input: str
+    tools: list[str]
+    machine: TracedMachine
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_code: str = "cancelled"
+    open_call: tuple[str, str] | None = None  # (tool_call_id, tool) between the pair's events
+    task: asyncio.Task[None] | None = None
+
+
+class _Cancelled(Exception):
+    """The run was cancelled while a step was in progress (internal control flow)."""
+
+
+class RunRejected(Exception):
+    """A prerequisite of ``run.start`` failed: ``code`` is the error frame's code (section 4)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}")
+
+
+class AgentRuntime:
+    """Runs and delivery for the reference server (see module docstring)."""
+
+    def __init__(self, *, agent: Agent | None = None, tools: ToolRegistry | None = None) -> None:
+        self.agent: Agent = agent or DemoAgent()
+        self.tools = tools or default_registry()
+        self._state: ServerState | None = None
+        self._store: Store | None = None
+        self.delivery: DeliveryService | None = None
+        self.metrics: DeliveryMetrics | None = None
+        self._runs: dict[str, _Run] = {}  # accepted and not finished
+        self._by_request: dict[tuple[str, str], str] = {}
+        self._queues: dict[str, deque[_Run]] = {}
+        self._running: dict[str, _Run] = {}
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._run_sm: type[Any] | None = None
+
+    # -- lifecycle (impl/app.py) ---------------------------------------------------------------
+
+    def start(self, state: ServerState, store: Store) -> None:
+        """The store is open: build delivery and recover unfinished events in the background."""
+        self._state, self._store = state, store
+        self.metrics = DeliveryMetrics(state.metrics) if self.metrics is None else self.metrics
+        self.delivery = DeliveryService(state.settings, store, state.audit, self.metrics)
+        self._machine = run_machine(state.settings.run_max_steps)
+        self._run_sm = build_statemachine(self._machine)
+        self._spawn(self.delivery.recover(), "delivery-recover")
+
+    async def stop(self, grace: float) -> None:
+        """Section 6: finish or fail every run, then stop delivery (the store keeps the rest)."""
+        self._stopping = True
+        for context_id in list(self._queues):
+            queue = self._queues.pop(context_id)
+            while queue:
+                run = queue.popleft()
+                run.cancel_code = "shutdown"
+                await self._finish_unstarted(run)
+        running = [r.task for r in self._running.values() if r.task is not None]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            if pending:
+                for run in list(self._running.values()):
+                    self._request_cancel(run, "shutdown", {"why": "shutdown_grace elapsed"})
+                _, pending = await asyncio.wait(pending, timeout=CANCEL_SETTLE_SECONDS)
+                for task in pending:
+                    log.error("run task %s did not end after cancel; cancelling it", task.get_name())
+                    task.cancel()
+        if self._tasks:
+            # Let the last run-state writes land; then stop whatever is left.
+            _, left = await asyncio.wait(set(self._tasks), timeout=CANCEL_SETTLE_SECONDS)
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+        if self.delivery is not None:
+            await self.delivery.close()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("runtime task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- session observer (impl/session.py) ----------------------------------------------------
+
+    async def on_session_ready(self, session: Session, resume_last_seq: int | None) -> None:
+        if self.delivery is not None:
+            await self.delivery.session_ready(session, resume_last_seq)
+
+    def on_session_closed(self, session: Session) -> None:
+        if self.delivery is not None:
+            self.delivery.session_closed(session)
+
+    # -- frames (impl/handlers.py) -------------------------------------------------------------
+
+    async def on_ack(self, session: Session, frame: Ack) -> None:
+        if self.delivery is None:
+            return
+        try:
+            await self.delivery.ack(session, frame.seq)
+        except StoreError as exc:
+            await self._reply_store_error(session, exc, None)
+
+    async def on_run_start(self, session: Session, frame: RunStart) -> None:
+        key = (session.context_id, frame.request_id)
+        existing = self._by_request.get(key)
+        if existing is not None:
+            await session.send(RunAccepted(request_id=frame.request_id, run_id=existing))
+            return
+        state, store = self._state, self._store
+        if state is None or store is None or self.delivery is None or self.metrics is None:
+            await session.send(
+                ErrorFrame(code="over_capacity", request_id=frame.request_id, detail="runs are not ready")
+            )
+            return
+        run_id = uuid.uuid4().hex
+        assert self._run_sm is not None
+        machine = TracedMachine(
+            self._machine,
+            "run",
+            run_id,
+            state.audit,
+            user=session.user,
+            context_id=session.context_id,
+            runner=Runner(self._machine, self._run_sm),
+        )
+        tools = list(frame.tools) if frame.tools is not None else self.tools.names()
+        try:
+            await self._validate(session, frame, tools)
+            record, created = await store.create_run(
+                session.context_id, frame.request_id, session.user, time.time(), run_id=run_id
+            )
+        except RunRejected as exc:
+            machine.fire("validate_fail", {"code": exc.code, "request_id": frame.request_id})
+            self.metrics.run_rejections.labels(code=exc.code).inc()
+            await session.send(ErrorFrame(code=exc.code, request_id=frame.request_id, detail=exc.detail))
+            return
+        except StoreError as exc:
+            machine.fire("validate_fail", {"code": exc.code, "request_id": frame.request_id})
+            await self._reply_store_error(session, exc, frame.request_id)
+            return
+        if not created:
+            # The same request_id reached the store before (another socket, or before a restart).
+            self._by_request[key] = record.run_id
+            await session.send(RunAccepted(request_id=frame.request_id, run_id=record.run_id))
+            return
+        machine.fire("validate_ok", {"request_id": frame.request_id})
+        run = _Run(run_id, session.context_id, session.user, frame.request_id, frame.input, tools, machine)
+        self._runs[run_id] = run
+        self._by_request[key] = run_id
+        self.metrics.runs_active.inc()
+        self._queues.setdefault(run.context_id, deque()).append(run)
+        try:
+            await session.send(RunAccepted(request_id=frame.request_id, run_id=run_id))
+        finally:
+            # The run belongs to the context, not to this socket: it starts even if the reply
+            # could not be queued (its events reach the other sessions or a resume).
+            self._schedule(run.context_id)
+
+    async def on_run_cancel(self, session: Session, frame: RunCancel) -> None:
+        run = self._runs.get(frame.run_id)
+        if run is None or run.context_id != session.context_id:
+            # Another user's run answers exactly like a run that does not exist (section 3).
+            found = self._store is not None and await self._owned_run(session, frame.run_id)
+            if not found:
+                await session.send(ErrorFrame(code="run_not_found", detail="no such run"))
+            return  # a finished run: its terminal event already says how it ended
+        queue = self._queues.get(run.context_id)
+        if queue is not None and run in queue:
+            queue.remove(run)
+            self._request_cancel(run, "cancelled", {"session_id": session.session_id})
+            await self._finish_unstarted(run)
+            return
+        self._request_cancel(run, "cancelled", {"session_id": session.session_id})
+
+    async def _owned_run(self, session: Session, run_id: str) -> bool:
+        assert self._store is not None
+        try:
+            record = await self._store.find_run(run_id)
+        except StoreError:
+            return False
+        return record is not None and record.context_id == session.context_id
+
+    async def _reply_store_error(self, session: Session, exc: StoreError, request_id: str | None) -> None:
+        if self._state is not None:
+            self._state.metrics.store_errors.labels(type=exc.code).inc()
+        log.warning("store failed: %s", exc)
+        with contextlib.suppress(SendFailed):
+            await session.send(ErrorFrame(code=exc.code, request_id=request_id, detail=exc.operation))
+
+    # -- validation ----------------------------------------------------------------------------
+
+    async def _validate(self, session: Session, frame: RunStart, tools: list[str]) -> None:
+        """Every prerequisite, before anything starts (section 4); raises RunRejected."""
+        assert self._state is not None and self._store is not None
+        settings = self._state.settings
+        if self._stopping or self._state.draining:
+            raise RunRejected("over_capacity", "the server is shutting down")
+        if not frame.input.strip():
+            raise RunRejected("invalid_input", "input is empty")
+        if len(frame.input) > settings.run_input_max_chars:
+            raise RunRejected("invalid_input", f"input longer than {settings.run_input_max_chars} characters")
+        unknown = self.tools.unknown(tools)
+        if unknown:
+            raise RunRejected("unknown_tool", f"not registered: {', '.join(sorted(unknown)[:8])}")
+        info = await self._store.find_context(session.context_id)
+        if info is None or info.expired:
+            raise RunRejected("context_expired", "the context has expired; reconnect for a new one")
+        if len(self._runs) >= settings.max_active_runs:
+            raise RunRejected("over_capacity", f"{settings.max_active_runs} runs active on this server")
+        if len(self._queues.get(session.context_id, ())) >= settings.max_queued_runs_per_context:
+            raise RunRejected("over_capacity", f"{settings.max_queued_runs_per_context} runs already waiting")
+        if self._state.memory_exceeded():
+            raise RunRejected("over_capacity", "the server is above its memory limit")
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _schedule(self, context_id: str) -> None:
+        """Start the context's next waiting run if none is running (one at a time, in order)."""
+        if context_id in self._running or self._stopping:
+            return
+        queue = self._queues.get(context_id)
+        if not queue:
+            self._queues.pop(context_id, None)
+            return
+        run = queue.popleft()
+        self._running[context_id] = run
+        run.task = self._spawn(self._drive(run), f"run-{run.run_id}")
+
+    def _request_cancel(self, run: _Run, code: str, detail: Mapping[str, Any]) -> None:
+        if run.machine.can("cancel"):
+            run.cancel_code = code
+            run.machine.fire("cancel", {**detail, "code": code})
+            run.cancel.set()
+
+    async def _finish_unstarted(self, run: _Run) -> None:
+        """A run cancelled before it started: exactly one agent_failed, no agent_started."""
+        self._request_cancel(run, run.cancel_code, {"why": run.cancel_code})
+        try:
+            await self._emit(
+                run, "agent_failed", {"code": run.cancel_code, "detail": "cancelled before start"}
+            )
+        except StoreError as exc:
+            await self._store_failed(run, exc)
+        self._ended(run)
+
+    def _ended(self, run: _Run) -> None:
+        if self._runs.pop(run.run_id, None) is None:
+            return
+        assert self.metrics is not None
+        self.metrics.runs_active.dec()
+        state = run.machine.state
+        self.metrics.runs.labels(outcome=state.name.lower()).inc()
+        if self._store is not None and state in (Run.COMPLETED, Run.FAILED):
+            self._spawn(self._store.set_run_state(run.run_id, state.name), f"run-state-{run.run_id}")
+        if self._running.get(run.context_id) is run:
+            del self._running[run.context_id]
+        self._schedule(run.context_id)
+
+    # -- the driver ----------------------------------------------------------------------------
+
+    async def _emit(self, run: _Run, kind: str, data: Mapping[str, Any]) -> None:
+        """Fire ``kind`` on the run machine, then append and send the event it emits."""
+        assert self.delivery is not None
+        run.machine.fire(kind, {k: v for k, v in data.items() if k in ("code", "tool_call_id", "tool")})
+        await self.delivery.publish(run.context_id, run.user, run.run_id, kind, {**data})
+
+    async def _drive(self, run: _Run) -> None:
+        try:
+            await self._execute(run)
+        except StoreError as exc:
+            await self._store_failed(run, exc)
+        finally:
+            self._ended(run)
+
+    async def _store_failed(self, run: _Run, exc: StoreError) -> None:
+        """The stream cannot take the run's events. Try once more to record its end; if the store
+        still refuses, tell the context's sessions directly (the error pipe is never silent)."""
+        assert self._state is not None
+        self._state.metrics.store_errors.labels(type=exc.code).inc()
+        log.error("run %s: store failed: %s", run.run_id, exc)
+        try:
+            await self._fail(run, exc.code, f"store failed during {exc.operation}")
+            return
+        except StoreError as again:
+            log.error("run %s: agent_failed could not be stored either: %s", run.run_id, again)
+        stream = self.delivery.streams.get(run.context_id) if self.delivery is not None else None
+        for session in list(stream.sessions.values()) if stream is not None else []:
+            with contextlib.suppress(SendFailed):
+                await session.send(
+                    ErrorFrame(code=exc.code, detail=f"run {run.run_id} failed: store unavailable")
+                )
+
+    async def _fail(self, run: _Run, code: str, detail: str) -> None:
+        """End the run with agent_failed from wherever it is (closing an open tool pair first)."""
+        m = run.machine
+        if m.state is Run.TOOL_RUNNING and run.open_call is not None:
+            call_id, tool = run.open_call
+            run.open_call = None
+            await self._emit(
+                run,
+                "tool_completed",
+                {
+                    "tool_call_id": call_id,
+                    "tool": tool,
+                    **ToolOutcome(False, code="cancelled", detail=code).as_data(),
+                },
+            )
+        if m.state is Run.ACCEPTED and m.can("cancel"):
+            m.fire("cancel", {"code": code})
+        if m.can("agent_failed"):
+            await self._emit(run, "agent_failed", {"code": code, "detail": detail})
+
+    async def _execute(self, run: _Run) -> None:
+        assert self._state is not None
+        m = run.machine
+        if not m.can("agent_started"):
+            # A cancel won the race with the start (section 4): one agent_failed, no agent_started.
+            await self._emit(
+                run, "agent_failed", {"code": run.cancel_code, "detail": "cancelled before start"}
+            )
+            return
+        await self._emit(run, "agent_started", {"request_id": run.request_id, "tools": run.tools})
+        gen = self.agent.steps(AgentRequest(run.run_id, run.user, run.input, tuple(run.tools)))
+        try:
+            await self._steps(run, gen)
+        finally:
+            await self._close_agent(run, gen)
+
+    async def _close_agent(self, run: _Run, gen: StepStream) -> None:
+        try:
+            await gen.aclose()
+        except Exception:
+            # The agent's cleanup raised after its run already ended with a terminal event:
+            # nothing is left to report to the user, so it is logged with its traceback.
+            log.exception("run %s: agent cleanup failed", run.run_id)
+
+    async def _steps(self, run: _Run, gen: StepStream) -> None:
+        m = run.machine
+        outcome: ToolOutcome | None = None
+        calls = 0
+        while True:
+            if run.cancel.is_set():
+                await self._fail(run, run.cancel_code, "cancelled")
+                return
+            try:
+                step = await self._race(run, gen.asend(outcome))
+            except _Cancelled:
+                await self._fail(run, run.cancel_code, "cancelled")
+                return
+            except StopAsyncIteration:
+                await self._fail(run, "internal", "the agent ended without a final answer")
+                return
+            except AgentFailed as exc:
+                await self._fail(run, exc.code, exc.detail)
+                return
+            except StoreError:
+                raise
+            except Exception as exc:
+                # Conversion, not swallowing: a crash inside the agent ends the run with
+                # agent_failed (internal), which the user receives; the traceback is logged.
+                log.exception("run %s: the agent crashed", run.run_id)
+                await self._fail(run, "internal", type(exc).__name__)
+                return
+            outcome = None
+            if isinstance(step, Thinking):
+                if not m.can("agent_thinking"):
+                    await self._fail(
+                        run, "step_limit", f"more than {self._machine.params['max_steps']} steps"
+                    )
+                    return
+                await self._emit(run, "agent_thinking", {"text": step.text})
+            elif isinstance(step, ToolCall):
+                if not m.can("tool_executing"):
+                    await self._fail(
+                        run, "step_limit", f"more than {self._machine.params['max_steps']} steps"
+                    )
+                    return
+                calls += 1
+                call_id = f"{run.run_id[:8]}-call-{calls}"
+                run.open_call = (call_id, step.tool)
+                await self._emit(
+                    run,
+                    "tool_executing",
+                    {"tool_call_id": call_id, "tool": step.tool, "arguments": dict(step.arguments)},
+                )
+                outcome = await self._call_tool(run, step)
+                run.open_call = None
+                await self._emit(
+                    run, "tool_completed", {"tool_call_id": call_id, "tool": step.tool, **outcome.as_data()}
+                )
+            elif isinstance(step, FinalAnswer):
+                await self._emit(run, "agent_completed", {"answer": step.text})
+                return
+            else:
+                await self._fail(run, "internal", f"unknown step {type(step).__name__}")
+                return
+
+    async def _race(self, run: _Run, awaitable: Any) -> Any:
+        """Await ``awaitable`` unless the run is cancelled first (then raise _Cancelled)."""
+        work = asyncio.ensure_future(awaitable)
+        cancelled = asyncio.ensure_future(run.cancel.wait())
+        try:
+            await asyncio.wait({work, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await work
+        raise _Cancelled()
+
+    async def _call_tool(self, run: _Run, call: ToolCall) -> ToolOutcome:
+        assert self._state is not None
+        try:
+            outcome: ToolOutcome = await self._race(
+                run,
+                execute(
+                    self.tools,
+                    call.tool,
+                    call.arguments,
+                    allowed=run.tools,
+                    timeout=self._state.settings.tool_timeout,
+                ),
+            )
+        except _Cancelled:
+            return ToolOutcome(False, code="cancelled", detail=run.cancel_code)
+        return outcome
+
+
+__all__ = ["AgentRuntime", "RunRejected"]
