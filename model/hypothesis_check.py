@@ -36,8 +36,8 @@ from hypothesis.stateful import (
 )
 
 from pipeproof.errors import IllegalTransition
-from pipeproof.model.invariants import INVARIANTS, Invariant
-from pipeproof.model.spec import Machine, Runner
+from pipeproof.model.invariants import INVARIANTS, Invariant, quiescent_violations
+from pipeproof.model.spec import Kind, Machine, Runner
 from pipeproof.model.system import Bounds, Firing, State, Step, System, SystemModel, reference_model
 
 
@@ -89,11 +89,9 @@ EVENT_ACTIONS = frozenset({"server_send", "server_send_failed", "client_ack", "s
                            "server_no_session_timeout"})
 
 
-FAULTS = frozenset({
-    "client_drop", "client_init_resume", "server_auth_reject", "server_init_timeout", "server_heartbeat_timeout",
-    "server_drain", "server_drain_close", "server_send_failed", "server_ack_timeout", "server_no_session_timeout",
-    "server_expire_context", "server_run_validate_fail", "client_frame",
-})
+def _is_fault(step: Step) -> bool:
+    """A step that ends or sets back something: its transitions are declared ERROR or TIMEOUT."""
+    return any(f.transition.kind in (Kind.ERROR, Kind.TIMEOUT) for f in step.firings)
 
 
 def _event_of(step: Step) -> tuple[int, int]:
@@ -108,6 +106,8 @@ def system_test(system: System, invariants: Iterable[Invariant] = INVARIANTS) ->
     state_invs = [i for i in invs if i.state_check is not None]
     step_invs = [i for i in invs if i.step_check is not None]
     b = system.bounds
+
+    cache: dict[tuple[State, frozenset[int]], list[Step]] = {}
 
     class SystemMachine(RuleBasedStateMachine):
         users = Bundle("users")
@@ -129,8 +129,8 @@ def system_test(system: System, invariants: Iterable[Invariant] = INVARIANTS) ->
         def _take(self, steps: list[Step], data: st.DataObject) -> Step:
             # Faults (drops, timeouts, rejections) end sockets and runs early; drawn uniformly they
             # would dominate and hide deep interleavings, so they get one draw in four.
-            calm = [x for x in steps if x.action not in FAULTS]
-            faults = [x for x in steps if x.action in FAULTS]
+            calm = [x for x in steps if not _is_fault(x)]
+            faults = [x for x in steps if _is_fault(x)]
             pool = steps
             if calm and faults:
                 pool = faults if data.draw(st.integers(0, 3), label="fault?") == 0 else calm
@@ -151,8 +151,26 @@ def system_test(system: System, invariants: Iterable[Invariant] = INVARIANTS) ->
             return step
 
         def _steps(self) -> list[Step]:
-            return [s for s in system.successors(self.state)
-                    if s.action not in SESSION_ACTIONS or s.args[0] in self.connected]
+            # Successors are cached per state: preconditions and rules ask for them repeatedly.
+            key = (self.state, frozenset(self.connected))
+            found = cache.get(key)
+            if found is None:
+                found = [s for s in system.successors(self.state)
+                         if s.action not in SESSION_ACTIONS or s.args[0] in self.connected]
+                if len(cache) > 200_000:
+                    cache.clear()
+                cache[key] = found
+            return found
+
+        def _session_steps(self, s: int | None = None) -> list[Step]:
+            return [x for x in self._steps() if x.action in SESSION_ACTIONS and (s is None or x.args[0] == s)]
+
+        def _user_steps(self, u: int | None = None) -> list[Step]:
+            return [x for x in self._steps() if x.action.startswith(("server_run_", "server_expire"))
+                    and (u is None or x.args[0] == u)]
+
+        def _event_steps(self, e: tuple[int, int] | None = None) -> list[Step]:
+            return [x for x in self._steps() if x.action in EVENT_ACTIONS and (e is None or _event_of(x) == e)]
 
         @initialize(target=users)
         def make_users(self) -> Any:
@@ -168,30 +186,30 @@ def system_test(system: System, invariants: Iterable[Invariant] = INVARIANTS) ->
             self.trace.append(f"client connect(session s{free[0]} (user u{u})): socket accepted, OPEN")
             return free[0]
 
-        @precondition(lambda self: bool(self.connected))
+        @precondition(lambda self: bool(self._session_steps()))
         @rule(s=sessions, data=st.data())
         def session_action(self, s: int, data: st.DataObject) -> None:
-            steps = [x for x in self._steps() if x.action in SESSION_ACTIONS and x.args[0] == s]
+            steps = self._session_steps(s)
             if steps:
                 self._take(steps, data)
 
-        @precondition(lambda self: any(c[0].name == "LIVE" for c in self.state.ctxs))
+        @precondition(lambda self: bool(self._user_steps()))
         @rule(target=events, u=users, data=st.data())
         def run_action(self, u: int, data: st.DataObject) -> Any:
-            steps = [x for x in self._steps() if x.action.startswith(("server_run_", "server_expire"))
-                     and x.args[0] == u]
+            steps = self._user_steps(u)
             if not steps:
                 return multiple()
             step = self._take(steps, data)
             return multiple(*[f.index for f in step.firings if f.family == "event" and f.transition.event == "append"])
 
-        @precondition(lambda self: any(self.state.events))
+        @precondition(lambda self: bool(self._event_steps()))
         @rule(e=events, data=st.data())
         def event_action(self, e: tuple[int, int], data: st.DataObject) -> None:
-            steps = [x for x in self._steps() if x.action in EVENT_ACTIONS and _event_of(x) == e]
+            steps = self._event_steps(e)
             if steps:
                 self._take(steps, data)
 
+        @precondition(lambda self: bool(self._steps()))
         @rule(data=st.data())
         def any_step(self, data: st.DataObject) -> None:
             # Uniform over every enabled step: reaches deep interleavings that the bundle-directed
@@ -200,12 +218,20 @@ def system_test(system: System, invariants: Iterable[Invariant] = INVARIANTS) ->
             if steps:
                 self._take(steps, data)
 
-        @precondition(lambda self: b.timed)
+        @precondition(lambda self: b.timed and any(x.action == "tick" for x in self._steps()))
         @rule(data=st.data())
         def tick(self, data: st.DataObject) -> None:
             steps = [x for x in self._steps() if x.action == "tick"]
             if steps:
                 self._take(steps, data)
+
+        @precondition(lambda self: len(self.connected) == b.sessions and not self._steps())
+        @rule()
+        def quiescent(self) -> None:
+            # Nothing can happen any more: every event must have ended ACKED or ESCALATED.
+            problems = quiescent_violations(system, self.state)
+            if problems and any(i.name == "every_event_acked_or_escalated" for i in invs):
+                raise PropertyViolation("every_event_acked_or_escalated", problems[0])
 
         @invariant()
         def state_invariants(self) -> None:
