@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,10 @@ def compute_matrix(
     if run_full and importlib.util.find_spec(MATRIX_MODULE) is not None:
         module = importlib.import_module(MATRIX_MODULE)
         log("matrix    running model/matrix.py mutant_matrix() (every checker x every mutant)")
-        raw = module.mutant_matrix(mutants=source.mutants)
+        fn = module.mutant_matrix
+        # Pass the source's mutants when the function takes them (so a changed zoo is honoured).
+        accepts = inspect.signature(fn).parameters
+        raw = fn(mutants=source.mutants) if "mutants" in accepts else fn()
         order = {m.name: i for i, m in enumerate(source.mutants)}
         cells = sorted(adapt_cells(raw), key=lambda c: (order.get(c.mutant, len(order)), c.mutant, c.checker))
         return "model/matrix.py mutant_matrix()", cells
