@@ -77,7 +77,7 @@ def explore(
     parent: dict[State, tuple[State, Step] | None] = {init: None}
     depth_of: dict[State, int] = {init: 0}
     queue: deque[State] = deque([init])
-    covered: dict[str, set[str]] = {}
+    fired: dict[int, tuple[str, str]] = {}  # id(transition) -> (machine, key); keys are built once
 
     def record(prop: str, message: str, state: State, last: Step | None) -> None:
         if prop in result.violations:
@@ -101,7 +101,8 @@ def explore(
             any_step = True
             result.transitions += 1
             for f in step.firings:
-                covered.setdefault(system.machine(f.family).name, set()).add(f.transition.key)
+                if id(f.transition) not in fired:
+                    fired[id(f.transition)] = (system.machine(f.family).name, f.transition.key)
             for inv in step_invs:
                 if inv.name in result.violations:
                     continue
@@ -132,7 +133,8 @@ def explore(
     if queue and done():
         result.complete = False
     result.states = len(depth_of)
-    result.covered = covered
+    for machine, key in fired.values():
+        result.covered.setdefault(machine, set()).add(key)
     result.seconds = time.perf_counter() - start
     return result
 

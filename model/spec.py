@@ -150,6 +150,14 @@ class Machine:
             table.setdefault((t.source, None), []).append(entry)
         return {k: tuple(v) for k, v in table.items()}
 
+    @cached_property
+    def events_from(self) -> dict[enum.Enum, frozenset[str]]:
+        """The events that have at least one transition out of each state (a fast pre-filter)."""
+        out: dict[enum.Enum, set[str]] = {st: set() for st in self.states}
+        for t in self.transitions:
+            out[t.source].add(t.event)
+        return {st: frozenset(evs) for st, evs in out.items()}
+
     def initial_config(self) -> Config:
         return (self.initial, tuple(v.initial for v in self.variables))
 

@@ -212,7 +212,9 @@ class System:
     def _conn_steps(self, state: State, s: int, event: str, action: str, actor: str) -> Iterator[Step]:
         """Fire a connection event alone, detaching from the context when an attached socket closes."""
         m = self.model
-        for t, after in self._fire(m.connection, state.conns[s], event):
+        if event not in m.connection.events_from[state.conns[s][0]]:
+            return
+        for t, after in m.connection.fire_all(state.conns[s], event):
             firings = [Firing("conn", (s,), t, state.conns[s], after)]
             ctxs = state.ctxs
             if state.conns[s][0] in ATTACHED and t.target not in ATTACHED:
@@ -228,6 +230,8 @@ class System:
 
     def _client_steps(self, state: State) -> Iterator[Step]:
         for s in range(self.bounds.sessions):
+            if not self.model.connection.events_from[state.conns[s][0]]:
+                continue  # a closed socket does nothing
             yield from self._conn_steps(state, s, "recv_init", "client_init", "client")
             if state.conns[s][0] is Conn.OPEN:
                 prefix = self.delivered_prefix(state, self.owner(s))
@@ -279,6 +283,8 @@ class System:
     def _server_steps(self, state: State) -> Iterator[Step]:
         m = self.model
         for s in range(self.bounds.sessions):
+            if not m.connection.events_from[state.conns[s][0]]:
+                continue
             yield from self._conn_steps(state, s, "auth_reject", "server_auth_reject", "server")
             yield from self._resolve_steps(state, s)
             yield from self._conn_steps(state, s, "send_ack", "server_send_ack", "server")
