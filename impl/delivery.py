@@ -25,8 +25,10 @@ Every state change of a stream (its store writes included) happens under the str
 the machines and the store never disagree about an event. Sends are in seq order (the oldest
 sendable event goes first, as in model/system.py). A session that joins gets, in seq order, the
 in-flight attempt of every SENT event (a late fan-out of that attempt: no new transition) and
-every PENDING event (a send). Memory is bounded: per-socket send queues are bounded by the sender
-(a full queue closes the socket, its events stay in the store and are resent or escalated), and
+every PENDING event (a send). Memory is bounded: per-socket send queues are bounded by the sender;
+a send first waits (at most ``ack_timeout``) for room in the socket's queue, so a backlog flows
+at the reader's pace, and a reader too slow even for that is closed 1013 (its events stay in the
+store and are resent or escalated); and
 a producer waits when its context already has ``max_inflight_events`` unfinished events.
 """
 
@@ -316,6 +318,7 @@ class DeliveryService:
         written = 0
         for session in list(stream.sessions.values()):
             try:
+                await session.wait_room(self.settings.ack_timeout)
                 await session.send(frame)
                 written += 1
             except SendFailed as exc:
@@ -388,6 +391,7 @@ class DeliveryService:
                     break  # the socket closed while we were writing to it
                 if tracked.machine.state is S and tracked.frame_attempt > 0:
                     try:
+                        await session.wait_room(self.settings.ack_timeout)
                         await session.send(tracked.frame(tracked.frame_attempt))
                     except SendFailed:
                         break

@@ -35,6 +35,10 @@ class Session(Protocol):
     @property
     def epoch(self) -> int: ...
 
+    async def wait_room(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, until ``send`` can queue a frame (section 6 back-pressure)."""
+        ...
+
     async def send(self, frame: OutboundFrame) -> None:
         """Queue ``frame`` on the socket's choke point (an ``event`` fires the model's ``deliver``).
 

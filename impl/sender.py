@@ -69,6 +69,7 @@ class Sender:
         self._on_failure = on_failure
         self._items: deque[str | _Close] = deque()
         self._wake = asyncio.Event()
+        self._written = asyncio.Event()  # set after each frame written: room in the queue
         self._closing = False
         self.frames_written = 0
         self.close_sent: tuple[int, str] | None = None
@@ -93,6 +94,22 @@ class Sender:
             )
         self._items.append(text)
         self._wake.set()
+
+    async def wait_room(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until the queue can take a frame, or the socket is
+        closing. A burst (a resume redelivering a backlog) then flows at the reader's pace; a
+        reader too slow to make room within ``timeout`` gets ``queue_full`` on the next send."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._closing and len(self._items) >= self._queue_max:
+            self._written.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._written.wait(), remaining)
+            except TimeoutError:
+                return
 
     def close(self, code: int, reason: str) -> None:
         """Queue the close frame after what is already queued; later frames are refused."""
@@ -133,6 +150,7 @@ class Sender:
                     self._on_failure(SendFailed("write", f"{type(exc).__name__}: {exc}"))
                     return
                 self.frames_written += 1
+                self._written.set()
             if self._closing and not self._items:
                 return
 

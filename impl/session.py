@@ -148,6 +148,11 @@ class ConnectionShell:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    async def wait_room(self, timeout: float) -> None:
+        """Wait until the send queue can take a frame (at most ``timeout``; see Sender.wait_room)."""
+        if self.sender is not None:
+            await self.sender.wait_room(timeout)
+
     async def send(self, frame: OutboundFrame) -> None:
         """Queue ``frame`` through the choke point; a full queue closes the socket (1013)."""
         if self.sender is None:
