@@ -45,9 +45,10 @@ DEFAULT_SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "runs",
-        Bounds(users=1, sessions_per_user=1, events_per_user=3, max_steps=1, ack_timeout=0, resume_window=0,
-               frames=False, drain=False),
-        "one run with room for three events: thinking or a tool call between start and the terminal, "
-        "cancel before and after start, a crash, each event delivered or escalated",
+        Bounds(users=1, sessions_per_user=1, events_per_user=4, max_steps=1, max_attempts=1, ack_timeout=0,
+               resume_window=0, frames=False, drain=False),
+        "one run with room for four events: a tool call (tool_executing, tool_completed) or thinking between "
+        "start and the terminal, cancel before and after start, a crash; one attempt per event so the "
+        "run's orderings, not retries, fill the space",
     ),
 )
