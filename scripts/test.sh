@@ -26,10 +26,8 @@ echo "== pytest" >&2
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 echo "== pipeproof check" >&2
 .venv/bin/pipeproof check --quiet
-if .venv/bin/pipeproof diagrams --help >/dev/null 2>&1; then
-  echo "== pipeproof diagrams --check" >&2
-  .venv/bin/pipeproof diagrams --check
-fi
+echo "== pipeproof diagrams --check" >&2
+.venv/bin/pipeproof diagrams --check
 if .venv/bin/pipeproof conform --help >/dev/null 2>&1; then
   echo "== pipeproof conform --serve" >&2
   .venv/bin/pipeproof conform --serve
