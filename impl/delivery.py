@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import time
@@ -102,7 +103,7 @@ class _RestoredRunner(Runner):
     """
 
     def __init__(
-        self, machine: Machine, sm_class: type[Any], state: Delivery, values: Mapping[str, Value]
+        self, machine: Machine, sm_class: type[Any], state: enum.Enum, values: Mapping[str, Value]
     ) -> None:
         self.machine = machine
         self.model = _Model(machine)

@@ -46,7 +46,7 @@ from pipeproof.model.spec import Runner, build_statemachine
 
 from .agents import Agent, AgentFailed, AgentRequest, DemoAgent, FinalAnswer, StepStream, Thinking, ToolCall
 from .audit import TracedMachine
-from .delivery import DeliveryMetrics, DeliveryService
+from .delivery import DeliveryMetrics, DeliveryService, _RestoredRunner
 from .frames import Ack, ErrorFrame, RunAccepted, RunCancel, RunStart
 from .handlers import Session
 from .sender import SendFailed
@@ -117,7 +117,58 @@ class AgentRuntime:
         self.delivery = DeliveryService(state.settings, store, state.audit, self.metrics)
         self._machine = run_machine(state.settings.run_max_steps)
         self._run_sm = build_statemachine(self._machine)
-        self._spawn(self.delivery.recover(), "delivery-recover")
+        self._spawn(self._recover(), "runs-recover")
+
+    async def _recover(self) -> None:
+        """Section 6 after a crash: unfinished events back into delivery, then every run the
+        dead process left unfinished ends with agent_failed (code ``interrupted``), closing an
+        open tool pair first, so no run of a crashed process stays silent.
+
+        Only on SQLite, the single-node store: with PostgreSQL another node may be running the
+        run (run leases would be needed to tell a dead node from a live one).
+        """
+        assert self.delivery is not None and self._store is not None and self._state is not None
+        await self.delivery.recover()
+        if self._store.dialect != "sqlite":
+            return
+        for record in await self._store.unfinished_runs():
+            events = await self._store.run_events(record.context_id, record.run_id)
+            kinds = [e.kind for e in events]
+            if any(k in ("agent_completed", "agent_failed") for k in kinds):
+                continue  # ended, but the state write was lost with the process
+            state = (
+                Run.ACCEPTED
+                if not kinds
+                else Run.TOOL_RUNNING
+                if kinds[-1] == "tool_executing"
+                else Run.RUNNING
+            )
+            steps = sum(1 for k in kinds if k in ("agent_thinking", "tool_executing"))
+            assert self._run_sm is not None
+            runner = _RestoredRunner(
+                self._machine, self._run_sm, state, {"cancel_requested": False, "steps": steps}
+            )
+            machine = TracedMachine(
+                self._machine,
+                "run",
+                record.run_id,
+                self._state.audit,
+                user=record.user_id,
+                context_id=record.context_id,
+                runner=runner,
+            )
+            run = _Run(record.run_id, record.context_id, record.user_id, record.request_id, "", [], machine)
+            if state is Run.TOOL_RUNNING:
+                data = events[-1].data
+                run.open_call = (str(data.get("tool_call_id", "")), str(data.get("tool", "")))
+            self._runs[run.run_id] = run
+            assert self.metrics is not None
+            self.metrics.runs_active.inc()
+            try:
+                await self._fail(run, "interrupted", "the server stopped while the run was in progress")
+            except StoreError as exc:
+                await self._store_failed(run, exc)
+            self._ended(run)
 
     async def stop(self, grace: float) -> None:
         """Section 6: finish or fail every run, then stop delivery (the store keeps the rest)."""

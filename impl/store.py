@@ -848,6 +848,25 @@ class Store:
         recovers into delivery (section 5; section 6, "nothing pending is lost")."""
         return await self._select_events("live_events", events.c.state.in_(LIVE_STATES))
 
+    async def run_events(self, context_id: str, run_id: str) -> list[EventRecord]:
+        """Every event of one run, ascending (recovering a run interrupted by a crash)."""
+        return await self._select_events(
+            "run_events", events.c.context_id == context_id, events.c.run_id == run_id
+        )
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        """Runs not in a terminal state (COMPLETED, FAILED, REJECTED), oldest first."""
+
+        async def body(conn: AsyncConnection) -> list[RunRecord]:
+            rows = await conn.execute(
+                select(runs)
+                .where(runs.c.state.not_in(["COMPLETED", "FAILED", "REJECTED"]))
+                .order_by(runs.c.created_at)
+            )
+            return [_run_from_row(r) for r in rows]
+
+        return await self._run("unfinished_runs", body, write=False)
+
     async def find_live_context(self, user: str) -> ContextInfo | None:
         """The user's non-expired context, or None when they have none (read-only: never creates)."""
 

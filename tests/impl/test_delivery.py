@@ -1,6 +1,7 @@
 """Delivery over real sockets (PROTOCOL section 5): resends, escalation, resume, fan-out, the
 HTTP stream, and a slow reader (section 6 back-pressure)."""
 
+# ruff: noqa: F811 - pytest fixtures are imported from runs_harness and used as parameters
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,8 @@ from runs_harness import (  # noqa: F401 - fixtures
     metric,
     replay,
     start_runtime,
+    token,
 )
-from runs_harness import token
 from server_harness import RawClient, init_frame
 
 from pipeproof.impl.agents import AgentRequest, FinalAnswer, Step, Thinking

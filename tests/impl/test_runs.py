@@ -1,6 +1,7 @@
 """Runs over real sockets (PROTOCOL section 4): ordering, tools, failures, cancel, idempotency,
 validation, and the audit log of run and delivery machines replayed against the model."""
 
+# ruff: noqa: F811 - pytest fixtures are imported from runs_harness and used as parameters
 from __future__ import annotations
 
 import asyncio

@@ -1,0 +1,157 @@
+"""Durability (PROTOCOL sections 5 and 6): ``kill -9`` the server in the middle of a run, restart
+it on the same SQLite file, resume: every event created before the kill is delivered or
+escalated, none is lost, none the client acked is sent again, and the interrupted run ends with
+agent_failed (code ``interrupted``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from server_harness import SECRET, init_frame
+from websockets.asyncio.client import connect
+
+from pipeproof.impl.auth import mint_token
+from pipeproof.impl.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+# Exactly what ``pipeproof serve`` runs, without importing the other sub-commands.
+SERVE = (
+    "import argparse, sys\n"
+    "from pipeproof.commands import serve\n"
+    "parser = argparse.ArgumentParser()\n"
+    "serve.configure(parser)\n"
+    "sys.exit(serve.run(parser.parse_args(sys.argv[1:])))\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``pipeproof serve`` in a child process on a loopback port with a tmp data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = _free_port()
+        self.env = {
+            **os.environ,
+            "PIPEPROOF_ENV": "test",
+            "PIPEPROOF_JWT_SECRET": SECRET,
+            "PIPEPROOF_DATA_DIR": str(data_dir),
+            "PIPEPROOF_ACK_TIMEOUT": "0.5",
+            "PIPEPROOF_ACK_JITTER": "0",
+            "PIPEPROOF_MAX_ATTEMPTS": "4",
+            "PIPEPROOF_RESUME_WINDOW": "30",
+            "PIPEPROOF_SHUTDOWN_GRACE": "1",
+        }
+        self.env.pop("PIPEPROOF_DATABASE_URL", None)
+        self.settings = Settings(_env_file=None, env="test", jwt_secret=SECRET)  # type: ignore[call-arg]
+        self.log = data_dir.parent / f"server-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, "--port", str(self.port), "--log-level", "warning"],
+            env=self.env, stdout=out, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.http}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def token(self, user: str = "alice") -> str:
+        return mint_token(self.settings, user)
+
+    def stream(self) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.http}/v1/events?after=0&limit=1000",
+                      headers={"Authorization": f"Bearer {self.token()}"}, timeout=5)
+        events: list[dict[str, Any]] = r.json()["events"]
+        return events
+
+
+async def test_kill_9_mid_run_then_restart_and_resume_loses_nothing(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data").start()
+    try:
+        received: list[dict[str, Any]] = []
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ws", ping_interval=None) as ws:
+            await ws.send(init_frame(server.token()))
+            assert json.loads(await ws.recv())["type"] == "connection_ack"
+            await ws.send(json.dumps({"type": "run.start", "request_id": "r1",
+                                      "input": "hello\n/sleep {\"seconds\": 10}\nbye"}))
+            assert json.loads(await ws.recv())["type"] == "run.accepted"
+            while not any(e["event"] == "tool_executing" and e["data"]["tool"] == "sleep" for e in received):
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if frame["type"] == "event":
+                    received.append(frame)
+            acked = received[-3]["seq"]  # the last two received are not acked
+            await ws.send(json.dumps({"type": "ack", "seq": acked}))
+            await asyncio.sleep(0.3)
+            before = server.stream()
+            server.kill9()  # mid-run, inside the sleep tool
+        created = [e["seq"] for e in before]
+        assert created == list(range(1, len(created) + 1)) and len(created) >= 5
+
+        server.start()  # same data dir, same SQLite file
+        resumed: list[dict[str, Any]] = []
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ws", ping_interval=None) as ws:
+            await ws.send(init_frame(server.token(), resume={"last_seq": acked}))
+            ack = json.loads(await ws.recv())
+            assert ack["type"] == "connection_ack" and ack["recovered"] is True
+            async with asyncio.timeout(15):
+                while not any(e["event"] == "agent_failed" for e in resumed):
+                    frame = json.loads(await ws.recv())
+                    if frame["type"] == "event":
+                        resumed.append(frame)
+                        await ws.send(json.dumps({"type": "ack", "seq": frame["seq"]}))
+            await asyncio.sleep(0.3)
+        seqs = [e["seq"] for e in resumed]
+        assert min(seqs) == acked + 1, seqs  # nothing the client acked is sent again
+        assert sorted(set(seqs)) == list(range(acked + 1, max(seqs) + 1))  # nothing lost, in order
+        assert set(created) - set(range(1, acked + 1)) <= set(seqs)
+        # The interrupted run ends well-formed: the open tool pair is closed, then agent_failed.
+        tail = [e["event"] for e in resumed if e["seq"] > max(created)]
+        assert tail == ["tool_completed", "agent_failed"], tail
+        assert resumed[-1]["data"]["code"] == "interrupted"
+        final = server.stream()
+        assert [e["seq"] for e in final] == list(range(1, len(final) + 1))
+        assert {e["state"] for e in final} <= {"ACKED", "ESCALATED"}
+    finally:
+        server.stop()
