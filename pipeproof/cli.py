@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagrams": ("pipeproof.commands.diagrams", "draw the machines, counterexamples and protocol into diagrams/"),
     "serve": ("pipeproof.commands.serve", "run the reference server (FastAPI + uvicorn)"),
     "token": ("pipeproof.commands.token", "mint a JWT for a user (local testing)"),
+    "conform": ("pipeproof.commands.conform", "run the conformance kit against a server (or --serve the reference)"),
+    "trace-check": ("pipeproof.commands.trace_check", "check a JSONL audit log against the model"),
 }
 
 

@@ -1,0 +1,551 @@
+"""The live kit: a Hypothesis state machine whose rules are client actions (docs/conformance.md).
+
+Rules open sockets and speak the protocol over real WebSockets and HTTP to a :class:`Target`
+(any server: another process, another host). After every rule the oracle
+(:mod:`.oracle`) has been given every observation, and a behaviour the model does not allow
+raises a :class:`~.errors.Violation`; Hypothesis then shrinks the client-action trace. Every
+wait is for a specific observation, bounded by a deadline derived from the declared timing
+(:mod:`.timing`); no rule sleeps and hopes.
+
+Users are fresh per example (``<prefix>-<n>-u<k>``), so examples do not see each other's
+contexts, and a server that keeps state across examples is still tested from a clean slate.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.control import current_build_context
+from hypothesis.errors import Flaky, UnsatisfiedAssumption
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from .errors import KitError, Violation
+from .oracle import Oracle, Sent, SockView, UserView
+from .properties import PROPERTIES
+from .timing import Timing
+from .wire import Http, Socket, Tokens, urls
+
+USERS_PER_EXAMPLE = 3
+RUN_INPUTS = (
+    "2+2",
+    "hello",
+    '/sleep {"seconds": 0.2}\n3*7',
+    '/sleep {"seconds": 0.05}\n/sleep {"seconds": 0.05}',
+    "/no_such_tool_here",
+)
+GARBAGE = ("{not json", '{"type": "run.stop"}', '{"type": "ack", "seq": -1}', "[1, 2]", '{"type": 7}')
+
+
+@dataclass
+class Target:
+    """The server under test and what it declared."""
+
+    url: str
+    tokens: Tokens
+    timing: Timing
+    tolerate_overload: bool = False
+    runs: bool = True  # the server implements sections 4-5 (runs and delivery)
+    disabled_user: str | None = None  # a user the server refuses with 4403 user_disabled
+
+    @property
+    def ws_url(self) -> str:
+        return urls(self.url)[0]
+
+    @property
+    def http_url(self) -> str:
+        return urls(self.url)[1]
+
+
+@dataclass
+class KitResult:
+    examples: int = 0
+    actions: int = 0
+    seconds: float = 0.0
+    checks: dict[str, int] = field(default_factory=dict)
+    violation: Violation | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.violation is None
+
+
+_counter = iter(range(1, 10**9))
+
+
+class ConformanceMachine(RuleBasedStateMachine):
+    """Client actions against ``target``; the class is specialised per run by :func:`run_kit`."""
+
+    target: ClassVar[Target]
+    result: ClassVar[KitResult]
+    shrink_deadline: ClassVar[float] = 0.0
+    prefix: ClassVar[str] = "pp"
+
+    def __init__(self) -> None:
+        super().__init__()
+        if time.monotonic() > self.shrink_deadline > 0 and not current_build_context().is_final:
+            # Past the time budget for searching and shrinking: refuse new examples cheaply so
+            # Hypothesis ends with the smallest failing trace found so far (final replay allowed).
+            raise UnsatisfiedAssumption()
+        self.tm = self.target.timing
+        self.oracle = Oracle(self.tm, tolerate_overload=self.target.tolerate_overload)
+        self.http = Http(self.target.http_url, self.tm.late(self.tm.reply_timeout))
+        n = next(_counter)
+        self.names = [f"{self.prefix}-{n}-u{k}" for k in range(USERS_PER_EXAMPLE)]
+        self.socks: list[SockView] = []
+        self.seq = 0
+        type(self).result.examples += 1
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _act(self, text: str) -> None:
+        self.oracle.actions.append(text)
+        type(self).result.actions += 1
+
+    def _rid(self, kind: str) -> str:
+        self.seq += 1
+        return f"{kind}-{self.seq}-{uuid.uuid4().hex[:6]}"
+
+    def _open(self, user: UserView | None, token_kind: str) -> SockView:
+        label = f"s{len(self.socks)}"
+        sock = Socket(self.target.ws_url, label, self.tm.late(self.tm.reply_timeout))
+        view = SockView(self.oracle, sock, user, token_kind)
+        self.socks.append(view)
+        self.oracle.sockets.append(view)
+        if user is not None:
+            user.sockets.append(view)
+        return view
+
+    def _init(self, view: SockView, token: str | None, resume: int | None = None) -> None:
+        frame: dict[str, Any] = {"type": "connection_init"}
+        if token is not None:
+            frame["token"] = token
+        if resume is not None:
+            frame["resume"] = {"last_seq": resume}
+            if view.user is not None:
+                view.user.ack_perm = max(view.user.ack_perm, resume)
+        view.send("init", frame)
+
+    def _wait(self, view: SockView, done: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+        """Feed observations to the oracle until ``done()`` or the socket closed, up to a deadline
+        derived from the declared timing (never a blind sleep)."""
+        limit = self.tm.late(self.tm.reply_timeout) if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            self.oracle.pump()
+            if done() or view.closed is not None:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0 or (view.sock.ended and view.sock.read >= len(view.sock.obs)):
+                raise self.oracle.violation("replies_answer_requests",
+                                            f"{view.where()}: no {what} within {limit:.2f}s", [what])
+            view.sock.wait(lambda o: True, min(left, 0.25))
+
+    def _ready(self, user_index: int, resume: bool = False) -> SockView | None:
+        user = self.oracle.user(self.names[user_index])
+        if len(user.live_sockets()) >= self.tm.max_connections_per_user - 1:
+            return None  # stay below the limit; limit_probe tests it on a fresh user
+        view = self._open(user, "good")
+        last = user.delivered_prefix() if resume else None
+        self._act(f"connect {view.label} as {user.name}" + (f" resume last_seq={last}" if resume else ""))
+        self._init(view, self.target.tokens.good(user.name), last)
+        self._wait(view, lambda: view.acked is not None, "connection_ack")
+        return view if view.live else None
+
+    def _live(self, index: int) -> SockView | None:
+        live = [s for s in self.socks if s.live and s.user is not None]
+        return live[index % len(live)] if live else None
+
+    def _barrier(self, view: SockView) -> None:
+        """A frame whose reply proves every earlier frame of this socket was handled (section 1:
+        in-order handling, one ordered send queue): run.start with a tool no server registers."""
+        rid = self._rid("barrier")
+        assert view.user is not None
+        self.oracle.run_view(view.user, rid)
+        item = view.send("probe", {"type": "run.start", "request_id": rid, "input": "barrier",
+                                   "tools": ["pipeproof_conformance_no_such_tool"]}, rid)
+        self._wait(view, lambda: item.answered, f"reply to barrier {rid}")
+
+    def _has_live(self) -> bool:
+        return any(s.live and s.user is not None for s in self.socks)
+
+    # -- rules: connection lifecycle (section 1) and auth (section 2) ---------------------------------
+    @rule(user=st.integers(0, USERS_PER_EXAMPLE - 1), resume=st.booleans())
+    def connect(self, user: int, resume: bool) -> None:
+        self._ready(user, resume and self.target.runs)
+
+    @rule(data=st.data())
+    def bad_token(self, data: st.DataObject) -> None:
+        kinds = list(self.target.tokens.bad_kinds()) + (["user_disabled"] if self.target.disabled_user else [])
+        kind = data.draw(st.sampled_from(kinds), label="kind")
+        token = (self.target.tokens.good(self.target.disabled_user) if kind == "user_disabled"
+                 and self.target.disabled_user else self.target.tokens.bad(kind, self.names[0]))
+        view = self._open(None, kind)
+        self._act(f"connect {view.label} with a {kind} token")
+        self._init(view, token)
+        self._wait(view, lambda: False, f"close {kind}")
+
+    @rule(kind=st.sampled_from(["garbage", "ack", "start"]))
+    def first_frame_not_init(self, kind: str) -> None:
+        view = self._open(None, "good")
+        self._act(f"connect {view.label}, first frame {kind}")
+        frame: dict[str, Any] | str = {"garbage": GARBAGE[0], "ack": {"type": "ack", "seq": 1},
+                                       "start": {"type": "run.start", "request_id": "x", "input": "hi"}}[kind]
+        view.send("garbage" if kind == "garbage" else kind, frame)
+        self._wait(view, lambda: False, "close 4401 init_required")
+
+    @precondition(lambda self: self.tm.init_timeout <= 5.0)
+    @rule()
+    def no_init(self) -> None:
+        view = self._open(None, "good")
+        self._act(f"connect {view.label}, send nothing")
+        self._wait(view, lambda: False, "close 4408 init_timeout",
+                   self.tm.late(self.tm.init_timeout) + self.tm.late(self.tm.reply_timeout))
+
+    @rule(user=st.integers(0, USERS_PER_EXAMPLE - 1),
+          frames=st.lists(st.sampled_from(["garbage", "ack", "start"]), min_size=1, max_size=7))
+    def pipeline(self, user: int, frames: list[str]) -> None:
+        """Frames sent right behind connection_init, before the ack (pipelining, section 1)."""
+        u = self.oracle.user(self.names[user])
+        if len(u.live_sockets()) >= self.tm.max_connections_per_user - 1:
+            return
+        if not self.target.runs:
+            frames = [f for f in frames if f != "start"] or ["garbage"]
+        view = self._open(u, "good")
+        self._act(f"connect {view.label} as {u.name} and pipeline {frames}")
+        self._init(view, self.target.tokens.good(u.name))
+        for kind in frames:
+            self._send_kind(view, kind)
+        self._wait(view, lambda: view.acked is not None, "connection_ack or close")
+        self._await_replies(view)
+
+    def _send_kind(self, view: SockView, kind: str) -> None:
+        if kind == "garbage":
+            view.send("garbage", GARBAGE[self.seq % len(GARBAGE)])
+            self.seq += 1
+        elif kind == "ack":
+            view.send("ack", {"type": "ack", "seq": 0})
+        else:
+            rid = self._rid("run")
+            assert view.user is not None
+            self.oracle.run_view(view.user, rid)
+            view.send("start", {"type": "run.start", "request_id": rid, "input": "hello"}, rid)
+
+    def _await_replies(self, view: SockView) -> None:
+        """Every frame that needs a reply gets it (section 1: handled in order once READY)."""
+        self._wait(view, lambda: all(i.answered for i in view.frames if i.needs == "required"),
+                   "reply to every frame sent")
+
+    @precondition(lambda self: self._has_live())
+    @rule(index=st.integers(0, 50))
+    def duplicate_init(self, index: int) -> None:
+        view = self._live(index)
+        assert view is not None and view.user is not None
+        self._act(f"second connection_init on {view.label}")
+        self._init(view, self.target.tokens.good(view.user.name))
+        self._wait(view, lambda: False, "close 4429 duplicate_init")
+
+    @precondition(lambda self: self._has_live())
+    @rule(index=st.integers(0, 50), n=st.integers(1, 3))
+    def garbage(self, index: int, n: int) -> None:
+        view = self._live(index)
+        assert view is not None
+        self._act(f"send {n} malformed frame(s) on {view.label}")
+        for _ in range(n):
+            self._send_kind(view, "garbage")
+        self._await_replies(view)
+
+    @precondition(lambda self: self._has_live())
+    @rule(index=st.integers(0, 50), graceful=st.booleans())
+    def drop(self, index: int, graceful: bool) -> None:
+        view = self._live(index)
+        assert view is not None
+        self.oracle.pump()
+        self._act(f"drop {view.label} ({'close 1000' if graceful else 'cut TCP'})")
+        view.sock.drop(graceful)
+        self.oracle.pump()
+        view.client_close()
+
+    # -- rules: contexts and limits (section 3) --------------------------------------------------------
+    @rule(users=st.integers(1, USERS_PER_EXAMPLE), each=st.integers(1, 2))
+    def burst(self, users: int, each: int) -> None:
+        """Several sockets for one or several users, their inits sent at once: one context per user."""
+        each = min(each, self.tm.max_connections_per_user - 1)
+        views: list[SockView] = []
+        for k in range(users):
+            u = self.oracle.user(self.names[k])
+            room = self.tm.max_connections_per_user - 1 - len(u.live_sockets())
+            for _ in range(max(0, min(each, room))):
+                views.append(self._open(u, "good"))
+        if not views:
+            return
+        self._act(f"burst: {len(views)} sockets init at once ({[v.label for v in views]})")
+        go = threading.Barrier(len(views))
+
+        def init(v: SockView) -> None:
+            assert v.user is not None
+            token = self.target.tokens.good(v.user.name)
+            go.wait(timeout=5)
+            v.sock.send({"type": "connection_init", "token": token})
+
+        threads = [threading.Thread(target=init, args=(v,)) for v in views]
+        for v in views:
+            v.sent.append(Sent("init", {"type": "connection_init"}))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for v in views:
+            self._wait(v, lambda v=v: v.acked is not None, "connection_ack")
+
+    @rule()
+    def limit_probe(self) -> None:
+        """A fresh user opens max_connections_per_user sockets, then one more: close 4429 connection_limit."""
+        name = f"{self.names[0]}-limit-{self.seq}"
+        self.seq += 1
+        user = self.oracle.user(name)
+        self._act(f"limit probe: {self.tm.max_connections_per_user} + 1 sockets for {name}")
+        opened = []
+        for _ in range(self.tm.max_connections_per_user):
+            v = self._open(user, "good")
+            self._init(v, self.target.tokens.good(name))
+            self._wait(v, lambda v=v: v.acked is not None, "connection_ack")
+            opened.append(v)
+        extra = self._open(user, "good")
+        self._init(extra, self.target.tokens.good(name))
+        self._wait(extra, lambda: extra.acked is not None, "close 4429 connection_limit")
+        if extra.closed is None:
+            raise extra.fail("connection_limits_respected",
+                             f"socket {self.tm.max_connections_per_user + 1} of {name} was acked",
+                             ["close 4429 connection_limit"])
+        for v in [*opened, extra]:
+            if v.closed is None:
+                v.sock.drop(True)
+                self.oracle.pump()
+                v.client_close()
+
+    # -- rules: runs (section 4) and delivery (section 5) -----------------------------------------------
+    @precondition(lambda self: self.target.runs and self._has_live())
+    @rule(index=st.integers(0, 50), text=st.sampled_from(RUN_INPUTS), repeat=st.booleans())
+    def start_run(self, index: int, text: str, repeat: bool) -> None:
+        view = self._live(index)
+        assert view is not None and view.user is not None
+        rid = self._rid("run")
+        self.oracle.run_view(view.user, rid)
+        self._act(f"run.start {rid} {text!r} on {view.label}" + (" (twice)" if repeat else ""))
+        frame = {"type": "run.start", "request_id": rid, "input": text}
+        view.send("start", frame, rid)
+        if repeat:
+            view.send("start", frame, rid)
+        self._await_replies(view)
+
+    @precondition(lambda self: self.target.runs and self._has_live())
+    @rule(index=st.integers(0, 50), which=st.sampled_from(["own", "foreign"]))
+    def cancel(self, index: int, which: str) -> None:
+        view = self._live(index)
+        assert view is not None and view.user is not None
+        if which == "own":
+            runs = [r for r in view.user.runs.values() if r.run_id]
+            if not runs:
+                return
+            run = runs[index % len(runs)]
+            run.cancelled = True
+            run.belief.hidden.add("cancel")
+            self._act(f"run.cancel own run {run.run_id} on {view.label}")
+            view.send("cancel", {"type": "run.cancel", "run_id": run.run_id})
+            self._barrier(view)
+            return
+        others = [r for u in self.oracle.users.values() if u is not view.user for r in u.runs]
+        if not others:
+            return
+        foreign = others[index % len(others)]
+        unknown = uuid.uuid4().hex
+        self._act(f"run.cancel another user's run {foreign} and an unknown run on {view.label}")
+        a = view.send("cancel", {"type": "run.cancel", "run_id": foreign})
+        b = view.send("cancel", {"type": "run.cancel", "run_id": unknown})
+        self._barrier(view)
+        self.oracle.count("no_cross_user_read")
+        shape_a = None if a.reply is None else (a.reply.get("type"), a.reply.get("code"))
+        shape_b = None if b.reply is None else (b.reply.get("type"), b.reply.get("code"))
+        if shape_a != shape_b:
+            raise view.fail("no_cross_user_read", f"cancel of another user's run answered {shape_a}, "
+                            f"an unknown run {shape_b}", ["the same answer for both (section 3)"])
+
+    @precondition(lambda self: self.target.runs and self._has_live())
+    @rule(index=st.integers(0, 50), how=st.sampled_from(["prefix", "first", "beyond", "lower"]))
+    def ack(self, index: int, how: str) -> None:
+        """Cumulative ack (section 5): of what was received, only the first, past the end, or a
+        lower seq after a higher one (out of order); a barrier proves it handled."""
+        view = self._live(index)
+        assert view is not None and view.user is not None
+        self.oracle.pump()
+        prefix = view.user.delivered_prefix()
+        if prefix == 0 and how != "beyond":
+            return
+        seq = {"prefix": prefix, "first": 1, "beyond": prefix + 5, "lower": max(1, prefix - 1)}[how]
+        self._act(f"ack {seq} ({how}) on {view.label}")
+        view.send("ack", {"type": "ack", "seq": seq})
+        view.user.ack_perm = max(view.user.ack_perm, seq)
+        self._barrier(view)
+        view.user.on_ack_proven(view, seq)
+        for other in view.user.live_sockets():
+            if other is not view:
+                self._barrier(other)
+                view.user.on_ack_proven(other, seq)
+
+    @precondition(lambda self: self.target.runs)
+    @rule(user=st.integers(0, USERS_PER_EXAMPLE - 1), bad=st.booleans())
+    def read_stream(self, user: int, bad: bool) -> None:
+        """GET /v1/events and /v1/escalations: the stream's delivery states, and isolation."""
+        u = self.oracle.user(self.names[user])
+        self.oracle.pump()
+        if bad:
+            self._act(f"GET /v1/events with an expired token for {u.name}")
+            if not self.target.tokens.can_mint:
+                return
+            status, body = self.http.get("/v1/events?after=0", self.target.tokens.bad("token_expired", u.name))
+            self.oracle.count("auth_errors_specific")
+            code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
+            if status != 401 or code != "token_expired":
+                raise self.oracle.violation("auth_errors_specific", f"GET /v1/events with an expired token: "
+                                            f"{status} {code}", ["401 token_expired"])
+            return
+        self._act(f"GET /v1/events and /v1/escalations as {u.name}")
+        self._read_http(u)
+
+    def _read_http(self, u: UserView) -> list[dict[str, Any]]:
+        token = self.target.tokens.good(u.name)
+        status, body = self.http.get("/v1/events?after=0&limit=1000", token)
+        now = time.monotonic()
+        self.oracle.pump()
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("events"), list):
+            raise self.oracle.violation("frames_valid", f"GET /v1/events as {u.name}: {status} {str(body)[:120]}",
+                                        ["200 with an events list"])
+        if u.context_id is not None and body.get("context_id") not in (None, u.context_id):
+            raise self.oracle.violation("one_context_per_user", f"GET /v1/events as {u.name} reads context "
+                                        f"{body.get('context_id')}, the sockets got {u.context_id}",
+                                        [f"context {u.context_id}"])
+        records: list[dict[str, Any]] = [r for r in body["events"] if isinstance(r, dict)]
+        for rec in records:
+            u.on_http_event(rec, now)
+        status, esc = self.http.get("/v1/escalations", token)
+        if status == 200 and isinstance(esc, dict):
+            for rec in esc.get("escalations") or []:
+                owner = self.oracle.run_owner.get(str(rec.get("run_id")))
+                self.oracle.count("no_cross_user_read")
+                if owner is not None and owner is not u:
+                    raise self.oracle.violation("no_cross_user_read", f"GET /v1/escalations as {u.name} lists "
+                                                f"seq {rec.get('seq')} of {owner.name}", ["own escalations only"])
+        u.apply_runs()
+        return records
+
+    @precondition(lambda self: self.target.runs)
+    @rule()
+    def let_time_pass(self) -> None:
+        """Withhold acks and let model time pass: every event must end ACKED or ESCALATED within the
+        declared horizon (section 5). Polls the stream until then; never a blind sleep."""
+        users = [u for u in self.oracle.users.values() if u.context_id is not None and u.runs]
+        if not users:
+            return
+        self._act("withhold acks and let time pass (until every event is acked or escalated)")
+        deadline = time.monotonic() + self.tm.delivery_horizon() + self.tm.late(self.tm.reply_timeout)
+        while True:
+            pending = 0
+            for u in users:
+                for rec in self._read_http(u):
+                    if rec.get("state") in ("pending", "sent"):
+                        pending += 1
+            if pending == 0 or time.monotonic() > deadline:
+                break
+            for s in self.socks:
+                s.sock.wait(lambda o: False, 0.05)  # a bounded poll interval between two reads
+            self.oracle.pump()
+
+    @invariant()
+    def observations_allowed(self) -> None:
+        """After every client action: everything observed is allowed by the model."""
+        self.oracle.end_of_step()
+
+    def teardown(self) -> None:
+        for s in self.socks:
+            if not s.sock.ended:
+                s.sock.drop(True)
+        self.http.close()
+        for prop, n in self.oracle.checks.items():
+            type(self).result.checks[prop] = type(self).result.checks.get(prop, 0) + n
+
+
+def run_kit(target: Target, *, examples: int = 20, steps: int = 8, randomize: bool = False,
+            budget: float = 45.0, prefix: str | None = None) -> KitResult:
+    """Run the kit; a violation comes back in ``result.violation`` with the shrunk client actions.
+
+    ``budget`` bounds search and shrinking in seconds (the smallest failing trace found by then is
+    the one reported). Runs are derandomized (the same examples every time) unless ``randomize``.
+    """
+    result = KitResult()
+    start = time.monotonic()
+    machine = type("Conformance", (ConformanceMachine,), {
+        "target": target, "result": result, "shrink_deadline": start + budget,
+        "prefix": prefix or f"pp{uuid.uuid4().hex[:6]}",
+    })
+    cfg = settings(max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
+                   derandomize=not randomize, suppress_health_check=list(HealthCheck),
+                   phases=[Phase.generate, Phase.shrink], report_multiple_bugs=False, print_blob=False)
+    trace: list[str] = []
+    _capture_steps(machine, trace)
+    try:
+        run_state_machine_as_test(machine, settings=cfg)
+    except Violation as v:
+        v.trace = tuple(trace)
+        result.violation = v
+    except Flaky as exc:
+        inner = _first_violation(exc)
+        if inner is None:
+            raise KitError(f"the server behaved differently when a failing trace was replayed: {exc}") from None
+        inner.trace = tuple(trace)
+        result.violation = inner
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _capture_steps(machine: type[ConformanceMachine], trace: list[str]) -> None:
+    """Keep the client actions of the last example run (the shrunk one when a violation is raised)."""
+    original = machine.__init__
+
+    def init(self: ConformanceMachine) -> None:
+        original(self)
+        trace.clear()
+        self.oracle.actions = trace
+
+    machine.__init__ = init  # type: ignore[method-assign]
+
+
+def _first_violation(exc: BaseException) -> Violation | None:
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, Violation):
+            return e
+        seen.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        seen.extend(getattr(e, "exceptions", ()))
+    return None
+
+
+def summary(result: KitResult) -> list[tuple[str, str, int]]:
+    """(property, "pass" | "FAIL" | "not exercised", checks) per property."""
+    rows = []
+    for name in PROPERTIES:
+        n = result.checks.get(name, 0)
+        if result.violation is not None and result.violation.prop == name:
+            rows.append((name, "FAIL", n))
+        else:
+            rows.append((name, "pass" if n else "not exercised", n))
+    return rows
+
+
+__all__ = ["ConformanceMachine", "KitResult", "Target", "run_kit", "summary"]

@@ -1,0 +1,778 @@
+"""The model in lockstep with the wire (docs/conformance.md, "How observations map onto the model").
+
+The client sees only part of what a server does, so each machine instance is tracked as a
+*belief*: the set of configurations the model allows given everything observed so far. Between
+observations the server may take steps the client cannot see (a socket becomes READY before its
+ack is written, a frame is received and handled, a delivery deadline passes); those are the
+instance's *hidden* events, and every observation is explained from the closure of the belief
+under them. An observation no configuration explains is a :class:`~.errors.Violation`.
+
+Observation -> model events (section numbers of docs/protocol.md):
+
+* ``connection_ack``            -> (hidden ``recv_init``, ``auth_ok``) + ``send_ack``        (1)
+* a reply to the i-th frame     -> (hidden receive + ``handle_frame`` of frames 0..i)     (1, 4)
+* close C R                     -> the transition whose ``emits`` is ``close C R``, or one of the
+                                   documented ``peer_close`` closes; 1011 is never allowed (1)
+* ``event`` seq S attempt A     -> conn ``deliver``; delivery (hidden ``tick``/``ack_timeout``/
+                                   ``send_failed``) + ``send`` reaching attempt A, or a fan-out
+                                   copy of attempt A (no transition)                          (5)
+* ack N, then a barrier reply   -> delivery ``ack`` of every received event <= N             (5)
+* ``GET /v1/events`` states     -> delivery reaches that state (ACKED only after a client ack;
+                                   ESCALATED through the transition emitting its reason)     (5)
+* event kinds in seq order      -> the run machine's transition of that name; well_ordered   (4)
+* ack's context_id / epoch      -> context ``create`` / ``attach``; close 4429 connection_limit
+                                   -> ``reject_limit``; a kit drop -> ``detach``              (3)
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeproof.model.connection import CONNECTION, Conn
+from pipeproof.model.context import Ctx, context_machine
+from pipeproof.model.delivery import Delivery, delivery_machine
+from pipeproof.model.invariants import well_ordered
+from pipeproof.model.run import Run, run_machine
+from pipeproof.model.spec import Config, Machine
+
+from .errors import Violation
+from .timing import Timing
+from .tracecheck import CLOSE_TABLE
+from .wire import Obs, Socket
+
+AUTH_REASONS = frozenset({"token_missing", "token_malformed", "token_bad_signature", "token_expired",
+                          "token_not_yet_valid", "token_bad_audience", "user_unknown", "user_disabled"})
+_CLOSE_BOUND = 20_000  # belief elements; far above what the kit's bounded actions produce
+
+
+def _allowed(machine: Machine, configs: Iterable[Config], inputs: Iterable[Mapping[str, Any]] = ({},)) -> list[str]:
+    """The events enabled from any of ``configs``, with what each emits (for violation reports)."""
+    out: dict[str, None] = {}
+    ins = list(inputs)
+    for c in configs:
+        for i in ins:
+            for t, _ in machine.fire_all(c, None, i):
+                out.setdefault(f"{t.event} from {c[0].name} -> {t.target.name}" + (f" [{t.emits}]" if t.emits else ""))
+    return sorted(out)[:16]
+
+
+class Belief:
+    """The configurations a machine instance may be in (see module docstring)."""
+
+    def __init__(self, machine: Machine, hidden: Iterable[str] = (), inputs: Iterable[Mapping[str, Any]] = ({},)):
+        self.machine = machine
+        self.configs: set[Config] = {machine.initial_config()}
+        self.hidden = set(hidden)
+        self.inputs = [dict(i) for i in inputs]
+
+    def closure(self) -> set[Config]:
+        seen = set(self.configs)
+        todo = list(seen)
+        while todo and len(seen) < _CLOSE_BOUND:
+            c = todo.pop()
+            for event in self.hidden:
+                for i in self.inputs:
+                    for _, after in self.machine.fire_all(c, event, i):
+                        if after not in seen:
+                            seen.add(after)
+                            todo.append(after)
+        return seen
+
+    def fire(self, event: str, require: Callable[[Config], bool] | None = None) -> set[Config]:
+        """Fire an observed ``event`` from the closure; returns the new belief (empty: not allowed)."""
+        out: set[Config] = set()
+        for c in self.closure():
+            for i in self.inputs:
+                for _, after in self.machine.fire_all(c, event, i):
+                    if require is None or require(after):
+                        out.add(after)
+        return out
+
+    def allowed(self) -> list[str]:
+        return _allowed(self.machine, self.closure(), self.inputs)
+
+    def states(self) -> str:
+        return ", ".join(sorted({self.machine.describe(c) for c in self.configs}))[:300]
+
+
+# -- sockets -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Sent:
+    """One frame the client sent on a socket, and what the protocol says comes back."""
+
+    kind: str  # init | garbage | ack | start | probe | cancel
+    frame: dict[str, Any] | str
+    request_id: str | None = None
+    t: float = field(default_factory=time.monotonic)
+    reply: dict[str, Any] | None = None
+    answered: bool = False
+
+    @property
+    def needs(self) -> str:
+        return {"garbage": "required", "start": "required", "probe": "required", "cancel": "optional"}.get(
+            self.kind, "none")
+
+    def matches(self, frame: Mapping[str, Any]) -> bool:
+        ftype, rid = frame.get("type"), frame.get("request_id")
+        if self.kind == "garbage":
+            return ftype == "error" and frame.get("code") == "invalid_message" and rid is None
+        if self.kind in ("start", "probe"):
+            return ftype in ("run.accepted", "error") and rid == self.request_id
+        if self.kind == "cancel":
+            return ftype == "error" and rid is None
+        return False
+
+
+Elem = tuple[Config, int, int]  # (connection config, frames received, non-init frames handled)
+
+
+class SockView:
+    """One socket: its connection-machine belief, the frames sent, the replies owed."""
+
+    def __init__(self, kit: Oracle, sock: Socket, user: UserView | None, token_kind: str) -> None:
+        self.kit = kit
+        self.sock = sock
+        self.label = sock.label
+        self.user = user
+        self.token_kind = token_kind  # "good" or the section-2 code it must be refused with
+        self.machine = kit.conn_machine
+        self.elems: set[Elem] = {(self.machine.initial_config(), 0, 0)}
+        self.sent: list[Sent] = []
+        self.frames: list[Sent] = []  # the non-init frames, in the order the server must handle them
+        self.cursor = 0  # first frame whose reply (if any) may still come
+        self.acked: dict[str, Any] | None = None
+        self.closed: tuple[int, str] | None = None
+        self.attached = False
+        self.floor = 0  # seqs <= floor were acked and a later barrier proved the ack handled here
+        self.delivered: set[int] = set()
+
+    @property
+    def live(self) -> bool:
+        return self.acked is not None and self.closed is None and not self.sock.dropped
+
+    def where(self) -> str:
+        user = self.user.name if self.user is not None else "-"
+        return f"socket {self.label} (user {user})"
+
+    # -- the hidden closure ----------------------------------------------------------------------
+    def _moves(self, e: Elem) -> Iterator[Elem]:
+        cfg, rcv, hnd = e
+        m = self.machine
+        if rcv < len(self.sent):
+            event = "recv_init" if self.sent[rcv].kind == "init" else "recv_frame"
+            for t, after in m.fire_all(cfg, event):
+                if not t.emits.startswith("close"):
+                    yield (after, rcv + 1, hnd)
+        for t, after in m.fire_all(cfg, "auth_ok"):
+            yield (after, rcv, hnd)
+        if hnd < len(self.frames):
+            for _, after in m.fire_all(cfg, "handle_frame"):
+                yield (after, rcv, hnd + 1)
+
+    def closure(self) -> set[Elem]:
+        seen = set(self.elems)
+        todo = list(seen)
+        while todo and len(seen) < _CLOSE_BOUND:
+            for n in self._moves(todo.pop()):
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return seen
+
+    def allowed(self, elems: Iterable[Elem] | None = None) -> list[str]:
+        return _allowed(self.machine, {e[0] for e in (elems if elems is not None else self.closure())})
+
+    def fail(self, prop: str, observed: str, allowed: list[str] | None = None) -> Violation:
+        return self.kit.violation(prop, f"{self.where()}: {observed}",
+                                  self.allowed() if allowed is None else allowed)
+
+    # -- client actions ----------------------------------------------------------------------------
+    def send(self, kind: str, frame: dict[str, Any] | str, request_id: str | None = None) -> Sent:
+        item = Sent(kind, frame, request_id)
+        self.sent.append(item)
+        if kind != "init":
+            self.frames.append(item)
+        self.sock.send(frame)
+        return item
+
+    def client_close(self) -> None:
+        """The kit dropped the socket: peer_close from wherever the server is."""
+        if self.closed is not None:
+            return
+        after = {(a, r, h) for e in self.closure() for _, a in self.machine.fire_all(e[0], "peer_close")
+                 for (_, r, h) in [e]}
+        self.elems = after or self.elems
+        self.closed = (1000, "client")
+        if self.attached and self.user is not None:
+            self.user.detach(self)
+        self.attached = False
+
+    # -- observations ------------------------------------------------------------------------------
+    def observe(self, o: Obs) -> None:
+        if self.closed is not None and not self.sock.dropped and o.close is None:
+            raise self.fail("model_transition", f"{o.show()} after the close {self.closed}", [])
+        if o.close is not None:
+            if self.sock.dropped:
+                return  # our own drop: already fired peer_close
+            self._on_close(o)
+            return
+        f = o.frame
+        if f is None or not isinstance(f.get("type"), str):
+            raise self.fail("frames_valid", f"a frame that is not a JSON object with a type: {o.text!r}", [])
+        self.kit.count("frames_valid")
+        ftype = f["type"]
+        if ftype == "connection_ack":
+            self._on_ack(f)
+        elif ftype == "event":
+            self._on_event(f, o)
+        elif ftype in ("run.accepted", "error"):
+            self._on_reply(f)
+        else:
+            raise self.fail("frames_valid", f"unknown server frame type {ftype!r}", [])
+
+    def _on_ack(self, f: dict[str, Any]) -> None:
+        self.kit.count("ready_before_ack")
+        if self.acked is not None:
+            raise self.fail("ready_before_ack", "a second connection_ack", self.allowed())
+        after = {(a, r, h) for (c, r, h) in self.closure() for t, a in self.machine.fire_all(c, "send_ack")}
+        if not after:
+            raise self.fail("ready_before_ack", "connection_ack where the model allows no send_ack")
+        self.kit.count("auth_errors_specific")
+        if self.token_kind != "good":
+            raise self.fail("auth_errors_specific",
+                            f"connection_ack for a token that must be refused with {self.token_kind}",
+                            [f"close {4403 if self.token_kind == 'user_disabled' else 4401} {self.token_kind}"])
+        for k in ("session_id", "context_id", "epoch", "heartbeat_ms", "recovered", "last_seq"):
+            if k not in f:
+                raise self.fail("frames_valid", f"connection_ack without {k!r}", [])
+        self.elems = after
+        self.acked = f
+        if self.user is not None:
+            self.user.on_ack(self, f)
+            self.attached = True
+
+    def _on_event(self, f: dict[str, Any], o: Obs) -> None:
+        self.kit.count("no_message_before_ready")
+        after = {(a, r, h) for (c, r, h) in self.closure() for t, a in self.machine.fire_all(c, "deliver")}
+        if not after:
+            raise self.fail("ready_before_ack", f"event seq {f.get('seq')} where the model allows no deliver")
+        self.elems = after
+        for k in ("seq", "event_id", "run_id", "event", "attempt"):
+            if k not in f:
+                raise self.fail("frames_valid", f"event frame without {k!r}", [])
+        if self.user is None:
+            raise self.fail("no_cross_user_read", "an event on a socket that never authenticated", [])
+        self.user.on_event(self, f, o.t)
+
+    def _on_reply(self, f: dict[str, Any]) -> None:
+        self.kit.count("replies_answer_requests")
+        j = self.cursor
+        while j < len(self.frames) and not (self.frames[j].needs != "none" and self.frames[j].matches(f)):
+            if self.frames[j].needs == "required":
+                # Store failures and internal errors may answer any frame, but they name it the same way.
+                raise self.fail("replies_answer_requests",
+                                f"reply {_show(f)} while frame #{j} ({self.frames[j].kind}) is still unanswered",
+                                [f"the reply to frame #{j} first"])
+            j += 1
+        if j >= len(self.frames):
+            raise self.fail("replies_answer_requests", f"reply {_show(f)} answers no frame this socket sent",
+                            [f"{s.kind}: {'reply owed' if not s.answered and s.needs != 'none' else 'done'}"
+                             for s in self.frames[-4:]])
+        closure = self.closure()
+        handled = {e for e in closure if e[2] > j}
+        self.kit.count("no_message_before_ready")
+        if not handled:
+            raise self.fail("no_message_before_ready",
+                            f"reply {_show(f)} to frame #{j} before the model allows handling it "
+                            f"(it may be handled only in READY after connection_ack)")
+        self.elems = handled
+        item = self.frames[j]
+        item.reply, item.answered = f, True
+        self.cursor = j + 1
+        if self.user is not None:
+            self.user.on_reply(self, item, f)
+
+    def _on_close(self, o: Obs) -> None:
+        assert o.close is not None
+        code, reason = o.close
+        self.kit.count("no_1011")
+        self.kit.count("close_codes_documented")
+        if o.no_close_frame:
+            raise self.fail("close_codes_documented", "the server ended the connection without a close frame",
+                            self.allowed())
+        if code == 1011:
+            raise self.fail("no_1011", f"close 1011 {reason!r}", self.allowed())
+        if (code, reason) not in CLOSE_TABLE:
+            raise self.fail("close_codes_documented", f"close {code} {reason!r} is not a row of the table",
+                            self.allowed())
+        closure = self.closure()
+        after: set[Elem] = set()
+        via: set[str] = set()
+        for cfg, rcv, hnd in closure:
+            for event in ("recv_frame", "recv_init", "auth_reject", "limit_reject", "init_timeout",
+                          "heartbeat_timeout", "drain_close"):
+                nxt = rcv
+                if event in ("recv_frame", "recv_init"):
+                    if rcv >= len(self.sent) or (self.sent[rcv].kind == "init") != (event == "recv_init"):
+                        continue
+                    nxt = rcv + 1
+                for t, a in self.machine.fire_all(cfg, event):
+                    if _emits_close(t.emits, code, reason):
+                        after.add((a, nxt, hnd))
+                        via.add(event)
+            if self._peer_close_allowed(cfg, hnd, code, reason):
+                for _, a in self.machine.fire_all(cfg, "peer_close"):
+                    after.add((a, rcv, hnd))
+                    via.add("peer_close")
+        if not after:
+            raise self.fail(_close_property(code, reason), f"close {code} {reason}")
+        self._close_timing(o, code, reason, via)
+        if self.token_kind != "good" and self.acked is None:
+            self.kit.count("auth_errors_specific")
+            if reason != self.token_kind:
+                raise self.fail("auth_errors_specific", f"a {self.token_kind} token closed {code} {reason}",
+                                [f"close {4403 if self.token_kind == 'user_disabled' else 4401} {self.token_kind}"])
+        self.elems = after
+        self.closed = (code, reason)
+        if self.user is not None:
+            if reason == "connection_limit":
+                self.user.on_limit(self)
+            if self.attached:
+                self.user.detach(self)
+        self.attached = False
+
+    def _peer_close_allowed(self, cfg: Config, hnd: int, code: int, reason: str) -> bool:
+        """The documented closes without a model event of their own (docs/protocol.md section 1)."""
+        if (code, reason) == (4400, "invalid_message"):
+            garbage = sum(1 for s in self.frames[:hnd] if s.kind == "garbage")
+            return cfg[0] is Conn.READY and garbage > self.kit.timing.error_budget
+        if code in (1013, 1001):
+            return self.kit.tolerate_overload
+        return False
+
+    def _close_timing(self, o: Obs, code: int, reason: str, via: set[str]) -> None:
+        tm = self.kit.timing
+        if reason == "init_timeout":
+            self.kit.count("timeouts_honoured")
+            waited = o.t - self.sock.opened
+            if waited < tm.early(tm.init_timeout):
+                raise self.fail("timeouts_honoured",
+                                f"close 4408 init_timeout after {waited:.2f}s; init_timeout is {tm.init_timeout}s",
+                                [f"not before {tm.early(tm.init_timeout):.2f}s"])
+        if reason == "heartbeat_timeout":
+            self.kit.count("timeouts_honoured")
+            raise self.fail("timeouts_honoured", "close 4408 heartbeat_timeout although the client answers "
+                            "every ping (section 6)", ["keep the socket open"])
+
+
+def _show(f: Mapping[str, Any]) -> str:
+    keys = ("type", "code", "request_id", "run_id")
+    return "{" + ", ".join(f"{k}={f[k]}" for k in keys if k in f) + "}"
+
+
+def _emits_close(emits: str, code: int, reason: str) -> bool:
+    parts = emits.split()
+    if len(parts) != 3 or parts[0] != "close":
+        return False
+    if parts[2] == "token_*":
+        # auth_reject: every section-2 code (4401, or 4403 for user_disabled).
+        return reason in AUTH_REASONS and code == (4403 if reason == "user_disabled" else 4401)
+    return (int(parts[1]), parts[2]) == (code, reason)
+
+
+def _close_property(code: int, reason: str) -> str:
+    if reason == "connection_limit":
+        return "connection_limits_respected"
+    if reason in AUTH_REASONS:
+        return "auth_errors_specific"
+    return "model_transition"
+
+
+# -- users, contexts, streams, runs ------------------------------------------------------------------
+
+
+@dataclass
+class EventView:
+    seq: int
+    belief: Belief
+    event_id: str | None = None
+    first_seen: float = field(default_factory=time.monotonic)
+    attempt_seen: int = 0
+    attempt_t: float = 0.0
+    attempt_live: bool = False  # the last attempt was seen on a socket that stayed open
+    acked: bool = False
+    reason: str | None = None
+
+    def terminal(self) -> bool:
+        return all(c[0] in (Delivery.ACKED, Delivery.ESCALATED) for c in self.belief.configs)
+
+
+@dataclass
+class RunView:
+    request_id: str
+    belief: Belief
+    run_id: str | None = None
+    kinds: list[str] = field(default_factory=list)
+    cancelled: bool = False
+
+
+class UserView:
+    """One user: their context (context machine), their stream (one delivery belief per seq) and runs."""
+
+    def __init__(self, kit: Oracle, name: str) -> None:
+        self.kit = kit
+        self.name = name
+        self.ctx = kit.ctx_machine.initial_config()
+        self.context_id: str | None = None
+        self.epoch = 0
+        self.sockets: list[SockView] = []
+        self.events: dict[int, EventView] = {}
+        self.kinds: dict[int, tuple[str, str]] = {}  # seq -> (run_id, kind)
+        self.applied = 0  # seqs 1..applied were fired on their runs
+        self.runs: dict[str, RunView] = {}  # run_id -> view
+        self.requests: dict[str, RunView] = {}  # request_id -> view
+        self.ack_perm = 0  # the highest seq any client of this user acked (ack or resume)
+        self.blind = False  # a socket was dropped: sends the client never read are possible
+        self.recent_drops: list[float] = []
+
+    def live_sockets(self) -> list[SockView]:
+        return [s for s in self.sockets if s.live]
+
+    def delivered_prefix(self) -> int:
+        n = 0
+        while n + 1 in self.events and self.events[n + 1].attempt_seen > 0:
+            n += 1
+        return n
+
+    # -- context (section 3) -----------------------------------------------------------------------
+    def _fire_ctx(self, event: str, prop: str, what: str) -> None:
+        fired = self.kit.ctx_machine.fire_all(self.ctx, event, {"account_full": False})
+        if not fired:
+            raise self.kit.violation(prop, f"user {self.name}: {what}",
+                                     _allowed(self.kit.ctx_machine, [self.ctx], [{"account_full": False}]))
+        self.ctx = fired[0][1]
+
+    def on_ack(self, sock: SockView, f: Mapping[str, Any]) -> None:
+        self.kit.count("one_context_per_user")
+        cid, epoch = str(f["context_id"]), f["epoch"]
+        if self.context_id is None:
+            self._fire_ctx("create", "one_context_per_user", f"context {cid} created")
+        elif cid == self.context_id:
+            if epoch != self.epoch:
+                raise self.kit.violation("expired_context_never_reused",
+                                         f"user {self.name}: context {cid} handed out with epoch {epoch}, "
+                                         f"earlier {self.epoch}", ["the same epoch for the same context"])
+            self._fire_ctx("attach", "connection_limits_respected", f"another socket attached to {cid}")
+        else:
+            self._fire_ctx("create", "one_context_per_user",
+                           f"a second context {cid} (epoch {epoch}) while context {self.context_id} "
+                           f"(epoch {self.epoch}) is live with {self.ctx[1][1]} socket(s)")
+            if isinstance(epoch, int) and epoch <= self.epoch:
+                raise self.kit.violation("expired_context_never_reused",
+                                         f"user {self.name}: new context with epoch {epoch} <= {self.epoch}",
+                                         [f"epoch {self.epoch + 1}"])
+        self.context_id, self.epoch = cid, int(epoch)
+        self.kit.count("model_transition")
+
+    def detach(self, sock: SockView) -> None:
+        self._fire_ctx("detach", "connection_limits_respected", f"socket {sock.label} detached")
+        if sock.sock.dropped:
+            self.blind = True
+            self.recent_drops.append(time.monotonic())
+
+    def on_limit(self, sock: SockView) -> None:
+        self.kit.count("connection_limits_respected")
+        if self.kit.ctx_machine.fire_all(self.ctx, "reject_limit", {"account_full": False}):
+            return
+        # The server counts a dropped socket until it has processed the drop (docs/conformance.md).
+        window = self.kit.timing.late(self.kit.timing.reply_timeout)
+        pending = sum(1 for t in self.recent_drops if time.monotonic() - t < window)
+        if self.ctx[1][1] + pending >= self.kit.timing.max_connections_per_user:
+            return
+        raise self.kit.violation("connection_limits_respected",
+                                 f"user {self.name}: close 4429 connection_limit with {self.ctx[1][1]} socket(s) "
+                                 f"attached, limit {self.kit.timing.max_connections_per_user}",
+                                 _allowed(self.kit.ctx_machine, [self.ctx], [{"account_full": False}]))
+
+    # -- delivery (section 5) ----------------------------------------------------------------------
+    def event_view(self, seq: int) -> EventView:
+        ev = self.events.get(seq)
+        if ev is None:
+            ev = EventView(seq, Belief(self.kit.del_machine, (), ({"has_session": True}, {"has_session": False})))
+            self.events[seq] = ev
+        hidden = {"tick", "ack_timeout", "send_failed", "no_session_timeout"}
+        if self.blind:
+            hidden.add("send")
+        ev.belief.hidden = hidden
+        return ev
+
+    def on_event(self, sock: SockView, f: Mapping[str, Any], t: float) -> None:
+        seq, attempt, run_id, kind = int(f["seq"]), int(f["attempt"]), str(f["run_id"]), str(f["event"])
+        where = f"{sock.where()}: event seq {seq} attempt {attempt} ({kind}, run {run_id[:12]})"
+        self.kit.count("no_cross_user_read")
+        owner = self.kit.run_owner.get(run_id)
+        if owner is not None and owner is not self:
+            raise self.kit.violation("no_cross_user_read", f"{where} belongs to user {owner.name}",
+                                     [f"events of user {self.name}'s own runs only"])
+        self.kit.count("acked_never_resent")
+        if seq <= sock.floor:
+            raise self.kit.violation("acked_never_resent",
+                                     f"{where}: seq {seq} was acked and a later barrier proved the ack handled",
+                                     ["no event with seq <= " + str(sock.floor)])
+        known = self.kinds.get(seq)
+        if known is not None and known != (run_id, kind):
+            raise self.kit.violation("monotonic_event_state", f"{where}: seq {seq} was {known} before",
+                                     ["the same event for the same seq"])
+        self.kinds[seq] = (run_id, kind)
+        ev = self.event_view(seq)
+        if ev.event_id is not None and ev.event_id != f["event_id"]:
+            raise self.kit.violation("frames_valid", f"{where}: event_id changed from {ev.event_id}",
+                                     ["event_id stable across resends"])
+        ev.event_id = str(f["event_id"])
+        sock.delivered.add(seq)
+        if ev.acked:
+            return  # a copy written before the ack was handled; this socket has not passed a barrier since
+        b = ev.belief
+        closure = b.closure()
+        copies = {c for c in closure if c[1][0] == attempt and c[1][4] and c[0] in (Delivery.SENT, Delivery.PENDING)}
+        if copies and attempt <= ev.attempt_seen:
+            b.configs = copies  # fan-out or a late copy of an attempt already written: no transition
+            return
+        self.kit.count("attempts_bounded")
+        after = b.fire("send", lambda c: c[1][0] == attempt)
+        if not after:
+            prop = ("acked_never_resent" if all(c[0] in (Delivery.ACKED, Delivery.ESCALATED) for c in closure)
+                    else "attempts_bounded" if attempt > self.kit.timing.max_attempts else "model_transition")
+            raise self.kit.violation(prop, f"{where}: the model allows no send reaching attempt {attempt} "
+                                     f"from {b.states()}", b.allowed())
+        self._resend_timing(ev, attempt, t, where)
+        b.configs = after
+        ev.attempt_seen, ev.attempt_t, ev.attempt_live = attempt, t, True
+
+    def _resend_timing(self, ev: EventView, attempt: int, t: float, where: str) -> None:
+        if ev.attempt_seen and attempt == ev.attempt_seen + 1 and ev.attempt_live:
+            self.kit.count("timeouts_honoured")
+            early, _ = self.kit.timing.resend_window(ev.attempt_seen)
+            if t - ev.attempt_t < early:
+                raise self.kit.violation("timeouts_honoured",
+                                         f"{where}: resent {t - ev.attempt_t:.3f}s after attempt {ev.attempt_seen}",
+                                         [f"not before {early:.3f}s (ack_timeout {self.kit.timing.ack_timeout}s)"])
+
+    def on_ack_proven(self, sock: SockView, through: int) -> None:
+        """A barrier reply came back after ``ack through``: every event this client received up to
+        ``through`` (contiguously) must be ACKED now, unless it had escalated first."""
+        n = 0
+        while n + 1 <= through and n + 1 in self.events and self.events[n + 1].attempt_seen > 0:
+            n += 1
+        for seq in range(1, n + 1):
+            ev = self.event_view(seq)
+            if ev.acked:
+                continue
+            out: set[Config] = set()
+            for c in ev.belief.closure():
+                if c[0] is Delivery.ESCALATED:
+                    out.add(c)
+                for _, a in ev.belief.machine.fire_all(c, "ack"):
+                    out.add(a)
+            if not out:
+                raise self.kit.violation("every_event_acked_or_escalated",
+                                         f"user {self.name}: ack through {through} cannot ack seq {seq} "
+                                         f"from {ev.belief.states()}", ev.belief.allowed())
+            ev.belief.configs = out
+            ev.acked = any(c[0] is Delivery.ACKED for c in out)
+        sock.floor = max(sock.floor, n)
+
+    def on_http_event(self, rec: Mapping[str, Any], now: float) -> None:
+        seq, state = int(rec["seq"]), str(rec.get("state", ""))
+        run_id, kind = str(rec.get("run_id")), str(rec.get("event"))
+        self.kit.count("no_cross_user_read")
+        owner = self.kit.run_owner.get(run_id)
+        if owner is not None and owner is not self:
+            raise self.kit.violation("no_cross_user_read",
+                                     f"GET /v1/events of user {self.name} shows seq {seq} of user {owner.name}'s run",
+                                     ["the caller's own stream only"])
+        known = self.kinds.get(seq)
+        if known is not None and known != (run_id, kind):
+            raise self.kit.violation("monotonic_event_state", f"user {self.name}: GET /v1/events seq {seq} is "
+                                     f"{(run_id, kind)}, the socket said {known}", ["one event per seq"])
+        self.kinds[seq] = (run_id, kind)
+        ev = self.event_view(seq)
+        b = ev.belief
+        attempt = rec.get("attempt")
+        closure = b.closure()
+        want = {"pending": Delivery.PENDING, "sent": Delivery.SENT, "acked": Delivery.ACKED,
+                "escalated": Delivery.ESCALATED}.get(state)
+        where = f"user {self.name}: GET /v1/events says seq {seq} is {state}"
+        if want is None:
+            raise self.kit.violation("frames_valid", f"{where}: not a delivery state", ["pending/sent/acked/escalated"])
+        self.kit.count("every_event_acked_or_escalated")
+        if want is Delivery.ACKED:
+            if seq > self.ack_perm:
+                raise self.kit.violation("every_event_acked_or_escalated",
+                                         f"{where}, but no client acked it (highest ack {self.ack_perm})",
+                                         ["PENDING/SENT until a client acks, or ESCALATED"])
+            out = {c for c in closure if c[0] is Delivery.ACKED}
+            for c in closure:
+                out |= {a for _, a in b.machine.fire_all(c, "ack")}
+            ev.acked = True
+        elif want is Delivery.ESCALATED:
+            reason = rec.get("reason")
+            if ev.reason is not None and reason != ev.reason:
+                raise self.kit.violation("monotonic_event_state", f"{where} with reason {reason}, earlier {ev.reason}",
+                                         ["an escalated event keeps its first reason"])
+            out = {c for c in closure if c[0] is Delivery.ESCALATED and ev.reason is not None}
+            for c in closure:
+                for i in b.inputs:
+                    for tr, a in b.machine.fire_all(c, None, i):
+                        if a[0] is Delivery.ESCALATED and tr.emits == f"escalation {reason}":
+                            out.add(a)
+            ev.reason = str(reason)
+        else:
+            out = {c for c in closure if c[0] is want and (attempt is None or c[1][0] == attempt)}
+            self._liveness(ev, state, attempt, now, where)
+        if not out:
+            raise self.kit.violation("every_event_acked_or_escalated" if want is not Delivery.SENT else
+                                     "model_transition", f"{where} (attempt {attempt}); the model has it in "
+                                     f"{b.states()}", b.allowed())
+        b.configs = out
+
+    def _liveness(self, ev: EventView, state: str, attempt: Any, now: float, where: str) -> None:
+        tm = self.kit.timing
+        self.kit.count("timeouts_honoured")
+        if now - ev.first_seen > tm.delivery_horizon():
+            raise self.kit.violation("every_event_acked_or_escalated",
+                                     f"{where} {now - ev.first_seen:.2f}s after the client first saw it",
+                                     [f"ACKED or ESCALATED within {tm.delivery_horizon():.2f}s "
+                                      f"(max_attempts x ack wait + resume_window, x tolerance)"])
+        if state == "sent" and attempt == ev.attempt_seen and ev.attempt_live:
+            _, late = tm.resend_window(int(attempt))
+            if now - ev.attempt_t > late + tm.late(tm.reply_timeout):
+                raise self.kit.violation("timeouts_honoured",
+                                         f"{where} with attempt {attempt}, {now - ev.attempt_t:.2f}s after it was "
+                                         f"written and no ack", [f"resend or escalate within {late:.2f}s"])
+
+    # -- runs (section 4) --------------------------------------------------------------------------
+    def on_reply(self, sock: SockView, item: Sent, f: Mapping[str, Any]) -> None:
+        if item.kind not in ("start", "probe") or item.request_id is None:
+            return
+        view = self.requests.get(item.request_id)
+        if view is None:
+            return
+        if f.get("type") == "run.accepted":
+            run_id = str(f.get("run_id"))
+            if view.run_id is not None:
+                self.kit.count("replies_answer_requests")
+                if view.run_id != run_id:
+                    raise self.kit.violation("replies_answer_requests",
+                                             f"user {self.name}: request_id {item.request_id} accepted as run "
+                                             f"{run_id}, earlier as {view.run_id}", ["the same run_id (idempotent)"])
+                return
+            self._fire_run(view, "validate_ok", "run.accepted")
+            view.run_id = run_id
+            self.runs[run_id] = view
+            self.kit.run_owner[run_id] = self
+        elif view.run_id is None and view.belief.configs == {view.belief.machine.initial_config()}:
+            self._fire_run(view, "validate_fail", f"error {f.get('code')}")
+        self.apply_runs()
+
+    def _fire_run(self, view: RunView, event: str, what: str) -> None:
+        after = view.belief.fire(event)
+        if not after:
+            prop = "cancel_before_start_wins" if event == "agent_started" else "run_events_well_ordered"
+            raise self.kit.violation(prop, f"user {self.name}: run {view.run_id or view.request_id}: {what} "
+                                     f"from {view.belief.states()}", view.belief.allowed())
+        view.belief.configs = after
+
+    def apply_runs(self) -> None:
+        """Fire each seq's kind on its run, in seq order (resends reorder frames, seqs do not)."""
+        while self.applied + 1 in self.kinds:
+            run_id, kind = self.kinds[self.applied + 1]
+            view = self.runs.get(run_id)
+            if view is None:
+                return  # its run.accepted is on a socket not read yet
+            view.kinds.append(kind)
+            self.kit.count("run_events_well_ordered")
+            why = well_ordered(tuple(view.kinds))
+            if why:
+                raise self.kit.violation("run_events_well_ordered", f"user {self.name}: run {run_id}: {why} "
+                                         f"(events {view.kinds})", view.belief.allowed())
+            self._fire_run(view, kind, f"event seq {self.applied + 1} {kind}")
+            self.applied += 1
+
+    def unresolved_runs(self) -> list[str]:
+        """Event seqs naming runs this user never started (once every run.start was answered)."""
+        if any(v.run_id is None and not _answered(v) for v in self.requests.values()):
+            return []
+        return [f"seq {s}: run {r}" for s, (r, _) in sorted(self.kinds.items()) if r not in self.runs]
+
+
+def _answered(view: RunView) -> bool:
+    return view.belief.configs != {view.belief.machine.initial_config()}
+
+
+class Oracle:
+    """Everything the kit knows about the server under test, in the model's terms."""
+
+    def __init__(self, timing: Timing, *, tolerate_overload: bool = False) -> None:
+        self.timing = timing
+        self.tolerate_overload = tolerate_overload
+        self.conn_machine = CONNECTION.with_params(buffer_max=timing.preready_buffer_frames)
+        self.ctx_machine = context_machine(timing.max_connections_per_user)
+        self.del_machine = delivery_machine(timing.max_attempts, 1, 1)
+        self.run_machine = run_machine(timing.run_max_steps)
+        self.users: dict[str, UserView] = {}
+        self.sockets: list[SockView] = []
+        self.run_owner: dict[str, UserView] = {}
+        self.checks: dict[str, int] = {}
+        self.actions: list[str] = []
+
+    def count(self, prop: str) -> None:
+        self.checks[prop] = self.checks.get(prop, 0) + 1
+
+    def violation(self, prop: str, observed: str, allowed: Iterable[str]) -> Violation:
+        return Violation(prop, observed, list(allowed), context=self.actions[-8:])
+
+    def user(self, name: str) -> UserView:
+        u = self.users.get(name)
+        if u is None:
+            u = UserView(self, name)
+            self.users[name] = u
+        return u
+
+    def run_view(self, user: UserView, request_id: str) -> RunView:
+        view = user.requests.get(request_id)
+        if view is None:
+            view = RunView(request_id, Belief(self.run_machine))
+            user.requests[request_id] = view
+        return view
+
+    def pump(self) -> None:
+        """Give every socket's new observations to the model, socket by socket, in arrival order."""
+        for s in self.sockets:
+            for o in s.sock.take():
+                s.observe(o)
+        for u in self.users.values():
+            u.apply_runs()
+
+    def end_of_step(self) -> None:
+        self.pump()
+        for u in self.users.values():
+            stray = u.unresolved_runs()
+            if stray:
+                raise self.violation("no_cross_user_read", f"user {u.name} received events of runs it never "
+                                     f"started: {stray[:3]}", ["events of the user's own runs"])
+
+
+def state_names(states: Iterable[enum.Enum]) -> str:
+    return ", ".join(sorted(s.name for s in states))
+
+
+__all__ = ["AUTH_REASONS", "Belief", "EventView", "Oracle", "RunView", "Sent", "SockView", "UserView"]
+
+_ = (Ctx, Run)  # re-exported names used in docs
