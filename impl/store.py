@@ -24,6 +24,7 @@ Timestamps are float seconds supplied by the caller (``now``), as in the clock-f
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import time
@@ -402,6 +403,7 @@ class Store:
         self._secret = secret
         self._pg_schema = pg_schema
         self._dialect = engine.dialect.name
+        self._sqlite_writer = asyncio.Lock()
 
     @property
     def dialect(self) -> str:
@@ -425,6 +427,19 @@ class Store:
         transaction that reads and then writes can fail with SQLITE_BUSY without waiting, whereas an
         immediate one waits up to ``busy_timeout`` for its turn.
         """
+        if write and self._dialect == "sqlite":
+            # SQLite has one writer at a time. Letting pooled connections race for the write lock
+            # puts the losers in SQLite's busy handler, which sleeps in steps of up to 100 ms (and
+            # fails with "database is locked" past busy_timeout): under load that is both slow and
+            # an error. Writers of this process queue here instead; busy_timeout still covers
+            # other processes sharing the file.
+            async with self._sqlite_writer:
+                return await self._run_tx(operation, body, write=write)
+        return await self._run_tx(operation, body, write=write)
+
+    async def _run_tx(
+        self, operation: str, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool
+    ) -> T:
         try:
             async with self._engine.connect() as conn:
                 if write:
