@@ -123,6 +123,30 @@ def test_statemachine_class_agrees_on_every_state_event_pair() -> None:
                 assert runner.config == m.apply((state, values), expected[0], inputs)
 
 
+def test_both_runner_engines_agree_and_restore() -> None:
+    """The fast declaration engine and python-statemachine take the same paths, from any start."""
+    rng = random.Random(5)
+    for m in _machines():
+        cls = build_statemachine(m)
+        for _ in range(60):
+            state = rng.choice(list(m.states))
+            values = tuple(rng.choice([0, 1, 2]) if d.type is int else rng.choice([False, True])
+                           for d in m.variables)
+            a = Runner(m, cls, start=(state, values))
+            b = Runner(m, engine="declaration", start=(state, values))
+            assert a.config == b.config == (state, values)
+            for _ in range(6):
+                event = rng.choice(m.events)
+                inputs = {n: rng.choice([False, True]) for n in m.inputs}
+                outcome = []
+                for r in (a, b):
+                    try:
+                        outcome.append(r.fire(event, **inputs))
+                    except IllegalTransition:
+                        outcome.append(None)
+                assert outcome[0] == outcome[1] and a.config == b.config
+
+
 def test_terminal_states_without_exits_are_final_in_statemachine() -> None:
     cls = build_statemachine(CONNECTION)
     finals = {s.id for s in cls.states if s.final}
