@@ -207,6 +207,8 @@ class System:
 
     def _fire(self, machine: Machine, cfg: Config, event: str, inputs: dict[str, bool] | None = None
               ) -> list[tuple[Transition, Config]]:
+        if event not in machine.events_from[cfg[0]]:
+            return []
         return machine.fire_all(cfg, event, inputs)
 
     def _conn_steps(self, state: State, s: int, event: str, action: str, actor: str) -> Iterator[Step]:
