@@ -118,14 +118,10 @@ def hypothesis_rows(options: CheckOptions) -> list[Row]:
 
 
 def z3_rows(options: CheckOptions) -> list[Row]:
-    """Z3 rows, when the Z3 checker is installed in this build (model/z3check.py)."""
-    import importlib
-    import importlib.util
+    """Z3 rows: induction proofs and the bounded-liveness BMC (model/z3check.py)."""
+    from pipeproof.model import z3check  # imported here: z3 loads only when its rows are asked for
 
-    if importlib.util.find_spec("pipeproof.model.z3check") is None:
-        return []
-    rows: list[Row] = importlib.import_module("pipeproof.model.z3check").z3_rows(options)
-    return rows
+    return z3check.z3_rows(options)
 
 
 def run_checks(options: CheckOptions | None = None) -> list[Row]:

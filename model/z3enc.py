@@ -20,7 +20,7 @@ from typing import Any
 
 import z3
 
-from pipeproof.model.expr import Ops, Value
+from pipeproof.model.expr import Ops, Value, lift
 from pipeproof.model.spec import Config, Machine, Transition
 
 Term = Any
@@ -165,7 +165,7 @@ class MachineEnc:
         upd = dict(t.updates)
         return ZCfg(
             self.states[t.target],
-            {n: (upd[n].translate(leaf, Z3_OPS) if n in upd else cfg.vars[n]) for n in self.machine.var_names},
+            {n: (lift(upd[n]).translate(leaf, Z3_OPS) if n in upd else cfg.vars[n]) for n in self.machine.var_names},
         )
 
     def relation(self, t: Transition, pre: ZCfg, post: ZCfg, inputs: Mapping[str, Term] | None = None) -> Term:

@@ -2,6 +2,8 @@
 
 Exit 0 when every property holds (or is proved), 1 on any violation, 2 when a checker could not
 decide (unknown) and nothing was violated. ``--json`` prints the rows as a JSON list.
+``--mutants`` prints the mutant x checker matrix instead (exit 1 when the explorer or Z3 misses
+one); ``--explain PROPERTY`` prints the Z3 proof of one property with its strengthening lemmas.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: derandomized)")
     p.add_argument("--max-states", type=int, default=2_000_000, help="explorer state budget per scenario")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--mutants", action="store_true",
+                   help="run every checker against every mutant of the zoo and print the matrix")
+    p.add_argument("--explain", metavar="PROPERTY",
+                   help="print how PROPERTY is proved by Z3, with its strengthening lemmas, and exit")
     g = p.add_argument_group("bounds", "set any of these to check one custom instance instead of the defaults")
     g.add_argument("--users", type=int)
     g.add_argument("--sessions", type=int, help="sessions per user")
@@ -52,9 +58,47 @@ def _scenarios(args: argparse.Namespace) -> tuple[object, ...]:
     return (Scenario("custom", b, b.describe()),)
 
 
+def _explain(prop: str) -> int:
+    from pipeproof.model.z3check import explain
+    from pipeproof.model.z3props import PROPERTY_BY_NAME
+
+    if prop not in PROPERTY_BY_NAME:
+        print(f"pipeproof check: unknown property {prop!r}; one of: {', '.join(PROPERTY_BY_NAME)}", file=sys.stderr)
+        return 2
+    print(explain(prop))
+    return 0
+
+
+def _mutants(args: argparse.Namespace) -> int:
+    """Exit 0 when every cell of the explorer and Z3 columns is caught (the guarantees), else 1."""
+    from pipeproof.model.matrix import MatrixOptions, mutant_matrix, render_matrix
+
+    checkers = [c for c, off in (("explorer", args.no_explorer), ("hypothesis", args.no_hypothesis),
+                                 ("z3", args.no_z3)) if not off]
+    log = (lambda _m: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    opts = MatrixOptions(checkers=checkers, examples=args.examples, steps=args.steps,
+                         seed=0 if args.seed is None else args.seed, log=log)
+    cells = mutant_matrix(opts)
+    if args.json:
+        print(json.dumps([{k: c.as_json()[k] for k in ("mutant", "checker", "verdict", "trace_length", "property",
+                                                         "seconds", "trace", "detail")} for c in cells], indent=2))
+    else:
+        print(render_matrix(cells))
+        for c in cells:
+            if c.verdict == "caught" and c.checker == "z3":
+                print(f"\n{c.mutant} (z3, {c.detail}):")
+                print("\n".join(f"  {i:>3}. {s}" for i, s in enumerate(c.trace, 1)))
+    return 1 if any(c.verdict == "missed" and c.checker in ("explorer", "z3") for c in cells) else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeproof.errors import ModelError
     from pipeproof.model.checks import CheckOptions, render_table, run_checks
+
+    if args.explain:
+        return _explain(args.explain)
+    if args.mutants:
+        return _mutants(args)
 
     try:
         scenarios = _scenarios(args)

@@ -1,0 +1,135 @@
+"""The mutant matrix: every checker against every known-broken design (docs/mutants.md, docs/proofs.md).
+
+``pipeproof check --mutants`` prints it and the HTML report renders it. A cell is ``caught`` when
+the checker produced a concrete trace from the initial state to a violation (its length is
+reported), ``missed`` otherwise. What each checker does per mutant:
+
+- explorer: exhaustive BFS of the mutant's scenario, stopping at the first violation of the
+  mutant's property (shortest trace);
+- hypothesis: the composed-system stateful test with a fixed seed; a miss means its random
+  sampling did not reach the violating interleaving within the example budget (not a proof of
+  absence: the explorer and Z3 columns are the guarantees);
+- z3: the induction step over the symbolic universe yields a counterexample to induction (CTI) for
+  the mutant's property, and BMC from Init on the scenario's bounds turns it into a real trace; only
+  the BMC trace counts as caught.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeproof.model.explorer import explore
+from pipeproof.model.hypothesis_check import run_system
+from pipeproof.model.mutants import MUTANTS, Mutant
+from pipeproof.model.z3check import BMC_DEPTH, bmc, prove, verdicts
+from pipeproof.model.z3props import PROPERTY_BY_NAME, closure
+
+CHECKERS = ("explorer", "hypothesis", "z3")
+
+
+@dataclass
+class MatrixOptions:
+    checkers: Sequence[str] = CHECKERS
+    mutants: Sequence[Mutant] = MUTANTS
+    examples: int = 150
+    steps: int = 40
+    seed: int | None = 0  # fixed, so the hypothesis column is reproducible
+    bmc_depth: int = BMC_DEPTH
+    z3_timeout_ms: int = 60_000
+    log: Callable[[str], None] = lambda _msg: None
+
+
+@dataclass
+class MatrixCell:
+    mutant: str
+    checker: str  # explorer | hypothesis | z3
+    verdict: str  # caught | missed
+    trace_length: int | None
+    property: str  # the property that caught it (the mutant's target when missed)
+    seconds: float
+    trace: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+def _explorer(m: Mutant, opts: MatrixOptions) -> MatrixCell:
+    r = explore(m.system(), stop_when=frozenset({m.prop}))
+    cex = r.violations.get(m.prop)
+    if cex is None:
+        return MatrixCell(m.name, "explorer", "missed", None, m.prop, r.seconds,
+                          detail=f"{r.states} states, no violation of {m.prop}")
+    return MatrixCell(m.name, "explorer", "caught", len(cex.steps), m.prop, r.seconds,
+                      [*cex.steps, f"=> {cex.message}"], f"scenario {m.scenario}, {r.states} states")
+
+
+def _hypothesis(m: Mutant, opts: MatrixOptions) -> MatrixCell:
+    r = run_system(m.system(), max_examples=opts.examples, steps=opts.steps, seed=opts.seed)
+    if r.violation is None:
+        return MatrixCell(m.name, "hypothesis", "missed", None, m.prop, r.seconds,
+                          detail=f"{r.examples} examples x {opts.steps} steps (seed {opts.seed}) did not reach it")
+    return MatrixCell(m.name, "hypothesis", "caught", len(r.trace), r.prop, r.seconds,
+                      [*r.trace, f"=> {r.violation}"], f"seed {opts.seed}")
+
+
+def _z3(m: Mutant, opts: MatrixOptions) -> MatrixCell:
+    start = time.perf_counter()
+    system = m.system()
+    # 1. Induction on the symbolic mutant: which obligation breaks (the CTI).
+    prop = PROPERTY_BY_NAME[m.prop]
+    run = prove(system.model, timeout_ms=opts.z3_timeout_ms, props=(prop,), lemmas=closure(prop.lemmas))
+    proof = verdicts(run, (prop,))[0]
+    cti = proof.cti or "induction did not fail"
+    # 2. BMC from Init: only a concrete trace counts as caught.
+    r = bmc(system, [m.prop], depth=opts.bmc_depth, timeout_ms=opts.z3_timeout_ms, liveness=False)
+    seconds = time.perf_counter() - start
+    if r.result != "violated":
+        return MatrixCell(m.name, "z3", "missed", None, m.prop, seconds,
+                          detail=f"BMC to depth {r.depth}: {r.result}; CTI: {cti}")
+    return MatrixCell(m.name, "z3", "caught", len(r.steps), r.prop, seconds, [*r.trace, f"=> {r.message}"],
+                      f"BMC depth {r.depth}; CTI: {cti}")
+
+
+RUNNERS: dict[str, Callable[[Mutant, MatrixOptions], MatrixCell]] = {
+    "explorer": _explorer, "hypothesis": _hypothesis, "z3": _z3,
+}
+
+
+def mutant_matrix(options: MatrixOptions | None = None) -> list[MatrixCell]:
+    """One cell per (mutant, checker), mutants in zoo order."""
+    opts = options or MatrixOptions()
+    cells = []
+    for m in opts.mutants:
+        for checker in opts.checkers:
+            cell = RUNNERS[checker](m, opts)
+            opts.log(f"{m.name:<26} {checker:<10} {cell.verdict:<6} "
+                     f"{'' if cell.trace_length is None else cell.trace_length:>3} {cell.seconds:.2f} s")
+            cells.append(cell)
+    return cells
+
+
+def render_matrix(cells: Sequence[MatrixCell]) -> str:
+    """mutant x checker -> ``caught (N steps)`` or ``missed``."""
+    checkers = [c for c in CHECKERS if any(x.checker == c for x in cells)]
+    mutants = list(dict.fromkeys(x.mutant for x in cells))
+    by = {(x.mutant, x.checker): x for x in cells}
+    head = ["mutant", *checkers, "property"]
+    rows = []
+    for m in mutants:
+        row = [m]
+        for c in checkers:
+            cell = by.get((m, c))
+            row.append("-" if cell is None else
+                       f"caught ({cell.trace_length} steps)" if cell.verdict == "caught" else "missed")
+        row.append(next(x.property for x in cells if x.mutant == m))
+        rows.append(row)
+    widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)

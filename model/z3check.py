@@ -1,0 +1,409 @@
+"""Checker 3: Z3. Unbounded proofs by induction and bounded model checking (docs/proofs.md).
+
+Proofs run over the *symbolic* universe (any number of users, sessions and events; bounds as
+``Int`` constants; model/z3system.py):
+
+1. ``Init => Inv``, where Inv is the conjunction of the lemmas (model/z3props.py);
+2. ``Inv /\\ Next => Inv'``, one query per case of Next;
+3. per property: ``Inv => P`` (state properties) and ``Inv /\\ Next => P_step`` (step properties).
+
+A property is *proved* when every obligation it needs is unsat, *unknown* when Z3 gave up on one
+(a timeout is never a proof), and *violated* only with a concrete trace from Init: a failed
+induction step yields a counterexample to induction (CTI), which is then confirmed, or not, by
+BMC from Init on a finite instance. BMC (:func:`bmc`) unrolls Next over a scenario's bounds, checks
+every state and step property at every depth, and the bounded liveness of
+``every_event_acked_or_escalated`` (no quiescent state with a live event), and returns a trace
+replayed through ``System.successors`` so each step reads like the explorer's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import z3
+
+from pipeproof.errors import ModelError
+from pipeproof.model.invariants import BY_NAME as PY_INVARIANTS
+from pipeproof.model.invariants import quiescent_violations
+from pipeproof.model.scenarios import DEFAULT_SCENARIOS
+from pipeproof.model.system import Bounds, State, Step, System, SystemModel, reference_model
+from pipeproof.model.z3enc import Term
+from pipeproof.model.z3props import (
+    LEMMA_BY_NAME,
+    LEMMAS,
+    PROPERTIES,
+    PROPERTY_BY_NAME,
+    ZProperty,
+    closure,
+    invariant,
+)
+from pipeproof.model.z3system import Case, St, SysEnc, Universe
+
+if TYPE_CHECKING:
+    from pipeproof.model.checks import CheckOptions, Row
+
+EAE = "every_event_acked_or_escalated"
+DEFAULT_TIMEOUT_MS = 20_000
+BMC_DEPTH = 12
+"""Default unrolling depth: the longest shortest counterexample in the mutant zoo is 10 steps."""
+LIVENESS_DEPTH = 6
+"""Depth of the bounded-liveness BMC in the default check (quiescence makes each depth costly)."""
+
+
+@dataclass
+class Obligation:
+    """One query: what it shows, Z3's answer, and the counterexample when it is sat."""
+
+    name: str
+    result: str  # unsat | sat | unknown
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class Proof:
+    """The verdict for one property: ``proved``, ``violated`` (with a trace) or ``unknown``."""
+
+    prop: str
+    verdict: str
+    seconds: float
+    queries: int
+    lemmas: tuple[str, ...]
+    detail: str = ""
+    cti: str = ""  # a counterexample to induction (an unreachable-or-not state), when induction failed
+    trace: list[str] | None = None
+
+
+@dataclass
+class ProofRun:
+    """Every obligation of one model, shared by its properties."""
+
+    init: Obligation
+    step: list[Obligation]  # Inv /\ case => Inv', per case
+    props: dict[str, list[Obligation]] = field(default_factory=dict)
+    seconds: float = 0.0
+    cases: int = 0
+
+
+def _solver(timeout_ms: int) -> z3.Solver:
+    s = z3.Solver()
+    s.set("timeout", timeout_ms)
+    return s
+
+
+def _check(s: z3.Solver) -> str:
+    r = s.check()
+    return "unsat" if r == z3.unsat else "sat" if r == z3.sat else "unknown"
+
+
+def _case_name(c: Case) -> str:
+    return f"{c.action}[{', '.join(f.transition.key for f in c.firings)}]"
+
+
+def prove(model: SystemModel | None = None, *, timeout_ms: int = DEFAULT_TIMEOUT_MS,
+          props: Sequence[ZProperty] = PROPERTIES, lemmas: tuple[str, ...] | None = None) -> ProofRun:
+    """Run every induction obligation for ``model`` (default: the reference) over the symbolic universe.
+
+    ``lemmas`` restricts Inv to those lemmas (default: all); the mutant matrix uses each property's
+    own lemma closure, which is inductive on its own for the reference model.
+    """
+    chosen = LEMMAS if lemmas is None else tuple(LEMMA_BY_NAME[n] for n in lemmas)
+    start = time.perf_counter()
+    u = Universe.symbolic_universe()
+    enc = SysEnc(model or reference_model(Bounds()), u)
+    pre = enc.fresh_state("pre")
+    inv = invariant(enc, pre, tuple(lem.name for lem in chosen))
+
+    s = _solver(timeout_ms)
+    s.add(*u.assumptions)
+    t = time.perf_counter()
+    s.push()
+    s.add(z3.Not(z3.And([lem.body(enc, enc.initial_state()) for lem in chosen])))
+    init = Obligation("Init => Inv", _check(s), time.perf_counter() - t)
+    if init.result == "sat":
+        m = s.model()
+        init.detail = "fails in Init: " + ", ".join(
+            lem.name for lem in chosen
+            if z3.is_false(m.eval(lem.body(enc, enc.initial_state()), model_completion=True)))
+    s.pop()
+
+    s.add(inv)
+    cases = enc.cases(pre, "n")
+    steps: list[Obligation] = []
+    for c in cases if chosen else ():
+        t = time.perf_counter()
+        s.push()
+        s.add(c.guard)
+        post_bodies = [(lem.name, lem.body(enc, c.post)) for lem in chosen]
+        s.add(z3.Not(z3.And([b for _, b in post_bodies])))
+        ob = Obligation(f"Inv /\\ {_case_name(c)} => Inv'", _check(s), 0.0)
+        if ob.result == "sat":
+            m = s.model()
+            broken = [n for n, b in post_bodies if z3.is_false(m.eval(b, model_completion=True))]
+            ob.detail = f"after {c.action}, lemma(s) {', '.join(broken)} fail"
+        s.pop()
+        ob.seconds = time.perf_counter() - t
+        steps.append(ob)
+
+    run = ProofRun(init, steps, cases=len(cases))
+    for p in props:
+        obs: list[Obligation] = []
+        if p.state is not None:
+            t = time.perf_counter()
+            s.push()
+            s.add(z3.Not(p.state(enc, pre)))
+            obs.append(Obligation(f"Inv => {p.name}", _check(s), time.perf_counter() - t))
+            s.pop()
+        if p.step is not None:
+            for c in cases:
+                goal = z3.simplify(p.step(enc, c))
+                if z3.is_true(goal):
+                    continue  # the case fires nothing this property constrains
+                t = time.perf_counter()
+                s.push()
+                s.add(c.guard, z3.Not(goal))
+                ob = Obligation(f"Inv /\\ {_case_name(c)} => {p.name}", _check(s), 0.0)
+                if ob.result == "sat":
+                    ob.detail = f"{c.action} can violate it from a state satisfying Inv"
+                s.pop()
+                ob.seconds = time.perf_counter() - t
+                obs.append(ob)
+        run.props[p.name] = obs
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def verdicts(run: ProofRun, props: Sequence[ZProperty] = PROPERTIES) -> list[Proof]:
+    """One :class:`Proof` per property from the shared obligations (no BMC confirmation here)."""
+    shared = [run.init, *run.step]
+    out = []
+    for p in props:
+        obs = [*shared, *run.props.get(p.name, [])]
+        secs = sum(o.seconds for o in obs)
+        failed = [o for o in obs if o.result == "sat"]
+        unknown = [o for o in obs if o.result == "unknown"]
+        lemmas = closure(p.lemmas)
+        if failed:
+            out.append(Proof(p.name, "unknown", secs, len(obs), lemmas,
+                             detail="induction failed (not yet confirmed by BMC)",
+                             cti="; ".join(f"{o.name}: {o.detail}" for o in failed[:3])))
+        elif unknown:
+            out.append(Proof(p.name, "unknown", secs, len(obs), lemmas,
+                             detail=f"Z3 answered unknown (timeout?) on {unknown[0].name}"))
+        else:
+            out.append(Proof(p.name, "proved", secs, len(obs), lemmas,
+                             detail=f"induction over {run.cases} cases of Next; lemmas: "
+                             + (", ".join(lemmas) or "none")))
+    return out
+
+
+# -- bounded model checking ------------------------------------------------------------------------
+@dataclass
+class BmcResult:
+    """The shortest violation BMC found (``prop`` empty: none up to ``depth``)."""
+
+    prop: str
+    message: str
+    states: list[State]
+    steps: list[Step]
+    depth: int
+    seconds: float
+    result: str  # violated | clean | unknown
+
+    @property
+    def trace(self) -> list[str]:
+        return [s.describe(self._system) for s in self.steps] if self.steps else []
+
+    _system: System = field(default=None, repr=False)  # type: ignore[assignment]
+
+
+def quiescent(enc: SysEnc, st: St, tag: str) -> Term:
+    """No case of Next is enabled in ``st`` (finite universe: the cases' arguments are concrete)."""
+    return z3.Not(z3.Or([c.guard for c in enc.cases(st, tag)]))
+
+
+def bmc(system: System, props: Iterable[str], *, depth: int = BMC_DEPTH, timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        liveness: bool = True) -> BmcResult:
+    """Unroll Next from Init up to ``depth`` steps on ``system``'s bounds; stop at the first depth at
+    which one of ``props`` is violated, so the trace is a shortest one.
+
+    Each depth's question is asked under an assumption literal rather than push/pop, so what Z3
+    learned refuting depth k is kept for depth k+1 (several times faster on the zoo).
+    """
+    start = time.perf_counter()
+    wanted = [PROPERTY_BY_NAME[p] for p in props]
+    enc = SysEnc(system.model, Universe.finite_universe(system.bounds))
+    s = _solver(timeout_ms)
+    states: list[St] = [enc.initial_state("x0")]
+    unknown = False
+    fresh = itertools.count()
+
+    def ask(bad: Term) -> str:
+        lit = z3.Bool(f"query{next(fresh)}")
+        s.add(z3.Implies(lit, bad))
+        r = s.check(lit)
+        return "sat" if r == z3.sat else "unsat" if r == z3.unsat else "unknown"
+
+    def found(prop: str, k: int, last_case: Case | None) -> BmcResult:
+        m = s.model()
+        concrete = [enc.decode(m, st) for st in states[: k + 1]]
+        steps = replay(system, concrete, prop if last_case is not None else None)
+        last = steps[-1] if steps and last_case is not None else None
+        message = _message(system, prop, concrete[-1], last, concrete[-2] if last is not None else None)
+        r = BmcResult(prop, message, concrete, steps, k, time.perf_counter() - start, "violated")
+        r._system = system
+        return r
+
+    for k in range(depth + 1):
+        x = states[k]
+        for p in wanted:
+            bad = [z3.Not(p.state(enc, x))] if p.state is not None else []
+            if liveness and p.name == EAE:
+                live = enc.u.exists("U", lambda uu, x=x: enc.u.exists("Int", lambda i: enc.live_event(x, uu, i)))
+                bad.append(z3.And(quiescent(enc, x, f"q{k}"), live))
+            if not bad:
+                continue
+            r = ask(z3.Or(bad))
+            if r == "sat":
+                return found(p.name, k, None)
+            unknown |= r == "unknown"
+        if k == depth:
+            break
+        nxt = enc.fresh_state(f"x{k + 1}")
+        formula, tagged = enc.next_formula(x, nxt, f"t{k}")
+        s.add(formula)
+        states.append(nxt)
+        for p in wanted:
+            if p.step is None:
+                continue
+            viol = [z3.And(ind, z3.Not(g)) for ind, c in tagged if not z3.is_true(g := z3.simplify(p.step(enc, c)))]
+            if not viol:
+                continue
+            r = ask(z3.Or(viol))
+            if r == "sat":
+                m = s.model()
+                case = next(c for ind, c in tagged if z3.is_true(m.eval(ind, model_completion=True)))
+                return found(p.name, k + 1, case)
+            unknown |= r == "unknown"
+    res = BmcResult("", "", [], [], depth, time.perf_counter() - start, "unknown" if unknown else "clean")
+    res._system = system
+    return res
+
+
+def replay(system: System, states: Sequence[State], step_prop: str | None = None) -> list[Step]:
+    """Map a Z3 trace back to ``System`` steps (the explorer's successor function is the judge:
+    a Z3 step with no System step is an encoding bug and raises)."""
+    steps: list[Step] = []
+    for k, (a, b) in enumerate(itertools.pairwise(states)):
+        cands = [st for st in system.successors(a) if st.after == b]
+        if not cands:
+            raise ModelError(f"Z3 trace step {k + 1} has no System step: the Z3 encoding and model/system.py disagree")
+        chosen = cands[0]
+        if step_prop is not None and k == len(states) - 2:
+            check = PY_INVARIANTS[step_prop].step_check
+            for c in cands:
+                if check is not None and check(system, c, a):
+                    chosen = c
+                    break
+        steps.append(chosen)
+    return steps
+
+
+def _message(system: System, prop: str, state: State, last: Step | None, before: State | None) -> str:
+    inv = PY_INVARIANTS[prop]
+    msgs: list[str] = []
+    if last is not None and before is not None and inv.step_check is not None:
+        msgs = inv.step_check(system, last, before)
+    if not msgs and inv.state_check is not None:
+        msgs = inv.state_check(system, state)
+    if not msgs and prop == EAE:
+        msgs = quiescent_violations(system, state)
+    return msgs[0] if msgs else f"{prop} violated"
+
+
+# -- the check table rows ---------------------------------------------------------------------------
+def z3_rows(options: CheckOptions) -> list[Row]:
+    """One row per property (method ``z3``): the induction verdict; for every_event_acked_or_escalated
+    also the bounded liveness BMC on each scenario."""
+    from pipeproof.model.checks import Row
+
+    models = {sc.name: (options.model(sc) if options.model else reference_model(sc.bounds)) for sc in options.scenarios}
+    base = next(iter(models.values()))
+    run = prove(base, timeout_ms=options.z3_timeout_ms)
+    options.log(f"z3        induction {run.cases} cases, {run.seconds:.2f} s")
+    rows: list[Row] = []
+    for proof in verdicts(run):
+        machine = PY_INVARIANTS[proof.prop].machine
+        verdict, detail, trace, seconds = proof.verdict, proof.detail, None, proof.seconds
+        if proof.verdict == "unknown" and proof.cti:
+            # A CTI is only a violation if a real trace from Init reaches it.
+            confirm = _confirm(options, models, proof.prop)
+            seconds += confirm.seconds
+            if confirm.result == "violated":
+                verdict, trace = "violated", [*confirm.trace, f"=> {confirm.message}"]
+                detail = f"CTI confirmed by BMC at depth {confirm.depth}; {proof.cti}"
+            else:
+                detail = f"{proof.detail}; CTI: {proof.cti}; BMC to depth {confirm.depth}: no trace"
+        if proof.prop == EAE and verdict == "proved" and options.extra.get("z3_bmc", True):
+            # Bounded liveness: BMC with the quiescence check, on the timed scenarios (where the
+            # horizon means something); depth and scenarios trade time for coverage (docs/proofs.md).
+            depth = int(options.extra.get("bmc_depth", LIVENESS_DEPTH))
+            timed = [sc for sc in options.scenarios if sc.bounds.timed] or list(options.scenarios[:1])
+            for sc in timed:
+                r = bmc(System(sc.bounds, models[sc.name]), [EAE], depth=depth, timeout_ms=options.z3_timeout_ms)
+                seconds += r.seconds
+                options.log(f"z3        bmc {sc.name:<10} depth {r.depth}: {r.result}, {r.seconds:.2f} s")
+                if r.result == "violated":
+                    verdict, trace = "violated", [*r.trace, f"=> {r.message}"]
+                    detail = f"bounded liveness violated in scenario {sc.name}"
+                    break
+                if r.result == "unknown":
+                    verdict = "unknown"
+                    detail = f"bounded liveness: BMC unknown (timeout) in scenario {sc.name}"
+                    break
+            else:
+                detail += f"; bounded liveness by BMC to depth {depth} on {', '.join(sc.name for sc in timed)}"
+        rows.append(Row(machine, proof.prop, "z3", verdict, proof.queries, seconds, trace, detail))
+    return rows
+
+
+def _confirm(options: CheckOptions, models: dict[str, SystemModel], prop: str) -> BmcResult:
+    best: BmcResult | None = None
+    for sc in options.scenarios:
+        r = bmc(System(sc.bounds, models[sc.name]), [prop], timeout_ms=options.z3_timeout_ms)
+        if r.result == "violated":
+            return r
+        best = r
+    assert best is not None
+    return best
+
+
+def explain(prop: str) -> str:
+    """What ``pipeproof check --explain PROPERTY`` prints: the property, how it is proved, and its
+    strengthening lemmas with what each needs."""
+    p = PROPERTY_BY_NAME.get(prop)
+    if p is None:
+        raise KeyError(prop)
+    inv = PY_INVARIANTS[prop]
+    lines = [f"{prop} ({inv.machine}): {inv.doc}", "", f"Proof: {p.why}", ""]
+    lemmas = closure(p.lemmas)
+    if not lemmas:
+        lines.append("Strengthening lemmas: none (inductive as stated).")
+    else:
+        lines.append("Strengthening lemmas (Inv includes each; each is preserved by every case of Next given Inv):")
+        for name in lemmas:
+            lem = LEMMA_BY_NAME[name]
+            needs = f"  [needs: {', '.join(lem.needs)}]" if lem.needs else ""
+            lines.append(f"  - {name}: {lem.doc}{needs}")
+    kind = "state" if p.state and not p.step else "step" if p.step and not p.state else "state and step"
+    lines += ["", f"Shape: {kind} property. Obligations: Init => Inv; Inv /\\ Next => Inv' (per case);"
+              + (" Inv => P;" if p.state else "") + (" Inv /\\ Next => P_step (per case)." if p.step else "")]
+    if prop == EAE:
+        timed = ", ".join(s.name for s in DEFAULT_SCENARIOS if s.bounds.timed)
+        lines.append(f"Liveness part: BMC from Init to depth {LIVENESS_DEPTH} on the timed scenarios ({timed}): no "
+                     "quiescent state keeps a live event and every live event is younger than the horizon.")
+    return "\n".join(lines)
