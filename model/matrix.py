@@ -39,6 +39,7 @@ class MatrixOptions:
     seed: int | None = 0  # fixed, so the hypothesis column is reproducible
     bmc_depth: int = BMC_DEPTH
     z3_timeout_ms: int = 60_000
+    cti_timeout_ms: int = 2_000  # per induction query; an unknown CTI is reported, BMC still decides
     log: Callable[[str], None] = lambda _msg: None
 
 
@@ -83,7 +84,8 @@ def _z3(m: Mutant, opts: MatrixOptions) -> MatrixCell:
     system = m.system()
     # 1. Induction on the symbolic mutant: which obligation breaks (the CTI).
     prop = PROPERTY_BY_NAME[m.prop]
-    run = prove(system.model, timeout_ms=opts.z3_timeout_ms, props=(prop,), lemmas=closure(prop.lemmas))
+    run = prove(system.model, timeout_ms=opts.cti_timeout_ms, props=(prop,), lemmas=closure(prop.lemmas),
+                first_failure=True)
     proof = verdicts(run, (prop,))[0]
     cti = proof.cti or "induction did not fail"
     # 2. BMC from Init: only a concrete trace counts as caught.

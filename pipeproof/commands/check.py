@@ -27,6 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--mutants", action="store_true",
                    help="run every checker against every mutant of the zoo and print the matrix")
+    p.add_argument("--only", action="append", metavar="MUTANT", help="with --mutants: just this mutant (repeatable)")
     p.add_argument("--explain", metavar="PROPERTY",
                    help="print how PROPERTY is proved by Z3, with its strengthening lemmas, and exit")
     g = p.add_argument_group("bounds", "set any of these to check one custom instance instead of the defaults")
@@ -72,12 +73,19 @@ def _explain(prop: str) -> int:
 def _mutants(args: argparse.Namespace) -> int:
     """Exit 0 when every cell of the explorer and Z3 columns is caught (the guarantees), else 1."""
     from pipeproof.model.matrix import MatrixOptions, mutant_matrix, render_matrix
+    from pipeproof.model.mutants import BY_NAME, MUTANTS
+
+    unknown = sorted(set(args.only or ()) - set(BY_NAME))
+    if unknown:
+        print(f"pipeproof check: unknown mutant(s) {unknown}; one of: {', '.join(BY_NAME)}", file=sys.stderr)
+        return 2
 
     checkers = [c for c, off in (("explorer", args.no_explorer), ("hypothesis", args.no_hypothesis),
                                  ("z3", args.no_z3)) if not off]
     log = (lambda _m: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     opts = MatrixOptions(checkers=checkers, examples=args.examples, steps=args.steps,
-                         seed=0 if args.seed is None else args.seed, log=log)
+                         seed=0 if args.seed is None else args.seed, log=log,
+                         mutants=tuple(BY_NAME[n] for n in args.only) if args.only else MUTANTS)
     cells = mutant_matrix(opts)
     if args.json:
         print(json.dumps([{k: c.as_json()[k] for k in ("mutant", "checker", "verdict", "trace_length", "property",
