@@ -35,6 +35,7 @@ from pipeproof.model.z3enc import Term
 from pipeproof.model.z3props import (
     LEMMA_BY_NAME,
     LEMMAS,
+    Lemma,
     PROPERTIES,
     PROPERTY_BY_NAME,
     ZProperty,
@@ -136,12 +137,16 @@ def prove(model: SystemModel | None = None, *, timeout_ms: int = DEFAULT_TIMEOUT
 
     s.add(inv)
     cases = enc.cases(pre, "n")
+    # A lemma whose fields a case does not change is preserved by it trivially (Inv holds before),
+    # so only the lemmas reading a changed field are rebuilt over the case's post-state and asked.
+    reads = {lem.name: _fields_read(enc, lem) for lem in chosen}
     steps: list[Obligation] = []
     for c in cases if chosen else ():
         t = time.perf_counter()
         s.push()
         s.add(c.guard)
-        post_bodies = [(lem.name, lem.body(enc, c.post)) for lem in chosen]
+        changed = {f for f in enc.fields() if not c.post[f].eq(pre[f])}
+        post_bodies = [(lem.name, lem.body(enc, c.post)) for lem in chosen if reads[lem.name] & changed]
         s.add(z3.Not(z3.And([b for _, b in post_bodies])))
         ob = Obligation(f"Inv /\\ {_case_name(c)} => Inv'", _check(s), 0.0)
         if ob.result == "sat":
@@ -185,6 +190,27 @@ def prove(model: SystemModel | None = None, *, timeout_ms: int = DEFAULT_TIMEOUT
         run.props[p.name] = obs
     run.seconds = time.perf_counter() - start
     return run
+
+
+def _fields_read(enc: SysEnc, lem: Lemma) -> set[str]:
+    """The state fields a lemma's formula mentions (found by walking the formula over a template)."""
+    template = enc.fresh_state("reads")
+    names = {template[f].decl().name(): f for f in enc.fields()}
+    seen: set[str] = set()
+    todo = [lem.body(enc, template)]
+    visited: set[int] = set()
+    while todo:
+        t = todo.pop()
+        if t.get_id() in visited:
+            continue
+        visited.add(t.get_id())
+        if z3.is_quantifier(t):
+            todo.append(t.body())
+            continue
+        if z3.is_const(t) and t.decl().name() in names:
+            seen.add(names[t.decl().name()])
+        todo.extend(t.children())
+    return seen
 
 
 def verdicts(run: ProofRun, props: Sequence[ZProperty] = PROPERTIES) -> list[Proof]:
