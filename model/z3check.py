@@ -35,9 +35,9 @@ from pipeproof.model.z3enc import Term
 from pipeproof.model.z3props import (
     LEMMA_BY_NAME,
     LEMMAS,
-    Lemma,
     PROPERTIES,
     PROPERTY_BY_NAME,
+    Lemma,
     ZProperty,
     closure,
     invariant,
