@@ -13,18 +13,26 @@ contexts, and a server that keeps state across examples is still tested from a c
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
-from hypothesis.errors import Flaky, UnsatisfiedAssumption
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.errors import Flaky
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from .errors import KitError, Violation
 from .oracle import Oracle, Sent, SockView, UserView
@@ -37,6 +45,7 @@ RUN_INPUTS = (
     "2+2",
     "hello",
     '/sleep {"seconds": 0.2}\n3*7',
+    '/sleep {"seconds": 0.6}\n6*7',
     '/sleep {"seconds": 0.05}\n/sleep {"seconds": 0.05}',
     "/no_such_tool_here",
 )
@@ -78,6 +87,19 @@ class KitResult:
 
 _counter = iter(range(1, 10**9))
 
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _budgeted(fn: _F) -> _F:
+    """A rule that does nothing once the time budget is exhausted (see ``__init__``)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: ConformanceMachine, *args: Any, **kwargs: Any) -> None:
+        if not self.exhausted:
+            fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 class ConformanceMachine(RuleBasedStateMachine):
     """Client actions against ``target``; the class is specialised per run by :func:`run_kit`."""
@@ -89,10 +111,10 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        if time.monotonic() > self.shrink_deadline > 0 and not current_build_context().is_final:
-            # Past the time budget for searching and shrinking: refuse new examples cheaply so
-            # Hypothesis ends with the smallest failing trace found so far (final replay allowed).
-            raise UnsatisfiedAssumption()
+        # Past the time budget for searching and shrinking every rule is a no-op (same draws, no
+        # I/O), so Hypothesis ends quickly with the smallest failing trace found so far; the final
+        # replay of that trace runs for real.
+        self.exhausted = time.monotonic() > self.shrink_deadline > 0 and not current_build_context().is_final
         self.tm = self.target.timing
         self.oracle = Oracle(self.tm, tolerate_overload=self.target.tolerate_overload)
         self.http = Http(self.target.http_url, self.tm.late(self.tm.reply_timeout))
@@ -171,15 +193,27 @@ class ConformanceMachine(RuleBasedStateMachine):
                                    "tools": ["pipeproof_conformance_no_such_tool"]}, rid)
         self._wait(view, lambda: item.answered, f"reply to barrier {rid}")
 
-    def _has_live(self) -> bool:
-        return any(s.live and s.user is not None for s in self.socks)
-
     # -- rules: connection lifecycle (section 1) and auth (section 2) ---------------------------------
+    @initialize(start=st.booleans())
+    @_budgeted
+    def first_socket(self, start: bool) -> None:
+        """Every example begins with one READY socket (and maybe a run), so that the delivery rules
+        have something to act on from the first step."""
+        view = self._ready(0)
+        if start and view is not None and self.target.runs:
+            self.start_run(0, RUN_INPUTS[3], False)
+
     @rule(user=st.integers(0, USERS_PER_EXAMPLE - 1), resume=st.booleans())
+    @_budgeted
     def connect(self, user: int, resume: bool) -> None:
-        self._ready(user, resume and self.target.runs)
+        view = self._ready(user, resume and self.target.runs)
+        if view is not None and view.user is not None and resume and self.target.runs:
+            # What a resume promises (section 5): every event up to the ack's last_seq is either
+            # redelivered or terminal; the stream over HTTP shows which.
+            self._read_http(view.user)
 
     @rule(data=st.data())
+    @_budgeted
     def bad_token(self, data: st.DataObject) -> None:
         kinds = list(self.target.tokens.bad_kinds()) + (["user_disabled"] if self.target.disabled_user else [])
         kind = data.draw(st.sampled_from(kinds), label="kind")
@@ -191,6 +225,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         self._wait(view, lambda: False, f"close {kind}")
 
     @rule(kind=st.sampled_from(["garbage", "ack", "start"]))
+    @_budgeted
     def first_frame_not_init(self, kind: str) -> None:
         view = self._open(None, "good")
         self._act(f"connect {view.label}, first frame {kind}")
@@ -201,6 +236,7 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.tm.init_timeout <= 5.0)
     @rule()
+    @_budgeted
     def no_init(self) -> None:
         view = self._open(None, "good")
         self._act(f"connect {view.label}, send nothing")
@@ -241,30 +277,33 @@ class ConformanceMachine(RuleBasedStateMachine):
         self._wait(view, lambda: all(i.answered for i in view.frames if i.needs == "required"),
                    "reply to every frame sent")
 
-    @precondition(lambda self: self._has_live())
     @rule(index=st.integers(0, 50))
+    @_budgeted
     def duplicate_init(self, index: int) -> None:
         view = self._live(index)
-        assert view is not None and view.user is not None
+        if view is None or view.user is None:
+            return
         self._act(f"second connection_init on {view.label}")
         self._init(view, self.target.tokens.good(view.user.name))
         self._wait(view, lambda: False, "close 4429 duplicate_init")
 
-    @precondition(lambda self: self._has_live())
     @rule(index=st.integers(0, 50), n=st.integers(1, 3))
+    @_budgeted
     def garbage(self, index: int, n: int) -> None:
         view = self._live(index)
-        assert view is not None
+        if view is None:
+            return
         self._act(f"send {n} malformed frame(s) on {view.label}")
         for _ in range(n):
             self._send_kind(view, "garbage")
         self._await_replies(view)
 
-    @precondition(lambda self: self._has_live())
     @rule(index=st.integers(0, 50), graceful=st.booleans())
+    @_budgeted
     def drop(self, index: int, graceful: bool) -> None:
         view = self._live(index)
-        assert view is not None
+        if view is None:
+            return
         self.oracle.pump()
         self._act(f"drop {view.label} ({'close 1000' if graceful else 'cut TCP'})")
         view.sock.drop(graceful)
@@ -272,7 +311,8 @@ class ConformanceMachine(RuleBasedStateMachine):
         view.client_close()
 
     # -- rules: contexts and limits (section 3) --------------------------------------------------------
-    @rule(users=st.integers(1, USERS_PER_EXAMPLE), each=st.integers(1, 2))
+    @rule(users=st.integers(1, USERS_PER_EXAMPLE), each=st.integers(2, 3))
+    @_budgeted
     def burst(self, users: int, each: int) -> None:
         """Several sockets for one or several users, their inits sent at once: one context per user."""
         each = min(each, self.tm.max_connections_per_user - 1)
@@ -285,6 +325,10 @@ class ConformanceMachine(RuleBasedStateMachine):
         if not views:
             return
         self._act(f"burst: {len(views)} sockets init at once ({[v.label for v in views]})")
+        self._init_at_once(views)
+
+    def _init_at_once(self, views: list[SockView]) -> None:
+        """Send connection_init on every socket at the same moment, then wait for each answer."""
         go = threading.Barrier(len(views))
 
         def init(v: SockView) -> None:
@@ -304,18 +348,15 @@ class ConformanceMachine(RuleBasedStateMachine):
             self._wait(v, lambda v=v: v.acked is not None, "connection_ack")
 
     @rule()
+    @_budgeted
     def limit_probe(self) -> None:
         """A fresh user opens max_connections_per_user sockets, then one more: close 4429 connection_limit."""
         name = f"{self.names[0]}-limit-{self.seq}"
         self.seq += 1
         user = self.oracle.user(name)
         self._act(f"limit probe: {self.tm.max_connections_per_user} + 1 sockets for {name}")
-        opened = []
-        for _ in range(self.tm.max_connections_per_user):
-            v = self._open(user, "good")
-            self._init(v, self.target.tokens.good(name))
-            self._wait(v, lambda v=v: v.acked is not None, "connection_ack")
-            opened.append(v)
+        opened = [self._open(user, "good") for _ in range(self.tm.max_connections_per_user)]
+        self._init_at_once(opened)
         extra = self._open(user, "good")
         self._init(extra, self.target.tokens.good(name))
         self._wait(extra, lambda: extra.acked is not None, "close 4429 connection_limit")
@@ -330,11 +371,13 @@ class ConformanceMachine(RuleBasedStateMachine):
                 v.client_close()
 
     # -- rules: runs (section 4) and delivery (section 5) -----------------------------------------------
-    @precondition(lambda self: self.target.runs and self._has_live())
+    @precondition(lambda self: self.target.runs)
     @rule(index=st.integers(0, 50), text=st.sampled_from(RUN_INPUTS), repeat=st.booleans())
+    @_budgeted
     def start_run(self, index: int, text: str, repeat: bool) -> None:
         view = self._live(index)
-        assert view is not None and view.user is not None
+        if view is None or view.user is None:
+            return
         rid = self._rid("run")
         self.oracle.run_view(view.user, rid)
         self._act(f"run.start {rid} {text!r} on {view.label}" + (" (twice)" if repeat else ""))
@@ -344,11 +387,13 @@ class ConformanceMachine(RuleBasedStateMachine):
             view.send("start", frame, rid)
         self._await_replies(view)
 
-    @precondition(lambda self: self.target.runs and self._has_live())
+    @precondition(lambda self: self.target.runs)
     @rule(index=st.integers(0, 50), which=st.sampled_from(["own", "foreign"]))
+    @_budgeted
     def cancel(self, index: int, which: str) -> None:
         view = self._live(index)
-        assert view is not None and view.user is not None
+        if view is None or view.user is None:
+            return
         if which == "own":
             runs = [r for r in view.user.runs.values() if r.run_id]
             if not runs:
@@ -376,13 +421,15 @@ class ConformanceMachine(RuleBasedStateMachine):
             raise view.fail("no_cross_user_read", f"cancel of another user's run answered {shape_a}, "
                             f"an unknown run {shape_b}", ["the same answer for both (section 3)"])
 
-    @precondition(lambda self: self.target.runs and self._has_live())
+    @precondition(lambda self: self.target.runs)
     @rule(index=st.integers(0, 50), how=st.sampled_from(["prefix", "first", "beyond", "lower"]))
+    @_budgeted
     def ack(self, index: int, how: str) -> None:
         """Cumulative ack (section 5): of what was received, only the first, past the end, or a
         lower seq after a higher one (out of order); a barrier proves it handled."""
         view = self._live(index)
-        assert view is not None and view.user is not None
+        if view is None or view.user is None:
+            return
         self.oracle.pump()
         prefix = view.user.delivered_prefix()
         if prefix == 0 and how != "beyond":
@@ -400,6 +447,7 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.target.runs)
     @rule(user=st.integers(0, USERS_PER_EXAMPLE - 1), bad=st.booleans())
+    @_budgeted
     def read_stream(self, user: int, bad: bool) -> None:
         """GET /v1/events and /v1/escalations: the stream's delivery states, and isolation."""
         u = self.oracle.user(self.names[user])
@@ -446,6 +494,7 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.target.runs)
     @rule()
+    @_budgeted
     def let_time_pass(self) -> None:
         """Withhold acks and let model time pass: every event must end ACKED or ESCALATED within the
         declared horizon (section 5). Polls the stream until then; never a blind sleep."""
@@ -458,7 +507,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             pending = 0
             for u in users:
                 for rec in self._read_http(u):
-                    if rec.get("state") in ("pending", "sent"):
+                    if str(rec.get("state", "")).lower() in ("pending", "sent"):
                         pending += 1
             if pending == 0 or time.monotonic() > deadline:
                 break
@@ -472,20 +521,29 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.oracle.end_of_step()
 
     def teardown(self) -> None:
-        for s in self.socks:
-            if not s.sock.ended:
-                s.sock.drop(True)
-        self.http.close()
+        try:
+            if not self.exhausted and self.target.runs:
+                # End of the example: what the server stored must be what the model allows too.
+                for u in list(self.oracle.users.values()):
+                    if u.context_id is not None and (u.runs or u.events):
+                        self._act(f"read back the stream of {u.name}")
+                        self._read_http(u)
+        finally:
+            for s in self.socks:
+                if not s.sock.ended:
+                    s.sock.drop(True)
+            self.http.close()
         for prop, n in self.oracle.checks.items():
             type(self).result.checks[prop] = type(self).result.checks.get(prop, 0) + n
 
 
 def run_kit(target: Target, *, examples: int = 20, steps: int = 8, randomize: bool = False,
-            budget: float = 45.0, prefix: str | None = None) -> KitResult:
+            budget: float = 45.0, shrink_budget: float = 4.0, prefix: str | None = None) -> KitResult:
     """Run the kit; a violation comes back in ``result.violation`` with the shrunk client actions.
 
-    ``budget`` bounds search and shrinking in seconds (the smallest failing trace found by then is
-    the one reported). Runs are derandomized (the same examples every time) unless ``randomize``.
+    The search is bounded by ``examples`` (derandomized unless ``randomize``: the same client
+    actions every run) and, as a safety net, by ``budget`` seconds; shrinking a failure gets
+    ``shrink_budget`` seconds from the moment it is found, then the smallest trace so far is reported.
     """
     result = KitResult()
     start = time.monotonic()
@@ -497,30 +555,37 @@ def run_kit(target: Target, *, examples: int = 20, steps: int = 8, randomize: bo
                    derandomize=not randomize, suppress_health_check=list(HealthCheck),
                    phases=[Phase.generate, Phase.shrink], report_multiple_bugs=False, print_blob=False)
     trace: list[str] = []
-    _capture_steps(machine, trace)
+    seen: list[Violation] = []
+    def found(v: Violation) -> None:
+        seen.append(v)
+        machine.shrink_deadline = min(machine.shrink_deadline, time.monotonic() + shrink_budget)
+
+    _capture_steps(machine, trace, found)
     try:
         run_state_machine_as_test(machine, settings=cfg)
     except Violation as v:
         v.trace = tuple(trace)
         result.violation = v
     except Flaky as exc:
-        inner = _first_violation(exc)
-        if inner is None:
-            raise KitError(f"the server behaved differently when a failing trace was replayed: {exc}") from None
-        inner.trace = tuple(trace)
-        result.violation = inner
+        # The server's timing made a replay fail at another step (or not at all): every violation
+        # was recorded with the actions that led to it; report the shortest.
+        if not seen:
+            raise KitError(f"a failing trace did not fail again when replayed: {exc}") from None
+        result.violation = min(seen, key=lambda v: len(v.trace))
     result.seconds = time.monotonic() - start
     return result
 
 
-def _capture_steps(machine: type[ConformanceMachine], trace: list[str]) -> None:
-    """Keep the client actions of the last example run (the shrunk one when a violation is raised)."""
+def _capture_steps(machine: type[ConformanceMachine], trace: list[str], found: Callable[[Violation], None]) -> None:
+    """Keep the client actions of the last example run (the shrunk one when a violation is raised)
+    and every violation any example raised, with its own actions."""
     original = machine.__init__
 
     def init(self: ConformanceMachine) -> None:
         original(self)
         trace.clear()
         self.oracle.actions = trace
+        self.oracle.on_violation = found
 
     machine.__init__ = init  # type: ignore[method-assign]
 

@@ -254,6 +254,9 @@ class SockView:
         self.elems = after
         self.acked = f
         if self.user is not None:
+            # A socket that became READY after an ack was proven handled cannot carry a copy written
+            # before it: every frame on it for those seqs is a resend.
+            self.floor = self.user.proven
             self.user.on_ack(self, f)
             self.attached = True
 
@@ -440,6 +443,7 @@ class UserView:
         self.ack_perm = 0  # the highest seq any client of this user acked (ack or resume)
         self.blind = False  # a socket was dropped: sends the client never read are possible
         self.recent_drops: list[float] = []
+        self.proven = 0  # the highest seq whose ack a barrier proved handled
 
     def live_sockets(self) -> list[SockView]:
         return [s for s in self.sockets if s.live]
@@ -587,9 +591,10 @@ class UserView:
             ev.belief.configs = out
             ev.acked = any(c[0] is Delivery.ACKED for c in out)
         sock.floor = max(sock.floor, n)
+        self.proven = max(self.proven, n)
 
     def on_http_event(self, rec: Mapping[str, Any], now: float) -> None:
-        seq, state = int(rec["seq"]), str(rec.get("state", ""))
+        seq, state = int(rec["seq"]), str(rec.get("state", "")).lower()
         run_id, kind = str(rec.get("run_id")), str(rec.get("event"))
         self.kit.count("no_cross_user_read")
         owner = self.kit.run_owner.get(run_id)
@@ -634,8 +639,14 @@ class UserView:
                             out.add(a)
             ev.reason = str(reason)
         else:
-            out = {c for c in closure if c[0] is want and (attempt is None or c[1][0] == attempt)}
+            # The store may lag the socket (a server marks SENT after queueing the frame), so a
+            # PENDING/SENT read is only checked for liveness; terminal reads cannot be stale.
+            if any(c[0] in (Delivery.ACKED, Delivery.ESCALATED) for c in b.configs) and ev.acked is False \
+                    and ev.reason is not None:
+                raise self.kit.violation("monotonic_event_state", f"{where} after it was escalated",
+                                         ["ESCALATED is never left"])
             self._liveness(ev, state, attempt, now, where)
+            return
         if not out:
             raise self.kit.violation("every_event_acked_or_escalated" if want is not Delivery.SENT else
                                      "model_transition", f"{where} (attempt {attempt}); the model has it in "
@@ -731,12 +742,17 @@ class Oracle:
         self.run_owner: dict[str, UserView] = {}
         self.checks: dict[str, int] = {}
         self.actions: list[str] = []
+        self.on_violation: Callable[[Violation], None] | None = None
 
     def count(self, prop: str) -> None:
         self.checks[prop] = self.checks.get(prop, 0) + 1
 
     def violation(self, prop: str, observed: str, allowed: Iterable[str]) -> Violation:
-        return Violation(prop, observed, list(allowed), context=self.actions[-8:])
+        v = Violation(prop, observed, list(allowed), context=self.actions[-8:])
+        v.trace = tuple(self.actions)
+        if self.on_violation is not None:
+            self.on_violation(v)
+        return v
 
     def user(self, name: str) -> UserView:
         u = self.users.get(name)

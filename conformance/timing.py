@@ -84,9 +84,12 @@ SMALL = Timing(
     heartbeat_interval=2.0,
     preready_buffer_frames=4,
     error_budget=3,
-    max_connections_per_user=3,
+    max_connections_per_user=4,
     run_max_steps=16,
 )
 """The profile ``pipeproof conform --serve`` starts the reference server with."""
 
-__all__ = ["SMALL", "Timing"]
+FAST = SMALL.with_(init_timeout=0.3, ack_timeout=0.1, ack_timeout_max=0.1, resume_window=0.3, slack=0.2)
+"""A faster profile for the seeded-defect tests (many short runs); too tight for a loaded machine."""
+
+__all__ = ["FAST", "SMALL", "Timing"]

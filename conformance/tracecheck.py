@@ -378,6 +378,8 @@ class TraceChecker:
     def finish(self) -> TraceReport:
         if self.report.violation is not None:
             return self.report
+        self._check_urgency(Line(self.report.lines + 1, {"ts": self.last_ts, "machine": "", "id": "",
+                                                           "event": "end of log", "from": "", "to": ""}))
         for line, ctx, seq, attempt in self.delivers:
             attempts = self.sent.get((ctx, seq))
             known = ("delivery", f"{ctx}:{seq}") in self.instances
