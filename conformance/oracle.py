@@ -63,7 +63,9 @@ def _allowed(machine: Machine, configs: Iterable[Config], inputs: Iterable[Mappi
 class Belief:
     """The configurations a machine instance may be in (see module docstring)."""
 
-    def __init__(self, machine: Machine, hidden: Iterable[str] = (), inputs: Iterable[Mapping[str, Any]] = ({},)):
+    def __init__(
+        self, machine: Machine, hidden: Iterable[str] = (), inputs: Iterable[Mapping[str, Any]] = ({},)
+    ) -> None:
         self.machine = machine
         self.configs: set[Config] = {machine.initial_config()}
         self.hidden = set(hidden)
@@ -169,7 +171,7 @@ class SockView:
             for t, after in m.fire_all(cfg, event):
                 if not t.emits.startswith("close"):
                     yield (after, rcv + 1, hnd)
-        for t, after in m.fire_all(cfg, "auth_ok"):
+        for _, after in m.fire_all(cfg, "auth_ok"):
             yield (after, rcv, hnd)
         if hnd < len(self.frames):
             for _, after in m.fire_all(cfg, "handle_frame"):
@@ -240,7 +242,7 @@ class SockView:
         self.kit.count("ready_before_ack")
         if self.acked is not None:
             raise self.fail("ready_before_ack", "a second connection_ack", self.allowed())
-        after = {(a, r, h) for (c, r, h) in self.closure() for t, a in self.machine.fire_all(c, "send_ack")}
+        after = {(a, r, h) for (c, r, h) in self.closure() for _, a in self.machine.fire_all(c, "send_ack")}
         if not after:
             raise self.fail("ready_before_ack", "connection_ack where the model allows no send_ack")
         self.kit.count("auth_errors_specific")
@@ -262,7 +264,7 @@ class SockView:
 
     def _on_event(self, f: dict[str, Any], o: Obs) -> None:
         self.kit.count("no_message_before_ready")
-        after = {(a, r, h) for (c, r, h) in self.closure() for t, a in self.machine.fire_all(c, "deliver")}
+        after = {(a, r, h) for (c, r, h) in self.closure() for _, a in self.machine.fire_all(c, "deliver")}
         if not after:
             raise self.fail("ready_before_ack", f"event seq {f.get('seq')} where the model allows no deliver")
         self.elems = after
@@ -648,8 +650,8 @@ class UserView:
             self._liveness(ev, state, attempt, now, where)
             return
         if not out:
-            raise self.kit.violation("every_event_acked_or_escalated" if want is not Delivery.SENT else
-                                     "model_transition", f"{where} (attempt {attempt}); the model has it in "
+            raise self.kit.violation("every_event_acked_or_escalated",
+                                     f"{where} (attempt {attempt}); the model has it in "
                                      f"{b.states()}", b.allowed())
         b.configs = out
 

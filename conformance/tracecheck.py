@@ -327,10 +327,10 @@ class TraceChecker:
         elif m.name == "connection":
             self._check_close(inst, line)
             if line.event == "deliver":
-                seq, attempt = line.detail.get("seq"), line.detail.get("attempt")
-                ctx = line.raw.get("context_id")
-                if isinstance(seq, int) and isinstance(attempt, int) and isinstance(ctx, str):
-                    self.delivers.append((line, ctx, seq, attempt))
+                dseq, dattempt = line.detail.get("seq"), line.detail.get("attempt")
+                dctx = line.raw.get("context_id")
+                if isinstance(dseq, int) and isinstance(dattempt, int) and isinstance(dctx, str):
+                    self.delivers.append((line, dctx, dseq, dattempt))
 
     def _check_close(self, inst: Instance, line: Line) -> None:
         if line.raw["to"] != "CLOSED":
@@ -370,8 +370,9 @@ class TraceChecker:
         for key, since in list(self.due.items()):
             if line.ts - since.ts > self.urgency:
                 inst = self.instances[key]
+                shown = inst.machine.describe(inst.config) if inst.config is not None else inst.state.name
                 raise self._fail("every_event_acked_or_escalated", since, inst,
-                                 f"event {key[1]} reached its deadline ({inst.machine.describe(inst.config or (inst.state, ()))})"
+                                 f"event {key[1]} reached its deadline ({shown})"
                                  f" and nothing happened for {line.ts - since.ts:.2f}s (until line {line.no})",
                                  allowed_from(inst.machine, inst.state, inst.values, {}))
 

@@ -9,6 +9,7 @@ The client answers server pings (section 6), never pings itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket as socketlib
 import threading
@@ -127,15 +128,11 @@ class Socket:
         """The client goes away: a close handshake (1000), or the TCP connection cut without one."""
         self.dropped = True
         if graceful:
-            try:
+            with contextlib.suppress(ConnectionClosed, OSError):
                 self.ws.close(1000, "bye")
-            except (ConnectionClosed, OSError):
-                pass
         else:
-            try:
+            with contextlib.suppress(OSError):
                 self.ws.socket.shutdown(socketlib.SHUT_RDWR)
-            except OSError:
-                pass
             self.ws.close_socket()
         self._reader.join(timeout=2.0)
 

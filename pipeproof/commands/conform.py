@@ -72,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
     base = SMALL if args.serve else Timing()
     timing = base.with_(**{n: getattr(args, n) for n in _TIMING_FLAGS})
     server: ServedServer | None = None
+    secret: str | None
     try:
         if args.serve:
             server = ServedServer(timing).start()
             url, secret, disabled = server.url, server.secret, DISABLED_USER
             print(f"pipeproof conform: reference server on {url} (pid {server.proc.pid if server.proc else '?'})")
         else:
-            url = args.url
+            url = str(args.url)
             secret = args.secret or os.environ.get("PIPEPROOF_JWT_SECRET")
             disabled = args.disabled_user
             if secret is None and not given:

@@ -21,7 +21,7 @@ import pytest
 from server_harness import ServerThread, make_settings
 
 from pipeproof.conformance.serve import DISABLED_USER
-from pipeproof.conformance.timing import FAST, SMALL, Timing
+from pipeproof.conformance.timing import SMALL, Timing
 from pipeproof.impl import app as app_module
 from pipeproof.impl.audit import TracedMachine
 from pipeproof.impl.contexts import ContextRegistry

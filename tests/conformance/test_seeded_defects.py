@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from broken import DEFECTS, start_server
+from server_harness import SECRET
 
 from pipeproof.conformance.kit import Target, run_kit
 from pipeproof.conformance.serve import DISABLED_USER
 from pipeproof.conformance.timing import FAST
 from pipeproof.conformance.tracecheck import ModelParams, check_file
 from pipeproof.conformance.wire import Tokens
-from server_harness import SECRET
 
 # The property each defect must be caught by, live and in the trace. Live, a defect may show first
 # through another rule it breaks (model_transition: an observation no machine allows), so the live
