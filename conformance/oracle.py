@@ -153,6 +153,7 @@ class SockView:
         self.attached = False
         self.floor = 0  # seqs <= floor were acked and a later barrier proved the ack handled here
         self.delivered: set[int] = set()
+        self.attempts: dict[int, int] = {}  # seq -> highest attempt seen on this socket
 
     @property
     def live(self) -> bool:
@@ -546,9 +547,14 @@ class UserView:
             return  # a copy written before the ack was handled; this socket has not passed a barrier since
         b = ev.belief
         closure = b.closure()
-        copies = {c for c in closure if c[1][0] == attempt and c[1][4] and c[0] in (Delivery.SENT, Delivery.PENDING)}
-        if copies and attempt <= ev.attempt_seen:
-            b.configs = copies  # fan-out or a late copy of an attempt already written: no transition
+        last_here = sock.attempts.get(seq, 0)
+        if attempt < last_here:
+            raise self.kit.violation("monotonic_event_state", f"{where} after attempt {last_here} on this socket",
+                                     ["attempts of one event increase on a socket"])
+        sock.attempts[seq] = attempt
+        if attempt <= ev.attempt_seen:
+            # Fan-out of an attempt already written, or an older attempt read late from another
+            # socket (the order across sockets is not observable): no transition.
             return
         self.kit.count("attempts_bounded")
         after = b.fire("send", lambda c: c[1][0] == attempt)

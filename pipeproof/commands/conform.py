@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", action="append", default=[], metavar="USER=JWT",
                         help="use this token for USER instead of minting (repeatable)")
     parser.add_argument("--disabled-user", default=None, help="a user the server refuses with 4403 user_disabled")
-    parser.add_argument("--examples", type=int, default=None, help="Hypothesis examples (default 12)")
+    parser.add_argument("--examples", type=int, default=None, help="Hypothesis examples (default 20)")
     parser.add_argument("--steps", type=int, default=8, help="client actions per example (default 8)")
     parser.add_argument("--budget", type=float, default=45.0,
                         help="seconds for searching and shrinking before the best trace is reported (45)")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         target = Target(url, Tokens(secret, args.audience, given=given), timing,
                         tolerate_overload=args.tolerate_overload, runs=not args.no_runs, disabled_user=disabled)
-        result = run_kit(target, examples=args.examples or 12, steps=args.steps, randomize=args.random,
+        result = run_kit(target, examples=args.examples or 20, steps=args.steps, randomize=args.random,
                          budget=args.budget)
         print(text_summary(result, url))
         if args.junit is not None:
