@@ -127,9 +127,11 @@ class TracedMachine:
         self.machine = machine
         self.name = name
         self.instance_id = instance_id
-        # ``runner``: a Runner built from a shared python-statemachine class (building the class
-        # per instance costs milliseconds per event) or restored at a stored configuration.
-        self.runner = runner if runner is not None else Runner(machine)
+        # ``runner``: a Runner restored at a stored configuration, else a fresh one. The
+        # declaration engine fires the machine's compiled transitions (~50x cheaper per transition
+        # than python-statemachine, which costs ~0.5 ms per instance and fire) and refuses exactly
+        # what the declaration refuses, so the audit log is the same line for line.
+        self.runner = runner if runner is not None else Runner(machine, engine="declaration")
         self.audit = audit
         self.user = user
         self.context_id = context_id
@@ -147,7 +149,7 @@ class TracedMachine:
         return self.runner.can(event, **inputs)
 
     def fire(self, event: str, detail: Mapping[str, Any] | None = None, **inputs: Value) -> Transition:
-        """Fire ``event`` through python-statemachine and record the transition (or raise)."""
+        """Fire ``event`` through the Runner and record the transition (or raise)."""
         transition = self.runner.fire(event, **inputs)
         full = dict(detail or {})
         if inputs:

@@ -48,7 +48,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeproof.model.delivery import Delivery, delivery_machine
 from pipeproof.model.expr import Value
-from pipeproof.model.spec import Machine, Runner, _Model, build_statemachine
+from pipeproof.model.spec import Machine, Runner
 
 from .audit import AuditWriter, TracedMachine
 from .frames import EventFrame
@@ -95,20 +95,16 @@ class DeliveryMetrics:
             self.escalations.labels(reason=reason)
 
 
-class _RestoredRunner(Runner):
-    """A Runner started at a stored configuration (an event recovered after a restart).
+def restored_runner(machine: Machine, state: enum.Enum, values: Mapping[str, Value]) -> Runner:
+    """A declaration-engine Runner started at a stored configuration (recovery after a restart).
 
-    The model's Runner has no restore API; this builds the python-statemachine instance with
-    ``start_value`` on a fresh model object holding the restored variables.
+    ``values`` names every variable of ``machine``; a missing or unknown one is a bug here.
     """
-
-    def __init__(
-        self, machine: Machine, sm_class: type[Any], state: enum.Enum, values: Mapping[str, Value]
-    ) -> None:
-        self.machine = machine
-        self.model = _Model(machine)
-        self.model.values.update(values)
-        self.sm = sm_class(model=self.model, start_value=state.name)
+    if set(values) != set(machine.var_names):
+        raise ValueError(f"restoring {machine.name}: variables {sorted(values)} != {sorted(machine.var_names)}")
+    return Runner(
+        machine, engine="declaration", start=(state, tuple(values[n] for n in machine.var_names))
+    )
 
 
 @dataclass
@@ -174,7 +170,6 @@ class DeliveryService:
         self.audit = audit
         self.metrics = metrics
         self.machine = delivery_machine(settings.max_attempts, 1, 1)
-        self._sm_class = build_statemachine(self.machine)
         self._rng = rng or random.Random()
         self.streams: dict[str, _Stream] = {}
         self.recovered = asyncio.Event()
@@ -216,7 +211,9 @@ class DeliveryService:
             self.audit,
             user=user,
             context_id=record.context_id,
-            runner=runner if runner is not None else Runner(self.machine, self._sm_class),
+            # The declaration engine: compiled guards and updates, ~50x cheaper per transition than
+            # python-statemachine, and refusing exactly what the declaration refuses.
+            runner=runner if runner is not None else Runner(self.machine, engine="declaration"),
         )
 
     def _track(self, stream: _Stream, tracked: _Tracked, now: float) -> None:
@@ -262,14 +259,14 @@ class DeliveryService:
                     users[record.context_id] = info.user_id if info is not None else ""
                 stream = self._stream(record.context_id, users[record.context_id])
                 state = S if record.state is EventState.SENT else P
-                values = {
+                values: dict[str, Value] = {
                     "attempt": record.attempt,
                     "waited": 0,
                     "idle": 0,
                     "age": 0,
                     "delivered": record.attempt > 0,
                 }
-                runner = _RestoredRunner(self.machine, self._sm_class, state, values)
+                runner = restored_runner(self.machine, state, values)
                 tracked = _Tracked(record, self._machine(record, stream.user, runner), record.attempt)
                 if state is S:
                     tracked.ack_deadline = now + self.ack_wait(record.attempt)

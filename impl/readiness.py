@@ -131,6 +131,7 @@ class Readiness:
                     settings.resolved_database_url(),
                     pool_size=settings.store_pool_size,
                     timeout=settings.store_timeout,
+                    sqlite_synchronous=settings.sqlite_synchronous,  # ignored for PostgreSQL
                 ),
                 timeout,
             )

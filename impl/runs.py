@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pipeproof.errors import StoreError
 from pipeproof.model.run import Run, run_machine
-from pipeproof.model.spec import Runner, build_statemachine
+from pipeproof.model.spec import Runner
 
 from .agents import Agent, AgentFailed, AgentRequest, DemoAgent, FinalAnswer, StepStream, Thinking, ToolCall
 from .audit import TracedMachine
-from .delivery import DeliveryMetrics, DeliveryService, _RestoredRunner
+from .delivery import DeliveryMetrics, DeliveryService, restored_runner
 from .frames import Ack, ErrorFrame, RunAccepted, RunCancel, RunStart
 from .handlers import Session
 from .sender import SendFailed
@@ -106,7 +106,6 @@ class AgentRuntime:
         self._running: dict[str, _Run] = {}
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._run_sm: type[Any] | None = None
 
     # -- lifecycle (impl/app.py) ---------------------------------------------------------------
 
@@ -116,7 +115,6 @@ class AgentRuntime:
         self.metrics = DeliveryMetrics(state.metrics) if self.metrics is None else self.metrics
         self.delivery = DeliveryService(state.settings, store, state.audit, self.metrics)
         self._machine = run_machine(state.settings.run_max_steps)
-        self._run_sm = build_statemachine(self._machine)
         self._spawn(self._recover(), "runs-recover")
 
     async def _recover(self) -> None:
@@ -144,10 +142,7 @@ class AgentRuntime:
                 else Run.RUNNING
             )
             steps = sum(1 for k in kinds if k in ("agent_thinking", "tool_executing"))
-            assert self._run_sm is not None
-            runner = _RestoredRunner(
-                self._machine, self._run_sm, state, {"cancel_requested": False, "steps": steps}
-            )
+            runner = restored_runner(self._machine, state, {"cancel_requested": False, "steps": steps})
             machine = TracedMachine(
                 self._machine,
                 "run",
@@ -242,7 +237,6 @@ class AgentRuntime:
             )
             return
         run_id = uuid.uuid4().hex
-        assert self._run_sm is not None
         machine = TracedMachine(
             self._machine,
             "run",
@@ -250,7 +244,7 @@ class AgentRuntime:
             state.audit,
             user=session.user,
             context_id=session.context_id,
-            runner=Runner(self._machine, self._run_sm),
+            runner=Runner(self._machine, engine="declaration"),
         )
         tools = list(frame.tools) if frame.tools is not None else self.tools.names()
         try:

@@ -27,6 +27,7 @@ closed with 4400 (or 4429 when it came from a buffer overflow), never 1011.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -39,7 +40,7 @@ from starlette.websockets import WebSocket
 
 from pipeproof.errors import IllegalTransition, StoreError
 from pipeproof.model.connection import CONNECTION, Conn
-from pipeproof.model.spec import Transition
+from pipeproof.model.spec import Machine, Transition
 
 from .audit import TracedMachine
 from .auth import AuthError, authenticate
@@ -85,6 +86,14 @@ def _type_of(item: ClientItem) -> str:
     return f"invalid:{item.frame_type}" if isinstance(item, InvalidMessage) else item.type
 
 
+
+@functools.lru_cache(maxsize=8)
+def connection_machine(buffer_max: int) -> Machine:
+    """The connection machine with its buffer parameter, built once per value: ``with_params``
+    re-validates the machine and its compiled transitions are cached per instance, so one
+    instance per socket would recompile them on every connection."""
+    return CONNECTION.with_params(buffer_max=buffer_max)
+
 class ConnectionShell:
     """Drives one accepted WebSocket; also the :class:`~pipeproof.impl.handlers.Session` that
     handlers see (``session_id``, ``user``, ``account``, ``context_id``, ``epoch``, ``send``)."""
@@ -99,7 +108,7 @@ class ConnectionShell:
         self._context_id: str | None = None
         self._epoch = 0
         self.conn = TracedMachine(
-            CONNECTION.with_params(buffer_max=self.settings.preready_buffer_frames),
+            connection_machine(self.settings.preready_buffer_frames),
             "connection",
             self.session_id,
             state.audit,

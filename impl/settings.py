@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     store_timeout: PositiveSeconds = 5.0
     store_pool_size: int = Field(default=10, ge=1)
+    # SQLite only. In WAL mode NORMAL skips the fsync per commit: a commit survives a process crash
+    # (kill -9: it is in the WAL file, in the OS's page cache), and only an OS crash or power loss
+    # can lose the last commits. FULL syncs the WAL on every commit (power-loss durable, slower).
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
     # Section 1: connection lifecycle.
     init_timeout: PositiveSeconds = 3.0

@@ -25,6 +25,7 @@ Timestamps are float seconds supplied by the caller (``now``), as in the clock-f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import time
@@ -33,7 +34,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Generic, Literal, TypeVar, get_args
 
 import sqlalchemy.exc as sa_exc
 from sqlalchemy import (
@@ -51,12 +52,16 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
+    case,
     event,
     false,
     func,
     inspect,
+    or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -94,6 +99,8 @@ LIVE_STATES: Final = (EventState.PENDING.value, EventState.SENT.value)
 
 EscalationReason = Literal["max_attempts", "no_session", "send_failed"]
 ESCALATION_REASONS: Final[tuple[str, ...]] = get_args(EscalationReason)
+
+SqliteSynchronous = Literal["NORMAL", "FULL"]
 
 
 @dataclass(frozen=True)
@@ -361,6 +368,23 @@ def _event_from_row(row: Row[Any]) -> EventRecord:
     )
 
 
+def _event_from_mapping(row: Mapping[str, Any]) -> EventRecord:
+    # What _event_from_row would read back: the payload goes through JSON as stored.
+    return EventRecord(
+        context_id=row["context_id"],
+        seq=row["seq"],
+        event_id=row["event_id"],
+        run_id=row["run_id"],
+        kind=row["kind"],
+        data=MappingProxyType(json.loads(row["data"])),
+        state=EventState(row["state"]),
+        attempt=row["attempt"],
+        reason=row["reason"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+    )
+
+
 def _run_from_row(row: Row[Any]) -> RunRecord:
     return RunRecord(
         run_id=str(row.run_id),
@@ -391,11 +415,67 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
+
+_MAX_GROUP: Final = 256
+"""Writes per group transaction at most: bounds how long one transaction holds the write lock."""
+
+
+Merge = Callable[[AsyncConnection, list[Any]], Awaitable[list[Any]]]
+"""Runs several writes of one kind as a few statements: takes their ``args``, returns one outcome
+per write (its result, or the StoreError it would raise), in order. Raising, or refusing any
+write, sends the whole group down the one-transaction-per-write path."""
+
+
+@dataclass
+class _PendingWrite(Generic[T]):
+    """A write waiting for the writer task: its standalone body, optionally a merge of its kind
+    with its arguments, and the caller's future (set after COMMIT)."""
+
+    operation: str
+    body: Callable[[AsyncConnection], Awaitable[T]]
+    future: asyncio.Future[T]
+    merge: Merge | None = None
+    args: Any = None
+
+
+class _GroupBodyFailed(Exception):
+    """A write's body failed inside a group transaction (internal: the group is then retried
+    write by write, so the caller sees the write's own error)."""
+
+    def __init__(self, operation: str) -> None:
+        super().__init__(operation)
+        self.operation = operation
+
+
+class _HeldConnection:
+    """The writer task's connection, kept while groups follow each other."""
+
+    def __init__(self) -> None:
+        self.conn: AsyncConnection | None = None
+
+    async def release(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        # Returning a broken connection to the pool may fail: the pool discards it, and the
+        # failure that broke it has already been raised to the writes that were using it.
+        with contextlib.suppress(sa_exc.SQLAlchemyError, OSError):
+            await conn.close()
+
+
+def _fail(w: _PendingWrite[Any], exc: BaseException) -> None:
+    if not w.future.done():
+        w.future.set_exception(exc)
+
+
 class Store:
     """The async store interface (PROTOCOL sections 3-5). Build it with :func:`open_store`.
 
-    Safe to share between tasks; every method runs in its own transaction on a pooled connection,
-    and the same instance (or instances in other processes) may be used concurrently.
+    Safe to share between tasks, and the same instance (or instances in other processes) may be
+    used concurrently. Reads run in their own transaction on a pooled connection; writes are
+    group-committed by one writer task per instance (:meth:`_write`): each write's body runs in
+    order inside a shared transaction and its caller resumes after that COMMIT. A write whose body
+    fails does not fail the others: the group is rolled back and each write committed alone.
     """
 
     def __init__(self, engine: AsyncEngine, *, secret: str | None, pg_schema: str | None) -> None:
@@ -403,7 +483,11 @@ class Store:
         self._secret = secret
         self._pg_schema = pg_schema
         self._dialect = engine.dialect.name
-        self._sqlite_writer = asyncio.Lock()
+        # Group commit: every write of this process goes through one writer task (see _write).
+        self._pending: list[_PendingWrite[Any]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def dialect(self) -> str:
@@ -421,46 +505,185 @@ class Store:
     async def _run(
         self, operation: str, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool
     ) -> T:
-        """Run ``body`` in one transaction, commit, and type every store failure.
+        """Run ``body`` in a transaction, commit, and type every store failure.
 
-        ``write`` makes SQLite take its write lock at BEGIN (``BEGIN IMMEDIATE``): a deferred
-        transaction that reads and then writes can fail with SQLITE_BUSY without waiting, whereas an
-        immediate one waits up to ``busy_timeout`` for its turn.
+        Reads run in their own transaction on a pooled connection. Writes are group-committed:
+        ``body`` joins the writer task's next transaction, and this returns (or raises) only
+        after that transaction's COMMIT, so a caller that awaits an append before sending still
+        sends only what is durable.
         """
-        if write and self._dialect == "sqlite":
-            # SQLite has one writer at a time. Letting pooled connections race for the write lock
-            # puts the losers in SQLite's busy handler, which sleeps in steps of up to 100 ms (and
-            # fails with "database is locked" past busy_timeout): under load that is both slow and
-            # an error. Writers of this process queue here instead; busy_timeout still covers
-            # other processes sharing the file.
-            async with self._sqlite_writer:
-                return await self._run_tx(operation, body, write=write)
-        return await self._run_tx(operation, body, write=write)
+        if not write:
+            return await self._run_tx(operation, body, write=False)
+        return await self._write(operation, body)
+
+    async def _write(
+        self,
+        operation: str,
+        body: Callable[[AsyncConnection], Awaitable[T]],
+        *,
+        merge: Merge | None = None,
+        args: Any = None,
+    ) -> T:
+        """Queue a write for the writer task and wait for its commit.
+
+        Why one writer: each transaction costs 1.5-3.5 ms of fixed overhead (BEGIN IMMEDIATE,
+        COMMIT and its WAL sync, thread hops to the driver), and SQLite admits one writer at a
+        time anyway. The writer takes every write queued while the previous transaction ran and
+        commits them together, so that overhead is paid once per batch rather than per write.
+
+        ``merge`` (the hot writes: append, mark_sent, ack_through) lets the group run every write
+        of that kind as a few statements: each statement costs ~1 ms through the async driver
+        (several thread hops), so a group of N appends must not cost N statements. Writes queued
+        together were issued concurrently (every caller awaits its write before its next one), so
+        running them grouped by kind is equivalent to one of their possible arrival orders.
+        """
+        if self._closing:
+            raise StoreUnavailable(operation, "the store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingWrite(operation, body, future, merge, args))
+        if self._writer is None or self._writer.done():
+            # A fresh Event per writer: an asyncio.Event binds to the loop that first waits on it.
+            self._wake = asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name="pipeproof-store-writer"
+            )
+        self._wake.set()
+        # A cancelled caller cancels its future: the writer then skips the write if it has not
+        # started (as a cancelled transaction would have rolled back), or commits it with the
+        # batch it is already part of (as a transaction cancelled after COMMIT would have).
+        return await future
+
+    async def _write_loop(self) -> None:
+        held = _HeldConnection()
+        try:
+            while self._pending or not self._closing:
+                if not self._pending:
+                    # Idle: the connection goes back to the pool, so the next group's checkout
+                    # pre-pings it (a connection dropped while idle is replaced, not failed on).
+                    await held.release()
+                    # Clear, then re-check, then wait, with no await in between: a write queued
+                    # during release() must not have its wake-up cleared.
+                    self._wake.clear()
+                    if not self._pending and not self._closing:
+                        await self._wake.wait()
+                    continue
+                batch = self._pending[:_MAX_GROUP]
+                del self._pending[:_MAX_GROUP]
+                await self._commit_group(batch, held)
+        finally:
+            await asyncio.shield(held.release())
+            # Cancelled (event loop shutting down) or a bug in this loop: no caller may wait
+            # forever on a write the writer will not run.
+            for pending in self._pending:
+                _fail(pending, StoreUnavailable(pending.operation, "the store writer stopped"))
+            self._pending.clear()
+
+    async def _commit_group(self, batch: list[_PendingWrite[Any]], held: _HeldConnection) -> None:
+        live = [w for w in batch if not w.future.done()]
+        try:
+            if len(live) == 1:  # alone: its own body, exactly an unmerged write
+                await self._commit_alone(live[0], held)
+            elif live:
+                await self._commit_together(live, held)
+        finally:
+            # Cancellation mid-batch rolls the transaction back (``_run_tx``): say so to each caller.
+            for w in live:
+                _fail(w, StoreUnavailable(w.operation, "the store writer stopped before COMMIT"))
+
+    async def _commit_alone(self, w: _PendingWrite[Any], held: _HeldConnection) -> None:
+        try:
+            result = await self._run_tx(w.operation, w.body, write=True, held=held)
+        except Exception as exc:  # noqa: BLE001 - not swallowed: the waiting caller raises it
+            # A StoreError, or a bug in the body: either way it belongs to this write's caller,
+            # and the writer must live on for the other writes.
+            _fail(w, exc)
+            return
+        if not w.future.done():
+            w.future.set_result(result)
+
+    async def _commit_together(self, live: list[_PendingWrite[Any]], held: _HeldConnection) -> None:
+        # Plain writes run in queue order; each kind with a merge runs once, where its first
+        # write was queued, for all the writes of that kind.
+        steps: list[int | Merge] = []
+        merged: dict[Merge, list[int]] = {}
+        for index, w in enumerate(live):
+            if w.merge is None:
+                steps.append(index)
+            elif w.merge in merged:
+                merged[w.merge].append(index)
+            else:
+                merged[w.merge] = [index]
+                steps.append(w.merge)
+
+        async def body(conn: AsyncConnection) -> list[Any]:
+            outcomes: list[Any] = [None] * len(live)
+            for step in steps:
+                if isinstance(step, int):
+                    try:
+                        outcomes[step] = await live[step].body(conn)
+                    except Exception as exc:
+                        # One write's failure (an unknown context, a conflict, a lock timeout)
+                        # must not fail the others: roll back and commit each alone (below).
+                        raise _GroupBodyFailed(live[step].operation) from exc
+                    continue
+                indexes = merged[step]
+                try:
+                    results = await step(conn, [live[i].args for i in indexes])
+                except Exception as exc:
+                    raise _GroupBodyFailed(live[indexes[0]].operation) from exc
+                refused = next((r for r in results if isinstance(r, StoreError)), None)
+                if refused is not None:
+                    # A write refused on its own (an unknown context): rare, so the group takes
+                    # the same path as any failure, and that write fails alone exactly as an
+                    # unmerged write would (rolled back, typed, rollback failures included).
+                    raise _GroupBodyFailed(refused.operation) from refused
+                for i, result in zip(indexes, results, strict=True):
+                    outcomes[i] = result
+            return outcomes
+
+        try:
+            outcomes = await self._run_tx("group_commit", body, write=True, held=held)
+        except _GroupBodyFailed:
+            # The group rolled back; nothing of it is stored. Each write in its own
+            # transaction, in order, gets its own result or its own typed error.
+            for w in live:
+                await self._commit_alone(w, held)
+            return
+        except StoreError as exc:
+            # BEGIN or COMMIT failed: no write of the group is known to be stored, so every
+            # caller gets the typed error under its own operation name.
+            for w in live:
+                typed = type(exc)(w.operation, exc.detail)
+                typed.__cause__ = exc.__cause__
+                _fail(w, typed)
+            return
+        for w, outcome in zip(live, outcomes, strict=True):
+            if not w.future.done():
+                w.future.set_result(outcome)
 
     async def _run_tx(
-        self, operation: str, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool
+        self,
+        operation: str,
+        body: Callable[[AsyncConnection], Awaitable[T]],
+        *,
+        write: bool,
+        held: _HeldConnection | None = None,
     ) -> T:
+        """One transaction on a pooled connection, or on the writer's ``held`` one (kept across
+        consecutive groups: a checkout costs a pre-ping round trip, more than a merged group)."""
         try:
-            async with self._engine.connect() as conn:
-                if write:
-                    await conn.execution_options(pipeproof_write=True)
-                tx = await conn.begin()
-                try:
-                    result = await body(conn)
-                except BaseException as exc:
-                    try:
-                        await tx.rollback()
-                    except (sa_exc.SQLAlchemyError, OSError) as rollback_exc:
-                        # The outcome of the transaction is unknown: this must surface, typed.
-                        raise StoreRollbackFailed(
-                            operation,
-                            f"rollback after {type(exc).__name__} failed: "
-                            f"{_describe(rollback_exc, self._secret)}; "
-                            f"original failure: {_describe(exc, self._secret)}",
-                        ) from rollback_exc
-                    raise
-                await tx.commit()
-                return result
+            if held is None:
+                async with self._engine.connect() as conn:
+                    return await self._in_tx(conn, operation, body, write=write)
+            if held.conn is None:
+                held.conn = await self._engine.connect()
+            try:
+                return await self._in_tx(held.conn, operation, body, write=write)
+            except BaseException:
+                # After any failure the connection's state is not known to be clean: the next
+                # transaction gets a fresh (pre-pinged) one.
+                await held.release()
+                raise
         except StoreError:
             raise
         except (sa_exc.SQLAlchemyError, OSError) as exc:
@@ -469,6 +692,31 @@ class Store:
             if typed is None:
                 raise
             raise typed from exc
+
+    async def _in_tx(
+        self, conn: AsyncConnection, operation: str, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool
+    ) -> T:
+        if write:
+            await conn.execution_options(pipeproof_write=True)
+        tx = await conn.begin()
+        try:
+            result = await body(conn)
+        except BaseException as exc:
+            try:
+                await tx.rollback()
+            except (sa_exc.SQLAlchemyError, OSError) as rollback_exc:
+                # The outcome of the transaction is unknown: this must surface, typed.
+                # (A group's failure is named by the write that failed in it.)
+                failed = exc.__cause__ if isinstance(exc, _GroupBodyFailed) and exc.__cause__ else exc
+                raise StoreRollbackFailed(
+                    operation,
+                    f"rollback after {type(failed).__name__} failed: "
+                    f"{_describe(rollback_exc, self._secret)}; "
+                    f"original failure: {_describe(exc, self._secret)}",
+                ) from rollback_exc
+            raise
+        await tx.commit()
+        return result
 
     def _insert(self, table: Table) -> Any:
         return pg_insert(table) if self._dialect == "postgresql" else sqlite_insert(table)
@@ -717,7 +965,59 @@ class Store:
             ).one()
             return _event_from_row(row)
 
-        return await self._run("append_event", body, write=True)
+        return await self._write(
+            "append_event", body, merge=self._append_many, args=(context_id, run_id, kind, payload, now)
+        )
+
+    async def _append_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
+        """Merged appends: one seq bump for every context of the group, one multi-row insert.
+
+        Per context, the group's appends take consecutive seqs in queue order, exactly what
+        that many single appends would have allocated; an unknown context refuses only its own
+        appends (StoreIntegrityError), which wrote nothing.
+        """
+        counts: dict[str, int] = {}
+        latest: dict[str, float] = {}
+        for context_id, _run_id, _kind, _payload, now in items:
+            counts[context_id] = counts.get(context_id, 0) + 1
+            latest[context_id] = max(latest.get(context_id, now), now)
+        greatest = func.max if self._dialect == "sqlite" else func.greatest
+        bumped = await conn.execute(
+            update(contexts)
+            .where(contexts.c.id.in_(list(counts)))
+            .values(
+                next_seq=contexts.c.next_seq + case(counts, value=contexts.c.id),
+                last_used_at=greatest(contexts.c.last_used_at, case(latest, value=contexts.c.id)),
+            )
+            .returning(contexts.c.id, contexts.c.next_seq)
+        )
+        next_seq = {str(r.id): int(r.next_seq) - counts[str(r.id)] for r in bumped}
+        outcomes: list[Any] = []
+        rows: list[dict[str, Any]] = []
+        for context_id, run_id, kind, payload, now in items:
+            if context_id not in next_seq:
+                outcomes.append(StoreIntegrityError("append_event", f"no context {context_id!r}"))
+                continue
+            seq = next_seq[context_id]
+            next_seq[context_id] = seq + 1
+            row: dict[str, Any] = {
+                "context_id": context_id,
+                "seq": seq,
+                "event_id": uuid.uuid4().hex,
+                "run_id": run_id,
+                "kind": kind,
+                "data": payload,
+                "state": EventState.PENDING.value,
+                "attempt": 0,
+                "reason": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+            rows.append(row)
+            outcomes.append(_event_from_mapping(row))
+        if rows:
+            await conn.execute(events.insert(), rows)
+        return outcomes
 
     async def _transition(
         self,
@@ -767,13 +1067,47 @@ class Store:
         """
         if attempt < 1:
             raise ValueError("attempt counts sends and starts at 1")
-        return await self._transition(
-            "mark_sent",
-            context_id,
-            seq,
-            {"state": EventState.SENT.value, "attempt": attempt, "updated_at": _now(now)},
-            [events.c.attempt <= attempt],
+        stamp = _now(now)
+
+        async def body(conn: AsyncConnection) -> EventRecord:
+            (outcome,) = await self._mark_sent_many(conn, [(context_id, seq, attempt, stamp)])
+            if isinstance(outcome, StoreError):
+                raise outcome
+            return outcome  # type: ignore[no-any-return]
+
+        return await self._write(
+            "mark_sent", body, merge=self._mark_sent_many, args=(context_id, seq, attempt, stamp)
         )
+
+    async def _mark_sent_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
+        """Merged mark_sent: one executemany UPDATE (same WHERE as a single one), one SELECT of
+        the rows as stored. An unknown event refuses only its own write (StoreIntegrityError)."""
+        await conn.execute(
+            update(events)
+            .where(
+                events.c.context_id == bindparam("k_context_id"),
+                events.c.seq == bindparam("k_seq"),
+                # Not ``in_``: an expanding IN cannot be part of an executemany.
+                or_(*(events.c.state == state for state in LIVE_STATES)),
+                events.c.attempt <= bindparam("k_attempt"),
+            )
+            .values(state=EventState.SENT.value, attempt=bindparam("k_attempt"), updated_at=bindparam("k_now")),
+            [
+                {"k_context_id": c, "k_seq": q, "k_attempt": a, "k_now": now}
+                for c, q, a, now in items
+            ],
+        )
+        keys = sorted({(c, q) for c, q, _a, _now in items})
+        stored = {
+            (str(r.context_id), int(r.seq)): _event_from_row(r)
+            for r in await conn.execute(
+                select(events).where(tuple_(events.c.context_id, events.c.seq).in_(keys))
+            )
+        }
+        return [
+            stored.get((c, q)) or StoreIntegrityError("mark_sent", f"no event seq {q} in context {c!r}")
+            for c, q, _a, _now in items
+        ]
 
     async def mark_pending(self, context_id: str, seq: int, now: float | None = None) -> EventRecord:
         """SENT -> PENDING: the send failed or the socket went away; the event awaits a retry or a
@@ -812,19 +1146,41 @@ class Store:
         stamp = _now(now)
 
         async def body(conn: AsyncConnection) -> list[int]:
-            result = await conn.execute(
-                update(events)
-                .where(
-                    events.c.context_id == context_id,
-                    events.c.seq <= seq,
-                    events.c.state.in_(LIVE_STATES),
-                )
-                .values(state=EventState.ACKED.value, updated_at=stamp)
-                .returning(events.c.seq)
-            )
-            return sorted(int(r.seq) for r in result)
+            (acked,) = await self._ack_many(conn, [(context_id, seq, stamp)])
+            return acked  # type: ignore[no-any-return]
 
-        return await self._run("ack_through", body, write=True)
+        return await self._write("ack_through", body, merge=self._ack_many, args=(context_id, seq, stamp))
+
+    async def _ack_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
+        """Merged cumulative acks: one UPDATE for every context of the group (each through its
+        highest acked seq). Several acks of one context are ordered by ``seq``, as if applied
+        one after the other: each gets the seqs above the previous one's."""
+        through: dict[str, int] = {}
+        stamps: dict[str, float] = {}
+        for context_id, seq, now in items:
+            through[context_id] = max(through.get(context_id, seq), seq)
+            stamps[context_id] = max(stamps.get(context_id, now), now)
+        result = await conn.execute(
+            update(events)
+            .where(
+                events.c.context_id.in_(list(through)),
+                events.c.seq <= case(through, value=events.c.context_id),
+                events.c.state.in_(LIVE_STATES),
+            )
+            .values(state=EventState.ACKED.value, updated_at=case(stamps, value=events.c.context_id))
+            .returning(events.c.context_id, events.c.seq)
+        )
+        acked: dict[str, list[int]] = {}
+        for r in result:
+            acked.setdefault(str(r.context_id), []).append(int(r.seq))
+        outcomes: list[Any] = [None] * len(items)
+        below: dict[str, int] = {}
+        for index in sorted(range(len(items)), key=lambda i: (items[i][1], i)):
+            context_id, seq, _now = items[index]
+            floor = below.get(context_id, 0)
+            outcomes[index] = sorted(q for q in acked.get(context_id, []) if floor < q <= seq)
+            below[context_id] = max(floor, seq)
+        return outcomes
 
     async def _select_events(
         self, operation: str, *where: Any, limit: int | None = None
@@ -991,7 +1347,13 @@ class Store:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close every pooled connection. The store is unusable afterwards."""
+        """Commit the writes already queued, then close every pooled connection. The store is
+        unusable afterwards (a write raises StoreUnavailable)."""
+        self._closing = True
+        self._wake.set()
+        writer = self._writer
+        if writer is not None and not writer.done():
+            await writer
         await self._engine.dispose()
 
 
@@ -999,8 +1361,10 @@ class Store:
 # Construction
 
 
-def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout: float) -> None:
+def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout: float, synchronous: SqliteSynchronous) -> None:
     busy_ms = max(1, round(busy_timeout * 1000))
+    if synchronous not in get_args(SqliteSynchronous):
+        raise ValueError(f"sqlite_synchronous must be one of {get_args(SqliteSynchronous)}")
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -1012,7 +1376,9 @@ def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout: float) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
             # WAL: readers do not block the writer; several processes can share the file.
             cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
+            # NORMAL (the default) in WAL mode: a commit survives kill -9 but not an OS crash or
+            # power loss; FULL syncs the WAL per commit (Settings.sqlite_synchronous).
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()
@@ -1037,6 +1403,7 @@ async def open_store(
     *,
     migrate: bool = True,
     pg_schema: str | None = None,
+    sqlite_synchronous: SqliteSynchronous = "NORMAL",
 ) -> Store:
     """Open the store at ``url`` (``sqlite+aiosqlite:///path`` or ``postgresql+asyncpg://...``).
 
@@ -1045,6 +1412,8 @@ async def open_store(
     wait (``busy_timeout``: StoreTimeout) and PostgreSQL statements and lock waits
     (``statement_timeout`` / ``lock_timeout``: StoreTimeout). A SQLite file's directory is created.
     ``pg_schema`` puts every table in that PostgreSQL schema (created by :meth:`Store.migrate`).
+    ``sqlite_synchronous`` is SQLite's ``PRAGMA synchronous`` (WAL mode): ``NORMAL`` is durable
+    against a process crash, ``FULL`` also against an OS crash or power loss.
     With ``migrate`` (the default) pending migrations are applied, so connection and auth problems
     surface here as typed errors. Raises ValueError for an unsupported URL.
     """
@@ -1085,7 +1454,7 @@ async def open_store(
         connect_args=connect_args,
     )
     if backend == "sqlite":
-        _install_sqlite_hooks(engine, timeout)
+        _install_sqlite_hooks(engine, timeout, sqlite_synchronous)
     store = Store(engine, secret=secret, pg_schema=pg_schema)
     if migrate:
         try:

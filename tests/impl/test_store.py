@@ -543,3 +543,56 @@ async def test_unsupported_urls_are_refused() -> None:
         await open_store("mysql+aiomysql://u:p@h/db")
     with pytest.raises(ValueError):
         await open_store("sqlite+aiosqlite:///:memory:")
+
+
+# -- group commit --------------------------------------------------------------------------------
+
+
+async def test_group_commit_merges_concurrent_writes_and_each_caller_gets_its_own_result(
+    store: Store,
+) -> None:
+    # Writes issued in one loop turn share a transaction (merged by kind); every caller still gets
+    # exactly what a write of its own would have returned.
+    a, b = await new_context(store, "alice"), await new_context(store, "bob")
+    appended = await asyncio.gather(
+        *(store.append_event(c, "r", "agent_thinking", {"i": i}, T0 + i) for i in range(5) for c in (a, b))
+    )
+    assert sorted((e.context_id, e.seq) for e in appended) == sorted(
+        (c, s) for c in (a, b) for s in range(1, 6)
+    )
+    for record in appended:
+        (stored,) = [e for e in await store.events_after(record.context_id, record.seq - 1, 1)]
+        assert stored == record  # the merged insert returns what a read gives back
+    sent = await asyncio.gather(*(store.mark_sent(c, s, 1) for c in (a, b) for s in (1, 2, 3)))
+    assert [(e.state, e.attempt) for e in sent] == [(EventState.SENT, 1)] * 6
+    # Two acks of one context in one group: as if applied one after the other, in seq order.
+    acks = await asyncio.gather(store.ack_through(a, 4), store.ack_through(a, 2), store.ack_through(b, 1))
+    assert list(acks) == [[3, 4], [1, 2], [1]]
+    assert [e.seq for e in await store.unacked_after(a, 0)] == [5]
+    assert [e.seq for e in await store.unacked_after(b, 0)] == [2, 3, 4, 5]
+
+
+async def test_a_refused_write_fails_alone_and_the_rest_of_its_group_commits(store: Store) -> None:
+    a = await new_context(store, "alice")
+    results = await asyncio.gather(
+        store.append_event(a, "r", "agent_thinking", {}, T0),
+        store.append_event("no-such-context", "r", "agent_thinking", {}, T0),
+        store.mark_sent(a, 99, 1),
+        store.append_event(a, "r", "agent_thinking", {}, T0),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], StoreIntegrityError) and results[1].operation == "append_event"
+    assert isinstance(results[2], StoreIntegrityError) and results[2].operation == "mark_sent"
+    assert sorted(r.seq for r in results if not isinstance(r, BaseException)) == [1, 2]
+    assert [e.seq for e in await store.events_after(a, 0)] == [1, 2]
+
+
+async def test_writes_after_close_are_refused_and_queued_ones_commit_first(opener: Opener) -> None:
+    store = await opener()
+    a = await new_context(store, "alice")
+    pending = [asyncio.ensure_future(store.append_event(a, "r", "agent_thinking", {}, T0)) for _ in range(3)]
+    await asyncio.sleep(0)
+    await store.close()
+    assert sorted(r.seq for r in await asyncio.gather(*pending)) == [1, 2, 3]
+    with pytest.raises(StoreUnavailable):
+        await store.append_event(a, "r", "agent_thinking", {}, T0)
