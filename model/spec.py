@@ -116,14 +116,14 @@ class Machine:
         validate(self)
 
     # -- derived views -------------------------------------------------------------------------
-    @property
+    @cached_property
     def events(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
         for t in self.transitions:
             seen.setdefault(t.event, None)
         return tuple(seen)
 
-    @property
+    @cached_property
     def var_names(self) -> tuple[str, ...]:
         return tuple(v.name for v in self.variables)
 
