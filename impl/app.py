@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse
 from .audit import AuditWriter
 from .auth import UserDirectory, default_directory
 from .contexts import ContextRegistry
-from .frames import close_code_for
 from .events_api import install_event_routes
+from .frames import close_code_for
 from .handlers import FrameHandler, LifecycleHandler, UnavailableRuns
 from .limits import ConnectionLimiter, InProcessLimiter
 from .metrics import CONTENT_TYPE, Metrics
