@@ -22,13 +22,12 @@ echo "== ruff" >&2
 .venv/bin/ruff check .
 echo "== mypy --strict" >&2
 .venv/bin/mypy
+mkdir -p .artifacts
 echo "== pytest" >&2
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 echo "== pipeproof check" >&2
 .venv/bin/pipeproof check --quiet
 echo "== pipeproof diagrams --check" >&2
 .venv/bin/pipeproof diagrams --check
-if .venv/bin/pipeproof conform --help >/dev/null 2>&1; then
-  echo "== pipeproof conform --serve" >&2
-  .venv/bin/pipeproof conform --serve
-fi
+echo "== pipeproof conform --serve" >&2
+.venv/bin/pipeproof conform --serve --junit .artifacts/conformance.xml
