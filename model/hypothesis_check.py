@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from hypothesis.stateful import (
     Bundle,
+    get_state_machine_test,
     RuleBasedStateMachine,
     initialize,
     invariant,
@@ -416,9 +417,11 @@ def _run(cls: type[RuleBasedStateMachine], max_examples: int, steps: int, seed: 
     cfg = _settings(max_examples, steps, seed)
     try:
         if seed is not None:
+            # ``hypothesis.seed`` must decorate the @given test itself (wrapping a lambda that calls
+            # run_state_machine_as_test leaves the run unseeded, hence irreproducible).
             from hypothesis import seed as with_seed
 
-            with_seed(seed)(lambda: run_state_machine_as_test(cls, settings=cfg))()
+            with_seed(seed)(get_state_machine_test(cls, settings=cfg))()
         else:
             run_state_machine_as_test(cls, settings=cfg)
     except PropertyViolation as exc:
