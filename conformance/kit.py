@@ -454,11 +454,11 @@ class ConformanceMachine(RuleBasedStateMachine):
         view.send("ack", {"type": "ack", "seq": seq})
         view.user.ack_perm = max(view.user.ack_perm, seq)
         self._barrier(view)
-        view.user.on_ack_proven(view, seq)
+        view.user.on_ack_proven(view, seq, certain=prefix)
         for other in view.user.live_sockets():
             if other is not view:
                 self._barrier(other)
-                view.user.on_ack_proven(other, seq)
+                view.user.on_ack_proven(other, seq, certain=prefix)
 
     @precondition(lambda self: self.target.runs)
     @rule(user=st.integers(0, USERS_PER_EXAMPLE - 1), bad=st.booleans())

@@ -576,12 +576,16 @@ class UserView:
                                          f"{where}: resent {t - ev.attempt_t:.3f}s after attempt {ev.attempt_seen}",
                                          [f"not before {early:.3f}s (ack_timeout {self.kit.timing.ack_timeout}s)"])
 
-    def on_ack_proven(self, sock: SockView, through: int) -> None:
-        """A barrier reply came back after ``ack through``: every event this client received up to
-        ``through`` (contiguously) must be ACKED now, unless it had escalated first."""
+    def on_ack_proven(self, sock: SockView, through: int, certain: int | None = None) -> None:
+        """A barrier reply came back after ``ack through``: every event this client had received
+        (contiguously) when it sent the ack, up to ``through``, must be ACKED now unless it had
+        escalated first. ``certain`` is that received prefix at send time; events received after
+        the ack left but before the barrier came back raced it: the server acks only what it had
+        delivered (the model's ``ack`` guard), so for those both outcomes are allowed."""
         n = 0
         while n + 1 <= through and n + 1 in self.events and self.events[n + 1].attempt_seen > 0:
             n += 1
+        sure = n if certain is None else min(n, certain)
         for seq in range(1, n + 1):
             ev = self.event_view(seq)
             if ev.acked:
@@ -590,6 +594,8 @@ class UserView:
             for c in ev.belief.closure():
                 if c[0] is Delivery.ESCALATED:
                     out.add(c)
+                if seq > sure:
+                    out.add(c)  # raced the ack: may still be unacked
                 for _, a in ev.belief.machine.fire_all(c, "ack"):
                     out.add(a)
             if not out:
@@ -597,9 +603,10 @@ class UserView:
                                          f"user {self.name}: ack through {through} cannot ack seq {seq} "
                                          f"from {ev.belief.states()}", ev.belief.allowed())
             ev.belief.configs = out
-            ev.acked = any(c[0] is Delivery.ACKED for c in out)
-        sock.floor = max(sock.floor, n)
-        self.proven = max(self.proven, n)
+            # A raced event is not known to be acked: a later delivery of it is allowed.
+            ev.acked = seq <= sure and any(c[0] is Delivery.ACKED for c in out)
+        sock.floor = max(sock.floor, sure)
+        self.proven = max(self.proven, sure)
 
     def on_http_event(self, rec: Mapping[str, Any], now: float) -> None:
         seq, state = int(rec["seq"]), str(rec.get("state", "")).lower()
