@@ -49,6 +49,8 @@ RUN_INPUTS = (
     '/sleep {"seconds": 0.05}\n/sleep {"seconds": 0.05}',
     "/no_such_tool_here",
 )
+QUEUE_BEHIND = '/sleep {"seconds": 0.3}\n6*7'  # a run long enough for a second one to queue behind it
+TTL_PROBES = 1  # context-expiry probes per kit run: each waits context_ttl
 GARBAGE = ("{not json", '{"type": "run.stop"}', '{"type": "ack", "seq": -1}', "[1, 2]", '{"type": 7}')
 
 
@@ -79,6 +81,7 @@ class KitResult:
     seconds: float = 0.0
     checks: dict[str, int] = field(default_factory=dict)
     violation: Violation | None = None
+    ttl_probes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -529,6 +532,87 @@ class ConformanceMachine(RuleBasedStateMachine):
             for s in self.socks:
                 s.sock.wait(lambda o: False, 0.05)  # a bounded poll interval between two reads
             self.oracle.pump()
+
+    @precondition(lambda self: self.target.runs)
+    @rule(index=st.integers(0, 50))
+    @_budgeted
+    def cancel_queued(self, index: int) -> None:
+        """Section 4: a run.cancel that arrives before the run starts wins. A second run is started
+        behind a long one on the same socket and cancelled at once; a server that runs a context's
+        runs one at a time must end it with one agent_failed (cancelled) and no agent_started. The
+        kit waits for its terminal event; the oracle checks what it is."""
+        view = self._live(index)
+        if view is None or view.user is None:
+            return
+        user = view.user
+        first, second = self._rid("run"), self._rid("run")
+        self.oracle.run_view(user, first)
+        queued = self.oracle.run_view(user, second)
+        self._act(f"run.start {first} {QUEUE_BEHIND!r}, run.start {second} '2+2' behind it, cancel {second} "
+                  f"on {view.label}")
+        view.send("start", {"type": "run.start", "request_id": first, "input": QUEUE_BEHIND}, first)
+        view.send("start", {"type": "run.start", "request_id": second, "input": "2+2"}, second)
+        self._await_replies(view)
+        if queued.run_id is None or not view.live:
+            return
+        queued.cancelled = True
+        queued.belief.hidden.add("cancel")
+        view.send("cancel", {"type": "run.cancel", "run_id": queued.run_id})
+        self._barrier(view)
+
+        def ended() -> bool:
+            return any(k in ("agent_completed", "agent_failed") for k in queued.kinds) or user.runs.get(
+                queued.run_id or "") is not queued
+
+        self._wait(view, ended, f"the terminal event of cancelled run {queued.run_id}",
+                   self.tm.late(0.3) + self.tm.late(self.tm.reply_timeout))
+        prefix = user.delivered_prefix()
+        if prefix and view.live:
+            # Ack what was received (a barrier proves it handled), so later sockets of this user
+            # are checked for never getting those events again (acked_never_resent).
+            self._act(f"ack {prefix} (prefix) on {view.label}")
+            view.send("ack", {"type": "ack", "seq": prefix})
+            user.ack_perm = max(user.ack_perm, prefix)
+            self._barrier(view)
+            user.on_ack_proven(view, prefix)
+
+    @precondition(lambda self: self.tm.context_ttl <= 5.0 and self.target.tokens.can_mint)
+    @rule()
+    @_budgeted
+    def context_expiry(self) -> None:
+        """Section 3: a context idle for context_ttl with no socket attached expires, and the next
+        connection_init gets a new context (new context_id, higher epoch), never the expired one.
+        A fresh user connects, drops, waits the declared context_ttl, and connects again. Each wait
+        costs context_ttl, so a kit run does this at most TTL_PROBES times."""
+        if type(self).result.ttl_probes >= TTL_PROBES:
+            return
+        type(self).result.ttl_probes += 1
+        name = f"{self.names[0]}-ttl-{self.seq}"
+        self.seq += 1
+        user = self.oracle.user(name)
+        self._act(f"context expiry: {name} connects, drops, waits context_ttl {self.tm.context_ttl}s, connects")
+        first = self._open(user, "good")
+        self._init(first, self.target.tokens.good(name))
+        self._wait(first, lambda: first.acked is not None, "connection_ack")
+        if not first.live:
+            return
+        acked_at = time.monotonic()
+        first.sock.drop(True)
+        self.oracle.pump()
+        first.client_close()
+        # The declared idle time must pass with no socket attached: waiting for it is the action.
+        idle_until = acked_at + self.tm.context_ttl + self.tm.slack
+        clock = threading.Event()  # never set: a bounded wait on the declared duration
+        while time.monotonic() < idle_until:
+            clock.wait(min(0.25, max(0.0, idle_until - time.monotonic())))
+            self.oracle.pump()  # the example's other sockets keep being observed meanwhile
+        second = self._open(user, "good")
+        self._init(second, self.target.tokens.good(name))
+        self._wait(second, lambda: second.acked is not None, "connection_ack")
+        if second.closed is None:
+            second.sock.drop(True)
+            self.oracle.pump()
+            second.client_close()
 
     @invariant()
     def observations_allowed(self) -> None:

@@ -414,6 +414,7 @@ class EventView:
     attempt_live: bool = False  # the last attempt was seen on a socket that stayed open
     acked: bool = False
     reason: str | None = None
+    read_terminal: str | None = None  # the terminal state GET /v1/events showed (never left again)
 
     def terminal(self) -> bool:
         return all(c[0] in (Delivery.ACKED, Delivery.ESCALATED) for c in self.belief.configs)
@@ -426,6 +427,7 @@ class RunView:
     run_id: str | None = None
     kinds: list[str] = field(default_factory=list)
     cancelled: bool = False
+    cancel_won: bool = False  # it ended agent_failed without agent_started after the kit's cancel
 
 
 class UserView:
@@ -447,6 +449,8 @@ class UserView:
         self.blind = False  # a socket was dropped: sends the client never read are possible
         self.recent_drops: list[float] = []
         self.proven = 0  # the highest seq whose ack a barrier proved handled
+        self.codes: dict[int, Any] = {}  # seq -> the code of an agent_failed event
+        self.last_init = 0.0  # when the init of the user's last acked socket was sent (an upper bound on idle)
 
     def live_sockets(self) -> list[SockView]:
         return [s for s in self.sockets if s.live]
@@ -477,15 +481,50 @@ class UserView:
                                          f"earlier {self.epoch}", ["the same epoch for the same context"])
             self._fire_ctx("attach", "connection_limits_respected", f"another socket attached to {cid}")
         else:
+            self._expired(sock, cid, epoch)
             self._fire_ctx("create", "one_context_per_user",
                            f"a second context {cid} (epoch {epoch}) while context {self.context_id} "
                            f"(epoch {self.epoch}) is live with {self.ctx[1][1]} socket(s)")
-            if isinstance(epoch, int) and epoch <= self.epoch:
+            self.kit.count("expired_context_never_reused")
+            if not isinstance(epoch, int) or epoch <= self.epoch:
                 raise self.kit.violation("expired_context_never_reused",
                                          f"user {self.name}: new context with epoch {epoch} <= {self.epoch}",
                                          [f"epoch {self.epoch + 1}"])
+            self._new_stream()
         self.context_id, self.epoch = cid, int(epoch)
+        self.last_init = sock.sock.opened
         self.kit.count("model_transition")
+
+    def _expired(self, sock: SockView, cid: str, epoch: Any) -> None:
+        """A new context for a user whose context was live: allowed only after it expired (section 3),
+        i.e. with no socket attached and idle for context_ttl; fire ``expire`` then."""
+        tm = self.kit.timing
+        fired = self.kit.ctx_machine.fire_all(self.ctx, "expire", {"account_full": False})
+        if not fired:
+            return  # create below reports it (one context per user)
+        self.kit.count("expired_context_never_reused")
+        self.kit.count("timeouts_honoured")
+        # The old context was last used no earlier than last_init and the new one was created before
+        # now: the idle time the server saw is at most the difference.
+        idle = time.monotonic() - self.last_init
+        if idle < tm.early(tm.context_ttl):
+            raise self.kit.violation("timeouts_honoured",
+                                     f"user {self.name}: new context {cid} (epoch {epoch}) at most {idle:.2f}s "
+                                     f"after context {self.context_id} was last used; context_ttl is "
+                                     f"{tm.context_ttl}s", [f"context {self.context_id} (epoch {self.epoch})"])
+        self.ctx = fired[0][1]
+
+    def _new_stream(self) -> None:
+        """A new context has a new event stream (section 5): forget the expired one's."""
+        self.events.clear()
+        self.kinds.clear()
+        self.codes.clear()
+        self.applied = 0
+        self.runs.clear()
+        self.requests.clear()
+        self.ack_perm = 0
+        self.proven = 0
+        self.blind = False
 
     def detach(self, sock: SockView) -> None:
         self._fire_ctx("detach", "connection_limits_respected", f"socket {sock.label} detached")
@@ -528,6 +567,7 @@ class UserView:
             raise self.kit.violation("no_cross_user_read", f"{where} belongs to user {owner.name}",
                                      [f"events of user {self.name}'s own runs only"])
         self.kit.count("acked_never_resent")
+        self.kit.count("monotonic_event_state")
         if seq <= sock.floor:
             raise self.kit.violation("acked_never_resent",
                                      f"{where}: seq {seq} was acked and a later barrier proved the ack handled",
@@ -537,6 +577,7 @@ class UserView:
             raise self.kit.violation("monotonic_event_state", f"{where}: seq {seq} was {known} before",
                                      ["the same event for the same seq"])
         self.kinds[seq] = (run_id, kind)
+        self._note_code(seq, kind, f.get("data"))
         ev = self.event_view(seq)
         if ev.event_id is not None and ev.event_id != f["event_id"]:
             raise self.kit.violation("frames_valid", f"{where}: event_id changed from {ev.event_id}",
@@ -622,6 +663,7 @@ class UserView:
             raise self.kit.violation("monotonic_event_state", f"user {self.name}: GET /v1/events seq {seq} is "
                                      f"{(run_id, kind)}, the socket said {known}", ["one event per seq"])
         self.kinds[seq] = (run_id, kind)
+        self._note_code(seq, kind, rec.get("data"))
         ev = self.event_view(seq)
         b = ev.belief
         attempt = rec.get("attempt")
@@ -631,6 +673,12 @@ class UserView:
         where = f"user {self.name}: GET /v1/events says seq {seq} is {state}"
         if want is None:
             raise self.kit.violation("frames_valid", f"{where}: not a delivery state", ["pending/sent/acked/escalated"])
+        self.kit.count("monotonic_event_state")
+        if ev.read_terminal is not None and state != ev.read_terminal:
+            raise self.kit.violation("monotonic_event_state", f"{where}; an earlier read showed it {ev.read_terminal}",
+                                     [f"{ev.read_terminal} (ACKED and ESCALATED are never left)"])
+        if want in (Delivery.ACKED, Delivery.ESCALATED):
+            ev.read_terminal = state
         self.kit.count("every_event_acked_or_escalated")
         if want is Delivery.ACKED:
             if seq > self.ack_perm:
@@ -646,7 +694,9 @@ class UserView:
             if ev.reason is not None and reason != ev.reason:
                 raise self.kit.violation("monotonic_event_state", f"{where} with reason {reason}, earlier {ev.reason}",
                                          ["an escalated event keeps its first reason"])
-            out = {c for c in closure if c[0] is Delivery.ESCALATED and ev.reason is not None}
+            # Already ESCALATED: with the reason read before, or reached by hidden steps the client
+            # did not see (e.g. max_attempts before an ack was handled), whose reason it learns now.
+            out = {c for c in closure if c[0] is Delivery.ESCALATED}
             for c in closure:
                 for i in b.inputs:
                     for tr, a in b.machine.fire_all(c, None, i):
@@ -707,6 +757,24 @@ class UserView:
             self._fire_run(view, "validate_fail", f"error {f.get('code')}")
         self.apply_runs()
 
+    def _note_code(self, seq: int, kind: str, data: Any) -> None:
+        if kind == "agent_failed" and isinstance(data, Mapping) and "code" in data:
+            self.codes[seq] = data["code"]
+
+    def _cancel_outcome(self, view: RunView, seq: int, kind: str) -> None:
+        """Section 4: a cancelled run that never started ends with one agent_failed, code cancelled."""
+        if not view.cancelled or "agent_started" in view.kinds[:-1]:
+            return
+        self.kit.count("cancel_before_start_wins")
+        if kind != "agent_failed":
+            return  # agent_started: the cancel came after the start (the model checks the rest)
+        code = self.codes.get(seq)
+        if code is not None and code != "cancelled":
+            raise self.kit.violation("cancel_before_start_wins",
+                                     f"user {self.name}: run {view.run_id} cancelled before it started ended "
+                                     f"agent_failed with code {code!r}", ["agent_failed code cancelled"])
+        view.cancel_won = True
+
     def _fire_run(self, view: RunView, event: str, what: str) -> None:
         after = view.belief.fire(event)
         if not after:
@@ -729,6 +797,7 @@ class UserView:
                 raise self.kit.violation("run_events_well_ordered", f"user {self.name}: run {run_id}: {why} "
                                          f"(events {view.kinds})", view.belief.allowed())
             self._fire_run(view, kind, f"event seq {self.applied + 1} {kind}")
+            self._cancel_outcome(view, self.applied + 1, kind)
             self.applied += 1
 
     def unresolved_runs(self) -> list[str]:

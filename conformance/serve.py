@@ -61,7 +61,6 @@ class ServedServer:
             "PIPEPROOF_JWT_SECRET": self.secret,
             "PIPEPROOF_DATA_DIR": str(self.dir / "data"),
             "PIPEPROOF_AUDIT_LOG": str(self.audit_log),
-            "PIPEPROOF_CONTEXT_TTL": "600",
             "PIPEPROOF_MAX_CONNECTIONS_PER_ACCOUNT": "512",
             "PIPEPROOF_SHUTDOWN_GRACE": "1.0",
             "PIPEPROOF_DISABLED_USERS": DISABLED_USER,

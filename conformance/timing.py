@@ -29,6 +29,7 @@ class Timing:
     ack_jitter: float = 0.1
     max_attempts: int = 5
     resume_window: float = 120.0
+    context_ttl: float = 1800.0
     heartbeat_interval: float = 15.0
     preready_buffer_frames: int = 32
     error_budget: int = 10
@@ -81,6 +82,7 @@ SMALL = Timing(
     ack_jitter=0.0,
     max_attempts=3,
     resume_window=0.6,
+    context_ttl=3.0,  # above heartbeat_interval: an attached context is kept alive on each heartbeat
     heartbeat_interval=2.0,
     preready_buffer_frames=4,
     error_budget=3,
@@ -89,7 +91,9 @@ SMALL = Timing(
 )
 """The profile ``pipeproof conform --serve`` starts the reference server with."""
 
-FAST = SMALL.with_(init_timeout=0.3, ack_timeout=0.1, ack_timeout_max=0.1, resume_window=0.3, slack=0.2)
-"""A faster profile for the seeded-defect tests (many short runs); too tight for a loaded machine."""
+FAST = SMALL.with_(init_timeout=0.3, ack_timeout=0.1, ack_timeout_max=0.1, resume_window=0.3, slack=0.2,
+                   context_ttl=600.0)
+"""A faster profile for the seeded-defect tests (many short runs); too tight for a loaded machine.
+Contexts do not expire under it (the expiry probe, which waits context_ttl, is off)."""
 
 __all__ = ["FAST", "SMALL", "Timing"]

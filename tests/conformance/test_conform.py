@@ -49,3 +49,14 @@ def test_bad_invocations_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not a WebSocket URL" in capsys.readouterr().err
     assert main(["conform", "ws://127.0.0.1:9", "--secret", "x", "--examples", "1"]) == 2
     assert "cannot open a WebSocket" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cancel_expiry_and_monotonic_state_are_exercised_and_pass() -> None:
+    """The default run exercises cancel-before-start (a run queued behind a long one), context expiry
+    (a fresh user idle past context_ttl gets a new context and epoch) and monotonic event state."""
+    with ServedServer(SMALL) as server:
+        result = run_kit(Target(server.url, Tokens(server.secret), SMALL), examples=20, steps=8)
+    assert result.ok, result.violation and result.violation.render()
+    for prop in ("cancel_before_start_wins", "expired_context_never_reused", "monotonic_event_state"):
+        assert result.checks.get(prop, 0) > 0, (prop, result.checks)
