@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from hypothesis.stateful import (
     Bundle,
-    get_state_machine_test,
     RuleBasedStateMachine,
+    get_state_machine_test,
     initialize,
     invariant,
     multiple,
