@@ -42,17 +42,24 @@ PARAMS = ModelParams(FAST.preready_buffer_frames, FAST.max_attempts, FAST.max_co
 @pytest.mark.parametrize("defect", sorted(DEFECTS))
 def test_seeded_defect_is_caught_live_and_from_its_trace(defect: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    server = start_server(tmp_path, DEFECTS[defect](monkeypatch), FAST)
-    try:
-        target = Target(f"ws://127.0.0.1:{server.port}", Tokens(SECRET), FAST, disabled_user=DISABLED_USER)
-        # Bounded by examples (derandomized: the same client actions every run); the budget is a
-        # safety net, and shrinking gets 3 s from the first failure.
-        result = run_kit(target, examples=40, steps=6, budget=40.0, shrink_budget=3.0)
-    finally:
-        server.stop()
+    live_props, trace_props = EXPECTED[defect]
+    # Bounded by examples (derandomized first: the same client actions every run); the budget is a
+    # safety net, and shrinking gets 3 s from the first failure. What the server does between the
+    # client's actions depends on its timing, so on a loaded machine (CI runs this next to other
+    # servers) a search can end before the defect shows: then up to two more searches, drawn at
+    # random, on a fresh server each. A kit that never finds the defect still fails.
+    for attempt in range(3):
+        (tmp_path / str(attempt)).mkdir()
+        server = start_server(tmp_path / str(attempt), DEFECTS[defect](monkeypatch), FAST)
+        try:
+            target = Target(f"ws://127.0.0.1:{server.port}", Tokens(SECRET), FAST, disabled_user=DISABLED_USER)
+            result = run_kit(target, examples=40, steps=6, budget=40.0, shrink_budget=3.0, randomize=attempt > 0)
+        finally:
+            server.stop()
+        if result.violation is not None and result.violation.prop in live_props:
+            break
     v = result.violation
     assert v is not None, f"the kit missed {defect} ({result.examples} examples, {result.actions} actions)"
-    live_props, trace_props = EXPECTED[defect]
     assert v.prop in live_props, v.render()
     # Short: at most the initial connect, `steps` rules and the final read-back.
     assert 1 <= len(v.trace) <= 8, v.render()
