@@ -11,6 +11,24 @@ Line format (``pipeproof trace-check`` validates it against the model, so it is 
 ``detail`` carries what the model does not (close code and reason, the limit scope, the store
 epoch...) and, under ``"inputs"``, the model inputs the event was fired with.
 
+The bytes are exactly ``json.dumps(line, separators=(",", ":"), default=str)`` plus a newline;
+``_encode_line`` builds them without the generic encoder for the shapes the server writes (the
+log is on the hot path, about six lines per delivered event) and hands anything else to
+``json.dumps``.
+
+Durability contract. Lines are buffered in memory and written with one ``write`` per event-loop
+turn, not one per line: the first line of a turn schedules :meth:`AuditWriter.flush` with
+``loop.call_soon``. Without a running loop in the calling thread (CLI, sync tests, worker threads)
+every line is written at once, as before. The socket sender calls :meth:`AuditWriter.flush` right
+before it writes a frame, so no frame reaches a client before the lines of the transitions that
+produced it are in the OS; a ``kill -9`` can lose only lines of effects nobody outside saw.
+
+A failed write is never swallowed: :class:`~pipeproof.errors.AuditWriteFailed` is raised (the
+``OSError`` chained), the unwritten lines stay buffered in order, and every later ``record`` and
+``flush`` first retries them, then raises again until a write succeeds. When the failing flush is
+the loop-scheduled one, nobody can be raised to: it is logged at ERROR and the next ``record`` or
+``flush`` raises.
+
 :class:`AuditWriter` is the only place that writes the log. :class:`TracedMachine` is the only way
 the server fires a model event: it calls :meth:`pipeproof.model.spec.Runner.fire` and hands the
 returned transition to the writer, so the log cannot miss a transition the server made.
@@ -18,16 +36,20 @@ returned transition to the writer, so the log cannot miss a transition the serve
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pipeproof.errors import IllegalTransition
+from pipeproof.errors import AuditWriteFailed, IllegalTransition
 from pipeproof.model.expr import Value
 from pipeproof.model.spec import Machine, Runner, Transition
 
@@ -38,32 +60,194 @@ MachineName = Literal["connection", "context", "delivery", "run"]
 TransitionListener = Callable[["TracedMachine", Transition], None]
 """Called after every successful fire (metrics gauges); must not raise."""
 
+# The reference encoding every line must match byte for byte (built once: json.dumps with
+# non-default arguments builds a new encoder per call).
+_json_line = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+# A text-mode file turns "\n" into os.linesep; the owned log is written in binary, so it does the
+# same itself (JSON text never holds a raw newline, only the line ends are translated).
+_EOL = os.linesep
+
+_CACHE_MAX = 4096
+# Encoded names (machines, events, states, ids, var and detail keys) recur on every line; a dict
+# hit is cheaper than escaping again. Cleared when full so unique ids cannot grow it without bound.
+_names: dict[object, str] = {None: "null"}
+_keys: dict[object, str] = {}
+
+
+class _Unusual(Exception):
+    """A value the fast encoder does not handle; the whole line goes through ``json.dumps``."""
+
+
+def _name_miss(value: object) -> str:
+    if type(value) is not str:
+        raise _Unusual
+    encoded = encode_basestring_ascii(value)
+    if len(_names) >= _CACHE_MAX:
+        _names.clear()
+        _names[None] = "null"
+    _names[value] = encoded
+    return encoded
+
+
+def _key_miss(key: object) -> str:
+    if type(key) is not str:
+        # json turns int/float/bool/None keys into strings; rare enough to leave to it.
+        raise _Unusual
+    encoded = encode_basestring_ascii(key) + ":"
+    if len(_keys) >= _CACHE_MAX:
+        _keys.clear()
+    _keys[key] = encoded
+    return encoded
+
+
+def _value(value: Any) -> str:
+    # Exact types only: json treats subclasses in ways this does not mirror (the fallback does).
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)  # what json's int.__repr__ gives, for an exact int
+    if value is None:
+        return "null"
+    if kind is float:
+        if value - value == 0.0:
+            return repr(value)  # json's own float encoding, for a finite exact float
+        raise _Unusual  # NaN and infinities: json spells them its own way
+    if kind is dict:
+        return _object(value)
+    if kind is list or kind is tuple:
+        return "[" + ",".join([_value(item) for item in value]) + "]"
+    raise _Unusual
+
+
+def _object(obj: dict[Any, Any]) -> str:
+    if not obj:
+        return "{}"
+    keys = _keys
+    out = ""
+    # One f-string append per item: cheaper than a list and a join for the few items a line has.
+    for key, value in obj.items():
+        kind = type(value)
+        if kind is int:
+            out += f",{keys.get(key) or _key_miss(key)}{value}"
+        elif kind is bool:
+            out += f",{keys.get(key) or _key_miss(key)}{'true' if value else 'false'}"
+        else:
+            out += f",{keys.get(key) or _key_miss(key)}{_value(value)}"
+    return "{" + out[1:] + "}"
+
+
+def _encode_line(
+    ts: float,
+    machine: str,
+    instance_id: str,
+    user: str | None,
+    context_id: str | None,
+    event: str,
+    source: str,
+    target: str,
+    values: dict[str, Any],
+    detail: dict[str, Any],
+) -> str:
+    """One audit line with its newline: the bytes ``json.dumps(line, separators=(",", ":"),
+    default=str)`` gives, built from cached names and an f-string; anything unusual (a non-finite
+    or non-float ``ts``, a value type outside str/int/bool/None/finite float/dict/list/tuple, a
+    non-str key, circular or very deep nesting) falls back to that very call."""
+    try:
+        if type(ts) is not float or ts - ts != 0.0:
+            raise _Unusual
+        names = _names
+        return (
+            f'{{"ts":{ts!r},"machine":{names.get(machine) or _name_miss(machine)},'
+            f'"id":{names.get(instance_id) or _name_miss(instance_id)},'
+            f'"user":{names.get(user) or _name_miss(user)},'
+            f'"context_id":{names.get(context_id) or _name_miss(context_id)},'
+            f'"event":{names.get(event) or _name_miss(event)},'
+            f'"from":{names.get(source) or _name_miss(source)},"to":{names.get(target) or _name_miss(target)},'
+            f'"vars":{_object(values)},"detail":{_object(detail)}}}\n'
+        )
+    except (_Unusual, TypeError, RecursionError):
+        # TypeError: an unhashable name; RecursionError: nesting json reports (or refuses) itself.
+        line = {
+            "ts": ts,
+            "machine": machine,
+            "id": instance_id,
+            "user": user,
+            "context_id": context_id,
+            "event": event,
+            "from": source,
+            "to": target,
+            "vars": values,
+            "detail": detail,
+        }
+        return _json_line(line) + "\n"
+
 
 class AuditWriter:
-    """Writes audit lines to a file (appended, flushed per line), stdout, or nowhere (``"off"``).
+    """Writes audit lines to a file (appended), stdout, a caller's text stream, or nowhere (``"off"``).
 
-    Thread-safe: one lock serialises lines so concurrent writers never interleave bytes. A failed
-    write raises ``OSError`` to the caller (the transition it records has happened; losing the
-    record silently would defeat trace-check).
+    Lines are buffered and written once per event-loop turn (see the module docstring): the first
+    :meth:`record` of a turn schedules :meth:`flush` with ``loop.call_soon``; without a running loop
+    in the calling thread, :meth:`record` writes at once. The buffer is also written inline when it
+    holds more than :attr:`MAX_LINES` lines or :attr:`MAX_BYTES` characters, so memory stays bounded
+    when a turn records a burst. :meth:`flush` writes everything buffered with one write; callers
+    that are about to let the outside world see an effect (the socket sender, before a frame) call it
+    so the log is in the OS first.
+
+    A failed write raises :class:`~pipeproof.errors.AuditWriteFailed` (``OSError`` chained) and
+    marks the writer failed; the unwritten lines stay buffered, in order. While failed, every
+    :meth:`record` buffers its line and retries the whole buffer at once, raising again if it still
+    fails, and :meth:`flush` does the same; the first write that succeeds heals the writer. A
+    failure in the loop-scheduled flush has nobody to raise to: it is logged at ERROR (with the
+    traceback) and surfaces from the next :meth:`record` or :meth:`flush`. The transition a raising
+    ``record`` describes has happened; its line is kept, never dropped.
+
+    The log file the writer opens itself is written unbuffered in binary, so after a failed or
+    partial write it knows exactly which bytes reached the OS and retries only the rest. With
+    stdout or a caller's text stream, lines are kept when ``write`` raises; once ``write`` returned
+    they belong to the stream, whose own buffer retries them if its ``flush`` fails.
+
+    Thread-safe: one lock covers appending a line, and swapping out and writing the buffer, so
+    concurrent writers never interleave or reorder bytes.
     """
 
-    def __init__(self, target: Literal["stdout", "off"] | Path) -> None:
+    MAX_LINES = 512
+    MAX_BYTES = 256 * 1024
+
+    def __init__(self, target: Literal["stdout", "off"] | Path | IO[str]) -> None:
         self.target = target
         self._lock = threading.Lock()
-        self._stream: IO[str] | None
-        self._owned = False
-        if target == "off":
-            self._stream = None
+        self._raw: io.FileIO | None = None
+        self._stream: IO[str] | None = None
+        if isinstance(target, Path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._raw = target.open("ab", buffering=0)
+            self._label = str(target)
         elif target == "stdout":
             self._stream = sys.stdout
+            self._label = "stdout"
+        elif target == "off":
+            self._label = "off"
+        elif isinstance(target, str):
+            raise ValueError(f"audit target must be 'stdout', 'off', a Path or a text stream, not {target!r}")
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._stream = target.open("a", encoding="utf-8")
-            self._owned = True
+            self._stream = target
+            self._label = str(getattr(target, "name", "") or "stream")
+        self._on = self._raw is not None or self._stream is not None
+        self._lines: list[str] = []
+        self._size = 0
+        # Bytes of a partly written flush of the owned file, written before any buffered line.
+        self._head = b""
+        self._failed = False
+        # The loop a flush is scheduled on (None: none pending), so a turn schedules one, not one per line.
+        self._scheduled: asyncio.AbstractEventLoop | None = None
 
     @property
     def enabled(self) -> bool:
-        return self._stream is not None
+        return self._on
 
     def record(
         self,
@@ -77,31 +261,168 @@ class AuditWriter:
         detail: Mapping[str, Any] | None = None,
         ts: float | None = None,
     ) -> dict[str, Any]:
-        """Write one line for ``transition`` and return the record (tests read it back)."""
-        line: dict[str, Any] = {
-            "ts": time.time() if ts is None else ts,
+        """Buffer one line for ``transition`` and return the record (tests read it back).
+
+        Raises :class:`~pipeproof.errors.AuditWriteFailed` while the log cannot be written (the
+        line stays buffered).
+        """
+        when = time.time() if ts is None else ts
+        # ``_name_`` is what Enum's ``name`` property returns, read without the property's cost.
+        event, source, target = transition.event, transition.source._name_, transition.target._name_
+        copied = dict(values)
+        extra = dict(detail) if detail else {}
+        if self._on:
+            self._append(
+                _encode_line(when, machine, instance_id, user, context_id, event, source, target, copied, extra)
+            )
+        return {
+            "ts": when,
             "machine": machine,
             "id": instance_id,
             "user": user,
             "context_id": context_id,
-            "event": transition.event,
-            "from": transition.source.name,
-            "to": transition.target.name,
-            "vars": dict(values),
-            "detail": dict(detail) if detail else {},
+            "event": event,
+            "from": source,
+            "to": target,
+            "vars": copied,
+            "detail": extra,
         }
-        if self._stream is not None:
-            text = json.dumps(line, separators=(",", ":"), default=str)
-            with self._lock:
-                self._stream.write(text + "\n")
-                self._stream.flush()
-        return line
+
+    def _record_owned(
+        self,
+        machine: str,
+        instance_id: str,
+        transition: Transition,
+        values: Mapping[str, Value],
+        user: str | None,
+        context_id: str | None,
+        detail: Mapping[str, Any] | None,
+    ) -> None:
+        """:meth:`record` for :class:`TracedMachine`: ``values`` and ``detail`` are fresh and encoded
+        at once, so neither is copied, and no record is built for a caller that never reads it."""
+        if not self._on:
+            return
+        # The encoder reads exact dicts (what record()'s copies are); anything else is copied.
+        copied: dict[str, Any] = values if type(values) is dict else dict(values)
+        extra: dict[str, Any] = {} if not detail else detail if type(detail) is dict else dict(detail)
+        self._append(
+            _encode_line(
+                time.time(),
+                machine,
+                instance_id,
+                user,
+                context_id,
+                transition.event,
+                transition.source._name_,
+                transition.target._name_,
+                copied,
+                extra,
+            )
+        )
+
+    def _append(self, text: str) -> None:
+        with self._lock:
+            lines = self._lines
+            lines.append(text)
+            self._size += len(text)
+            now = self._failed or len(lines) > self.MAX_LINES or self._size > self.MAX_BYTES
+        if now:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if loop is not self._scheduled:
+            self._scheduled = loop
+            loop.call_soon(self._flush_soon, loop)
+
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._scheduled is loop:
+            self._scheduled = None
+        try:
+            self.flush()
+        except AuditWriteFailed:
+            log.exception("audit log write failed after a loop turn; record() and flush() raise until one succeeds")
+
+    def flush(self) -> None:
+        """Write every buffered line with one write (and flush a text stream).
+
+        Nearly free when nothing is buffered. Raises :class:`~pipeproof.errors.AuditWriteFailed`
+        (``OSError`` chained) when the write fails; the unwritten lines stay buffered, in order,
+        and the next flush retries them first.
+        """
+        if not self._lines and not self._failed:
+            return
+        with self._lock:
+            if self._raw is not None:
+                self._flush_raw(self._raw)
+            elif self._stream is not None:
+                self._flush_stream(self._stream)
+
+    def _flush_raw(self, raw: io.FileIO) -> None:
+        text = "".join(self._lines)
+        if _EOL != "\n":
+            text = text.replace("\n", _EOL)
+        data = self._head + text.encode("utf-8") if self._head else text.encode("utf-8")
+        done = 0
+        try:
+            with memoryview(data) as view:
+                while done < len(data):
+                    # FileIO.write is one os.write: it reports how much reached the OS, or raises
+                    # having written nothing, so a retry never repeats or skips a byte.
+                    written = raw.write(view[done:])
+                    if not written:
+                        raise OSError(f"the audit log accepted none of {len(data) - done} bytes")
+                    done += written
+        except OSError as exc:
+            self._head = data[done:]
+            self._lines = []
+            self._size = 0
+            self._failed = True
+            raise AuditWriteFailed(self._label, self._head.count(b"\n"), str(exc)) from exc
+        self._head = b""
+        self._lines = []
+        self._size = 0
+        self._failed = False
+
+    def _flush_stream(self, stream: IO[str]) -> None:
+        if self._lines:
+            try:
+                stream.write("".join(self._lines))
+            except OSError as exc:
+                self._failed = True
+                raise AuditWriteFailed(self._label, len(self._lines), str(exc)) from exc
+            self._lines = []
+            self._size = 0
+        try:
+            stream.flush()
+        except OSError as exc:
+            self._failed = True
+            raise AuditWriteFailed(self._label, 0, f"{exc} (the stream holds the lines and retries them)") from exc
+        self._failed = False
 
     def close(self) -> None:
-        with self._lock:
-            if self._owned and self._stream is not None:
-                self._stream.close()
-            self._stream = None
+        """Flush, then close the file the writer opened (stdout and a caller's stream stay open).
+
+        If the final flush fails, :class:`~pipeproof.errors.AuditWriteFailed` is raised and the
+        file is closed anyway: shutdown cannot wait for the disk, and the error says how many lines
+        were not written.
+        """
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                if self._raw is not None:
+                    self._raw.close()
+                self._raw = None
+                self._stream = None
+                self._on = False
+                self._lines = []
+                self._size = 0
+                self._head = b""
+                self._failed = False
 
 
 class TracedMachine:
@@ -149,20 +470,19 @@ class TracedMachine:
         return self.runner.can(event, **inputs)
 
     def fire(self, event: str, detail: Mapping[str, Any] | None = None, **inputs: Value) -> Transition:
-        """Fire ``event`` through the Runner and record the transition (or raise)."""
+        """Fire ``event`` through the Runner and record the transition (or raise).
+
+        :class:`~pipeproof.errors.AuditWriteFailed` means the transition happened but the log
+        cannot be written yet (its line is kept for the next flush).
+        """
         transition = self.runner.fire(event, **inputs)
-        full = dict(detail or {})
+        full = detail
         if inputs:
             # The model's inputs (e.g. account_full) are part of the step: trace-check replays them.
-            full["inputs"] = dict(inputs)
-        self.audit.record(
-            self.name,
-            self.instance_id,
-            transition,
-            self.runner.values,
-            user=self.user,
-            context_id=self.context_id,
-            detail=full,
+            full = {**detail, "inputs": inputs} if detail else {"inputs": inputs}
+        # Runner.values is a fresh dict and ``full`` is encoded before this returns: no copies.
+        self.audit._record_owned(
+            self.name, self.instance_id, transition, self.runner.values, self.user, self.context_id, full
         )
         if self._listener is not None:
             self._listener(self, transition)

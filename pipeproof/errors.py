@@ -6,6 +6,7 @@
         ``IllegalTransition``: an event fired in a state (or with variables) its machine forbids
     ``ProtocolError``: a peer broke the wire contract (docs/protocol.md); carries a close code
     ``StoreError``: the durable store failed; each subclass says how (docs/protocol.md section 3)
+    ``AuditWriteFailed``: the audit log could not be written; its lines are kept for a retry
 
 Messages name the machine, the state and the rule (or the store operation), never a secret.
 """
@@ -96,6 +97,23 @@ class StoreRollbackFailed(StoreError):
     """A rollback itself failed: the transaction's outcome is unknown, so this is escalated, not logged."""
 
     code = "store_rollback_failed"
+
+
+class AuditWriteFailed(PipeproofError):
+    """The audit log could not be written (disk full, a closed pipe...); raised, never swallowed.
+
+    The transitions it records have happened, so their lines are not dropped: they stay buffered
+    in order and the next flush retries them first. Until a write succeeds, every
+    ``AuditWriter.record`` and ``AuditWriter.flush`` raises this, so a server cannot keep acting
+    while its log silently misses steps (trace-check would reject the gap). ``pending`` is how many
+    lines the writer still holds; the ``OSError`` is the ``__cause__``.
+    """
+
+    def __init__(self, target: str, pending: int, detail: str) -> None:
+        self.target = target
+        self.pending = pending
+        self.detail = detail
+        super().__init__(f"audit log {target}: write failed, {pending} line(s) held for the next flush: {detail}")
 
 
 class ConfigError(PipeproofError):
