@@ -2,7 +2,8 @@
 
 One async interface, :class:`Store`, over SQLAlchemy 2 async Core, with the same statements for
 ``sqlite+aiosqlite`` (the embedded default) and ``postgresql+asyncpg`` (several nodes sharing one
-store). The guarantees the protocol needs are made by the database, never by an in-process lock:
+store); the per-event writes are plain SQL built once per shape (see "Hot statements"), with the
+same semantics on both. The guarantees the protocol needs are made by the database, never by an in-process lock:
 
 * one live context per user: a partial UNIQUE index on ``contexts(user_id) WHERE NOT expired``
   plus ``INSERT ... ON CONFLICT DO NOTHING`` (section 3);
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -52,16 +54,12 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    bindparam,
-    case,
     event,
     false,
     func,
     inspect,
-    or_,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -368,23 +366,6 @@ def _event_from_row(row: Row[Any]) -> EventRecord:
     )
 
 
-def _event_from_mapping(row: Mapping[str, Any]) -> EventRecord:
-    # What _event_from_row would read back: the payload goes through JSON as stored.
-    return EventRecord(
-        context_id=row["context_id"],
-        seq=row["seq"],
-        event_id=row["event_id"],
-        run_id=row["run_id"],
-        kind=row["kind"],
-        data=MappingProxyType(json.loads(row["data"])),
-        state=EventState(row["state"]),
-        attempt=row["attempt"],
-        reason=row["reason"],
-        created_at=float(row["created_at"]),
-        updated_at=float(row["updated_at"]),
-    )
-
-
 def _run_from_row(row: Row[Any]) -> RunRecord:
     return RunRecord(
         run_id=str(row.run_id),
@@ -415,6 +396,188 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
+# --------------------------------------------------------------------------------------------------
+# Hot statements (section 5): the SQL of append, mark_sent, ack, mark_pending and escalate
+#
+# These run for every event, several times, so they are plain SQL strings rendered once per shape
+# and handed to the driver as they are (``exec_driver_sql``; on SQLite straight to aiosqlite, see
+# ``Store._execute_batch``): no SQLAlchemy construct per call, no compilation, no cache key, no bind
+# processing (under load, building ``update(...)``/``case(...)`` per group was ~20% of the server's
+# CPU). Each statement works on a *batch* (the rows of one merged group, or one row for a write run
+# alone) joined to the table as the FROM item ``b``, so a group of any size is one statement:
+#
+# * PostgreSQL: ``unnest($1::text[], $2::int4[], ...) AS b(...)``, one array per column. One shape
+#   whatever the batch size, so one prepared statement per connection (asyncpg caches it).
+# * SQLite: ``WITH b(...) AS (VALUES (?, ?), ...)``. SQLite has no array binds; ``json_each`` over
+#   a JSON document would give one shape too, but SQLite before 3.43 does not promise correctly
+#   rounded JSON/text-to-REAL conversion, and timestamps must be stored exactly as given (the
+#   returned records say what is stored). Bound REALs are exact, so the batch is a VALUES list,
+#   padded with NULL rows to the next power of two: at most 9 shapes per statement (1..256 rows,
+#   _MAX_GROUP), each rendered once here and prepared once per connection (the sqlite3 module's
+#   statement cache holds 128). A NULL row matches no key and is filtered from the insert.
+#
+# Every UPDATE ... FROM joins on a key the batch holds at most once (the merges fold repeats
+# first): with two batch rows for one target row, both databases apply an arbitrary one.
+
+_EVENT_COLUMNS: Final = (
+    "context_id",
+    "seq",
+    "event_id",
+    "run_id",
+    "kind",
+    "data",
+    "state",
+    "attempt",
+    "reason",
+    "created_at",
+    "updated_at",
+)
+_RETURN_EVENT: Final = ", ".join(f"events.{name}" for name in _EVENT_COLUMNS)
+_LIVE_SQL: Final = "('PENDING', 'SENT')"  # LIVE_STATES, as SQL
+
+
+def _event_from_values(row: Sequence[Any]) -> EventRecord:
+    """An event from a row of ``_EVENT_COLUMNS``, in order (positional: cheaper than by name)."""
+    return EventRecord(
+        context_id=str(row[0]),
+        seq=int(row[1]),
+        event_id=str(row[2]),
+        run_id=str(row[3]),
+        kind=str(row[4]),
+        data=MappingProxyType(json.loads(row[5])),
+        state=EventState(row[6]),
+        attempt=int(row[7]),
+        reason=None if row[8] is None else str(row[8]),
+        created_at=float(row[9]),
+        updated_at=float(row[10]),
+    )
+
+
+_DIALECT_WORDS: Final[Mapping[str, Mapping[str, str]]] = {
+    # ``unindexed``: SQLite's unary ``+`` keeps its planner from using an index for the term it
+    # prefixes; PostgreSQL's statistics-driven planner needs no hint.
+    "sqlite": {"greatest": "max", "unindexed": "+"},
+    "postgresql": {"greatest": "GREATEST", "unindexed": ""},
+}
+
+
+@dataclass(frozen=True)
+class _BatchStatement:
+    """One hot statement over a batch ``b`` with ``columns`` (name, PostgreSQL array type).
+
+    ``template`` names the batch FROM item ``{batch}`` and may use the words of
+    ``_DIALECT_WORDS``, which differ between the two databases.
+    """
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    template: str
+
+    def render(self, dialect: str, rows: int) -> str:
+        names = ", ".join(name for name, _ in self.columns)
+        if dialect == "postgresql":
+            arrays = ", ".join(f"${i}::{pg_type}[]" for i, (_, pg_type) in enumerate(self.columns, 1))
+            return self.template.format(batch=f"unnest({arrays}) AS b({names})", **_DIALECT_WORDS[dialect])
+        row = "(" + ", ".join("?" for _ in self.columns) + ")"
+        values = ", ".join(row for _ in range(rows))
+        return f"WITH b({names}) AS (VALUES {values}) " + self.template.format(batch="b", **_DIALECT_WORDS[dialect])
+
+
+_BUMP_SEQ: Final = _BatchStatement(
+    "bump_seq",
+    (("id", "text"), ("n", "int4"), ("t", "float8")),
+    # Allocates n seqs per context (next_seq is the first unallocated one) and touches it.
+    "UPDATE contexts SET next_seq = contexts.next_seq + b.n, "
+    "last_used_at = {greatest}(contexts.last_used_at, b.t) "
+    "FROM {batch} WHERE contexts.id = b.id RETURNING contexts.id, contexts.next_seq",
+)
+_INSERT_EVENTS: Final = _BatchStatement(
+    "insert_events",
+    (
+        ("context_id", "text"),
+        ("seq", "int4"),
+        ("event_id", "text"),
+        ("run_id", "text"),
+        ("kind", "text"),
+        ("data", "text"),
+        ("state", "text"),
+        ("attempt", "int4"),
+        ("t", "float8"),
+    ),
+    "INSERT INTO events (context_id, seq, event_id, run_id, kind, data, state, attempt, reason, "
+    "created_at, updated_at) "
+    "SELECT b.context_id, b.seq, b.event_id, b.run_id, b.kind, b.data, b.state, b.attempt, NULL, b.t, b.t "
+    "FROM {batch} WHERE b.context_id IS NOT NULL",
+)
+_MARK_SENT: Final = _BatchStatement(
+    "mark_sent",
+    (("context_id", "text"), ("seq", "int4"), ("attempt", "int4"), ("t", "float8")),
+    "UPDATE events SET state = 'SENT', attempt = b.attempt, updated_at = b.t FROM {batch} "
+    "WHERE events.context_id = b.context_id AND events.seq = b.seq "
+    f"AND events.state IN {_LIVE_SQL} AND events.attempt <= b.attempt "
+    f"RETURNING {_RETURN_EVENT}",
+)
+_MARK_PENDING: Final = _BatchStatement(
+    "mark_pending",
+    (("context_id", "text"), ("seq", "int4"), ("t", "float8")),
+    "UPDATE events SET state = 'PENDING', updated_at = b.t FROM {batch} "
+    "WHERE events.context_id = b.context_id AND events.seq = b.seq AND events.state = 'SENT' "
+    f"RETURNING {_RETURN_EVENT}",
+)
+_ESCALATE: Final = _BatchStatement(
+    "escalate",
+    (("context_id", "text"), ("seq", "int4"), ("reason", "text"), ("t", "float8")),
+    "UPDATE events SET state = 'ESCALATED', reason = b.reason, updated_at = b.t FROM {batch} "
+    f"WHERE events.context_id = b.context_id AND events.seq = b.seq AND events.state IN {_LIVE_SQL} "
+    f"RETURNING {_RETURN_EVENT}",
+)
+_ACK_THROUGH: Final = _BatchStatement(
+    "ack_through",
+    (("context_id", "text"), ("through", "int4"), ("t", "float8")),
+    # SQLite: ``+events.seq`` so the lookup goes through ix_events_context_state (the few live
+    # events of the context) rather than a primary-key range over every event up to ``through``,
+    # which grows with the stream's history. PostgreSQL picks that index from its statistics.
+    "UPDATE events SET state = 'ACKED', updated_at = b.t FROM {batch} "
+    "WHERE events.context_id = b.context_id AND {unindexed}events.seq <= b.through "
+    f"AND events.state IN {_LIVE_SQL} "
+    "RETURNING events.context_id, events.seq",
+)
+_SELECT_EVENTS: Final = _BatchStatement(
+    "select_events",
+    (("context_id", "text"), ("seq", "int4")),
+    f"SELECT {_RETURN_EVENT} FROM {{batch}} "
+    "JOIN events ON events.context_id = b.context_id AND events.seq = b.seq",
+)
+
+_SQL_CACHE: dict[tuple[str, str, int], str] = {}
+"""Rendered hot SQL by (dialect, statement, padded batch size; 0 on PostgreSQL). Bounded: 7
+statements x (9 SQLite sizes + 1 PostgreSQL shape)."""
+
+
+def _padded(rows: int) -> int:
+    """The SQLite batch size for ``rows`` rows: the next power of two (1, 2, 4, ... 256)."""
+    return 1 << (rows - 1).bit_length()
+
+
+def _batch(dialect: str, statement: _BatchStatement, rows: Sequence[tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
+    """``statement``'s SQL and driver parameters for ``rows`` (one tuple per batch row)."""
+    if dialect == "postgresql":
+        key = (dialect, statement.name, 0)
+        params: tuple[Any, ...] = tuple(list(column) for column in zip(*rows, strict=True))
+    else:
+        size = _padded(len(rows))
+        key = (dialect, statement.name, size)
+        flat = [value for row in rows for value in row]
+        flat.extend([None] * ((size - len(rows)) * len(statement.columns)))
+        params = tuple(flat)
+    sql = _SQL_CACHE.get(key)
+    if sql is None:
+        sql = _SQL_CACHE[key] = statement.render(dialect, key[2])
+    return sql, params
+
+
+_SQLITE_MIN_VERSION: Final = (3, 35, 0)
+"""RETURNING arrived in SQLite 3.35, UPDATE ... FROM in 3.33 (checked by :func:`open_store`)."""
 
 _MAX_GROUP: Final = 256
 """Writes per group transaction at most: bounds how long one transaction holds the write lock."""
@@ -531,9 +694,10 @@ class Store:
         time anyway. The writer takes every write queued while the previous transaction ran and
         commits them together, so that overhead is paid once per batch rather than per write.
 
-        ``merge`` (the hot writes: append, mark_sent, ack_through) lets the group run every write
-        of that kind as a few statements: each statement costs ~1 ms through the async driver
-        (several thread hops), so a group of N appends must not cost N statements. Writes queued
+        ``merge`` (the hot writes: append, mark_sent, ack_through, mark_pending, escalate) lets
+        the group run every write of that kind as one or two statements: each statement costs a
+        round trip (thread hops to the SQLite driver), so a group of N appends must not cost N
+        statements. Writes queued
         together were issued concurrently (every caller awaits its write before its next one), so
         running them grouped by kind is equivalent to one of their possible arrival orders.
         """
@@ -558,6 +722,15 @@ class Store:
         try:
             while self._pending or not self._closing:
                 if not self._pending:
+                    if held.conn is not None:
+                        # The callers of the group just committed resume in the next loop turn,
+                        # and those that write again at once (append, then mark_sent, then ack)
+                        # queue before this resumes: keep the connection for them. Releasing
+                        # and checking out again costs a pool reset and a pre-ping, several
+                        # round trips, per group.
+                        await asyncio.sleep(0)
+                        if self._pending:
+                            continue
                     # Idle: the connection goes back to the pool, so the next group's checkout
                     # pre-pings it (a connection dropped while idle is replaced, not failed on).
                     await held.release()
@@ -588,7 +761,8 @@ class Store:
         finally:
             # Cancellation mid-batch rolls the transaction back (``_run_tx``): say so to each caller.
             for w in live:
-                _fail(w, StoreUnavailable(w.operation, "the store writer stopped before COMMIT"))
+                if not w.future.done():  # (checked first: most are done, an exception costs)
+                    _fail(w, StoreUnavailable(w.operation, "the store writer stopped before COMMIT"))
 
     async def _commit_alone(self, w: _PendingWrite[Any], held: _HeldConnection) -> None:
         try:
@@ -697,7 +871,10 @@ class Store:
         self, conn: AsyncConnection, operation: str, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool
     ) -> T:
         if write:
-            await conn.execution_options(pipeproof_write=True)
+            sync = conn.sync_connection
+            if sync is None or not sync.get_execution_options().get("pipeproof_write", False):
+                # Once per connection: the writer's held connection keeps it across groups.
+                await conn.execution_options(pipeproof_write=True)
         tx = await conn.begin()
         try:
             result = await body(conn)
@@ -914,148 +1091,153 @@ class Store:
         return await self._run("find_context", body, write=False)
 
     # -- events (section 5) ------------------------------------------------------------------------
+    #
+    # Each write kind has one implementation, its merge (``_*_many``): a group runs it once for all
+    # the writes of that kind, and a write run alone (or a group fallen back to one transaction
+    # per write) runs it with one item (``_write_one``). Each is one or two batch statements
+    # (``_BatchStatement``) whatever the number of items.
+
+    async def _write_one(self, operation: str, merge: Merge, args: Any) -> Any:
+        """Queue one write of a merged kind: alone, its body is ``merge`` over just ``args``, and a
+        refusal is raised (rolling the transaction back) instead of returned."""
+
+        async def body(conn: AsyncConnection) -> Any:
+            (outcome,) = await merge(conn, [args])
+            if isinstance(outcome, StoreError):
+                raise outcome
+            return outcome
+
+        return await self._write(operation, body, merge=merge, args=args)
+
+    async def _execute_batch(
+        self, conn: AsyncConnection, statement: _BatchStatement, rows: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Run ``statement`` over ``rows``; returns its result rows (empty without RETURNING)."""
+        sql, params = _batch(self._dialect, statement, rows)
+        if self._dialect == "sqlite":
+            # Straight to aiosqlite: one hop to its thread (execute and fetch together), where
+            # SQLAlchemy's adapted cursor takes three or four (create, execute, fetch, close).
+            # Errors are wrapped as SQLAlchemy would, so they are typed the same way.
+            driver: Any = (await conn.get_raw_connection()).driver_connection  # aiosqlite.Connection
+            try:
+                return list(await driver.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise sa_exc.DBAPIError.instance(sql, params, exc, sqlite3.Error) from exc
+            except ValueError as exc:
+                # aiosqlite's "Connection closed": SQLAlchemy's adapter makes it an
+                # OperationalError (StoreUnavailable); anything else is a bug and raises as is.
+                if str(exc).lower() not in ("connection closed", "no active connection"):
+                    raise
+                closed = sqlite3.OperationalError(str(exc))
+                raise sa_exc.DBAPIError.instance(sql, params, closed, sqlite3.Error) from exc
+        result = await conn.exec_driver_sql(sql, params)
+        return list(result.all()) if result.returns_rows else []
 
     async def append_event(
-        self, context_id: str, run_id: str, kind: str, data: Mapping[str, Any], now: float
+        self,
+        context_id: str,
+        run_id: str,
+        kind: str,
+        data: Mapping[str, Any],
+        now: float,
+        *,
+        sent: bool = False,
     ) -> EventRecord:
-        """Append one PENDING event with the context's next ``seq`` (PROTOCOL section 5).
+        """Append one event with the context's next ``seq`` (PROTOCOL section 5).
 
         The seq counter bump and the insert share one transaction, so seqs are 1, 2, 3... with no
         gap or duplicate under any concurrency. Appending also touches the context (a running run
         is activity). Appending to an expired context is allowed: its events still need delivering
         or escalating. Unknown context: StoreIntegrityError.
+
+        The event is stored PENDING with attempt 0, or with ``sent`` SENT with attempt 1: for a
+        caller about to write it to a live session, which saves the separate :meth:`mark_sent`.
+        Section 5 still holds: the event is durable (committed) before this returns, so before it
+        is sent. Marking it SENT before the send is safe because a SENT event that never reached
+        anyone is resent after its ack timeout or acked by a resume, so nothing is lost; if the
+        send fails at once, the caller fires ``send_failed`` and calls :meth:`mark_pending`,
+        which keeps attempt 1. The returned record is the event as stored.
         """
         payload = _json_dumps(data)  # fail on unserialisable data before touching the store
-
-        async def body(conn: AsyncConnection) -> EventRecord:
-            bumped = (
-                await conn.execute(
-                    update(contexts)
-                    .where(contexts.c.id == context_id)
-                    .values(
-                        next_seq=contexts.c.next_seq + 1,
-                        last_used_at=func.max(contexts.c.last_used_at, now)
-                        if self._dialect == "sqlite"
-                        else func.greatest(contexts.c.last_used_at, now),
-                    )
-                    .returning(contexts.c.next_seq)
-                )
-            ).first()
-            if bumped is None:
-                raise StoreIntegrityError("append_event", f"no context {context_id!r}")
-            seq = int(bumped.next_seq) - 1
-            row = (
-                await conn.execute(
-                    events.insert()
-                    .values(
-                        context_id=context_id,
-                        seq=seq,
-                        event_id=uuid.uuid4().hex,
-                        run_id=run_id,
-                        kind=kind,
-                        data=payload,
-                        state=EventState.PENDING.value,
-                        attempt=0,
-                        reason=None,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(*events.c)
-                )
-            ).one()
-            return _event_from_row(row)
-
-        return await self._write(
-            "append_event", body, merge=self._append_many, args=(context_id, run_id, kind, payload, now)
+        record: EventRecord = await self._write_one(
+            "append_event", self._append_many, (context_id, run_id, kind, payload, float(now), sent)
         )
+        return record
 
     async def _append_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
         """Merged appends: one seq bump for every context of the group, one multi-row insert.
 
         Per context, the group's appends take consecutive seqs in queue order, exactly what
         that many single appends would have allocated; an unknown context refuses only its own
-        appends (StoreIntegrityError), which wrote nothing.
+        appends (StoreIntegrityError), which wrote nothing. Each item's ``sent`` flag picks its
+        stored state (see :meth:`append_event`).
         """
         counts: dict[str, int] = {}
         latest: dict[str, float] = {}
-        for context_id, _run_id, _kind, _payload, now in items:
+        for context_id, _run_id, _kind, _payload, now, _sent in items:
             counts[context_id] = counts.get(context_id, 0) + 1
             latest[context_id] = max(latest.get(context_id, now), now)
-        greatest = func.max if self._dialect == "sqlite" else func.greatest
-        bumped = await conn.execute(
-            update(contexts)
-            .where(contexts.c.id.in_(list(counts)))
-            .values(
-                next_seq=contexts.c.next_seq + case(counts, value=contexts.c.id),
-                last_used_at=greatest(contexts.c.last_used_at, case(latest, value=contexts.c.id)),
-            )
-            .returning(contexts.c.id, contexts.c.next_seq)
+        bumped = await self._execute_batch(
+            conn, _BUMP_SEQ, [(c, n, latest[c]) for c, n in counts.items()]
         )
-        next_seq = {str(r.id): int(r.next_seq) - counts[str(r.id)] for r in bumped}
+        # RETURNING gives next_seq after the bump: this context's appends take the n below it.
+        next_seq = {str(c): int(after) - counts[str(c)] for c, after in bumped}
         outcomes: list[Any] = []
-        rows: list[dict[str, Any]] = []
-        for context_id, run_id, kind, payload, now in items:
-            if context_id not in next_seq:
+        rows: list[tuple[Any, ...]] = []
+        for context_id, run_id, kind, payload, now, sent in items:
+            seq = next_seq.get(context_id)
+            if seq is None:
                 outcomes.append(StoreIntegrityError("append_event", f"no context {context_id!r}"))
                 continue
-            seq = next_seq[context_id]
             next_seq[context_id] = seq + 1
-            row: dict[str, Any] = {
-                "context_id": context_id,
-                "seq": seq,
-                "event_id": uuid.uuid4().hex,
-                "run_id": run_id,
-                "kind": kind,
-                "data": payload,
-                "state": EventState.PENDING.value,
-                "attempt": 0,
-                "reason": None,
-                "created_at": now,
-                "updated_at": now,
-            }
-            rows.append(row)
-            outcomes.append(_event_from_mapping(row))
+            state, attempt = (EventState.SENT, 1) if sent else (EventState.PENDING, 0)
+            event_id = uuid.uuid4().hex
+            rows.append((context_id, seq, event_id, run_id, kind, payload, state.value, attempt, now))
+            # What a read gives back: the payload goes through JSON as stored.
+            outcomes.append(
+                EventRecord(
+                    context_id=context_id,
+                    seq=seq,
+                    event_id=event_id,
+                    run_id=run_id,
+                    kind=kind,
+                    data=MappingProxyType(json.loads(payload)),
+                    state=state,
+                    attempt=attempt,
+                    reason=None,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
         if rows:
-            await conn.execute(events.insert(), rows)
+            await self._execute_batch(conn, _INSERT_EVENTS, rows)
         return outcomes
 
-    async def _transition(
+    async def _change_events(
         self,
+        conn: AsyncConnection,
         operation: str,
-        context_id: str,
-        seq: int,
-        values: dict[str, Any],
-        extra_where: Sequence[Any],
-    ) -> EventRecord:
-        """Apply ``values`` if the event is in a live state and ``extra_where`` holds; either way
-        return the event as stored after the call. Unknown event: StoreIntegrityError."""
-
-        async def body(conn: AsyncConnection) -> EventRecord:
-            changed = (
-                await conn.execute(
-                    update(events)
-                    .where(
-                        events.c.context_id == context_id,
-                        events.c.seq == seq,
-                        events.c.state.in_(LIVE_STATES),
-                        *extra_where,
-                    )
-                    .values(**values)
-                    .returning(*events.c)
-                )
-            ).first()
-            if changed is not None:
-                return _event_from_row(changed)
-            current = (
-                await conn.execute(
-                    select(events).where(events.c.context_id == context_id, events.c.seq == seq)
-                )
-            ).first()
-            if current is None:
-                raise StoreIntegrityError(operation, f"no event seq {seq} in context {context_id!r}")
-            return _event_from_row(current)
-
-        return await self._run(operation, body, write=True)
+        statement: _BatchStatement,
+        changes: Mapping[tuple[str, int], tuple[Any, ...]],
+    ) -> dict[tuple[str, int], EventRecord | StoreError]:
+        """Apply ``statement`` (a conditional UPDATE ... RETURNING of whole events) to the events
+        keyed ``(context_id, seq)`` with their extra batch columns; returns each key's event as
+        stored afterwards, changed or not, or StoreIntegrityError for an event that does not
+        exist. The events the UPDATE left alone (terminal, stale) cost a second statement."""
+        rows = [(c, q, *extra) for (c, q), extra in changes.items()]
+        stored: dict[tuple[str, int], EventRecord | StoreError] = {}
+        for row in await self._execute_batch(conn, statement, rows):
+            record = _event_from_values(row)
+            stored[(record.context_id, record.seq)] = record
+        missing = [key for key in changes if key not in stored]
+        if missing:
+            for row in await self._execute_batch(conn, _SELECT_EVENTS, missing):
+                record = _event_from_values(row)
+                stored[(record.context_id, record.seq)] = record
+            for c, q in missing:
+                if (c, q) not in stored:
+                    stored[(c, q)] = StoreIntegrityError(operation, f"no event seq {q} in context {c!r}")
+        return stored
 
     async def mark_sent(
         self, context_id: str, seq: int, attempt: int, now: float | None = None
@@ -1064,77 +1246,68 @@ class Store:
 
         Returns the event as stored: an ACKED/ESCALATED event, or a stale (lower) attempt from a
         racing sender, is left unchanged, which the caller sees in ``state`` / ``attempt``.
+        Unknown event: StoreIntegrityError.
         """
         if attempt < 1:
             raise ValueError("attempt counts sends and starts at 1")
-        stamp = _now(now)
-
-        async def body(conn: AsyncConnection) -> EventRecord:
-            (outcome,) = await self._mark_sent_many(conn, [(context_id, seq, attempt, stamp)])
-            if isinstance(outcome, StoreError):
-                raise outcome
-            return outcome  # type: ignore[no-any-return]
-
-        return await self._write(
-            "mark_sent", body, merge=self._mark_sent_many, args=(context_id, seq, attempt, stamp)
+        record: EventRecord = await self._write_one(
+            "mark_sent", self._mark_sent_many, (context_id, seq, attempt, float(_now(now)))
         )
+        return record
 
     async def _mark_sent_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
-        """Merged mark_sent: one executemany UPDATE (same WHERE as a single one), one SELECT of
-        the rows as stored. An unknown event refuses only its own write (StoreIntegrityError)."""
-        await conn.execute(
-            update(events)
-            .where(
-                events.c.context_id == bindparam("k_context_id"),
-                events.c.seq == bindparam("k_seq"),
-                # Not ``in_``: an expanding IN cannot be part of an executemany.
-                or_(*(events.c.state == state for state in LIVE_STATES)),
-                events.c.attempt <= bindparam("k_attempt"),
-            )
-            .values(state=EventState.SENT.value, attempt=bindparam("k_attempt"), updated_at=bindparam("k_now")),
-            [
-                {"k_context_id": c, "k_seq": q, "k_attempt": a, "k_now": now}
-                for c, q, a, now in items
-            ],
-        )
-        keys = sorted({(c, q) for c, q, _a, _now in items})
-        stored = {
-            (str(r.context_id), int(r.seq)): _event_from_row(r)
-            for r in await conn.execute(
-                select(events).where(tuple_(events.c.context_id, events.c.seq).in_(keys))
-            )
-        }
-        return [
-            stored.get((c, q)) or StoreIntegrityError("mark_sent", f"no event seq {q} in context {c!r}")
-            for c, q, _a, _now in items
-        ]
+        """Merged mark_sent: one UPDATE ... RETURNING for the group (plus a SELECT of the events
+        it left alone, if any). Several for one event are folded first into what applying them
+        in queue order leaves: the highest attempt, the later one on a tie. Every such caller
+        gets the event as stored after the group. An unknown event refuses only its own write."""
+        changes: dict[tuple[str, int], tuple[int, float]] = {}
+        for c, q, attempt, now in items:
+            previous = changes.get((c, q))
+            if previous is None or attempt >= previous[0]:
+                changes[(c, q)] = (attempt, now)
+        stored = await self._change_events(conn, "mark_sent", _MARK_SENT, changes)
+        return [stored[(c, q)] for c, q, _attempt, _now in items]
 
     async def mark_pending(self, context_id: str, seq: int, now: float | None = None) -> EventRecord:
         """SENT -> PENDING: the send failed or the socket went away; the event awaits a retry or a
-        resume (section 5). Same rank in the state order, so not a backwards move. Returns the
-        event as stored (terminal events are left unchanged)."""
-        return await self._transition(
-            "mark_pending",
-            context_id,
-            seq,
-            {"state": EventState.PENDING.value, "updated_at": _now(now)},
-            [events.c.state == EventState.SENT.value],
+        resume (section 5). Same rank in the state order, so not a backwards move; the attempt
+        is kept. Returns the event as stored (PENDING and terminal events are left unchanged).
+        Unknown event: StoreIntegrityError."""
+        record: EventRecord = await self._write_one(
+            "mark_pending", self._mark_pending_many, (context_id, seq, float(_now(now)))
         )
+        return record
+
+    async def _mark_pending_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
+        """Merged mark_pending: one UPDATE for the group. Of several for one event only the first
+        can apply (it leaves the event PENDING), so the first's stamp is kept."""
+        changes: dict[tuple[str, int], tuple[float]] = {}
+        for c, q, now in items:
+            changes.setdefault((c, q), (now,))
+        stored = await self._change_events(conn, "mark_pending", _MARK_PENDING, changes)
+        return [stored[(c, q)] for c, q, _now in items]
 
     async def escalate(
         self, context_id: str, seq: int, reason: EscalationReason, now: float | None = None
     ) -> EventRecord:
         """PENDING/SENT -> ESCALATED with ``reason`` (section 5). An ACKED event stays ACKED, and an
-        event already ESCALATED keeps its first reason; the stored event is returned either way."""
+        event already ESCALATED keeps its first reason; the stored event is returned either way.
+        Unknown event: StoreIntegrityError."""
         if reason not in ESCALATION_REASONS:
             raise ValueError(f"unknown escalation reason {reason!r}; expected one of {ESCALATION_REASONS}")
-        return await self._transition(
-            "escalate",
-            context_id,
-            seq,
-            {"state": EventState.ESCALATED.value, "reason": reason, "updated_at": _now(now)},
-            [],
+        record: EventRecord = await self._write_one(
+            "escalate", self._escalate_many, (context_id, seq, reason, float(_now(now)))
         )
+        return record
+
+    async def _escalate_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
+        """Merged escalate: one UPDATE for the group. Of several for one event only the first can
+        apply (ESCALATED is terminal), so it keeps the first's reason, as in queue order."""
+        changes: dict[tuple[str, int], tuple[str, float]] = {}
+        for c, q, reason, now in items:
+            changes.setdefault((c, q), (reason, now))
+        stored = await self._change_events(conn, "escalate", _ESCALATE, changes)
+        return [stored[(c, q)] for c, q, _reason, _now in items]
 
     async def ack_through(self, context_id: str, seq: int, now: float | None = None) -> list[int]:
         """Cumulative ack (section 5): every PENDING/SENT event with ``seq' <= seq`` becomes ACKED.
@@ -1143,36 +1316,26 @@ class Store:
         and ESCALATED events are untouched, so an ack never un-escalates and never moves backwards;
         acking a seq beyond the stream acks what exists and nothing more.
         """
-        stamp = _now(now)
-
-        async def body(conn: AsyncConnection) -> list[int]:
-            (acked,) = await self._ack_many(conn, [(context_id, seq, stamp)])
-            return acked  # type: ignore[no-any-return]
-
-        return await self._write("ack_through", body, merge=self._ack_many, args=(context_id, seq, stamp))
+        acked: list[int] = await self._write_one(
+            "ack_through", self._ack_many, (context_id, seq, float(_now(now)))
+        )
+        return acked
 
     async def _ack_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
-        """Merged cumulative acks: one UPDATE for every context of the group (each through its
-        highest acked seq). Several acks of one context are ordered by ``seq``, as if applied
-        one after the other: each gets the seqs above the previous one's."""
+        """Merged cumulative acks: one UPDATE ... RETURNING for every context of the group (each
+        through its highest acked seq). Several acks of one context are ordered by ``seq``, as if
+        applied one after the other: each gets the seqs above the previous one's."""
         through: dict[str, int] = {}
         stamps: dict[str, float] = {}
         for context_id, seq, now in items:
             through[context_id] = max(through.get(context_id, seq), seq)
             stamps[context_id] = max(stamps.get(context_id, now), now)
-        result = await conn.execute(
-            update(events)
-            .where(
-                events.c.context_id.in_(list(through)),
-                events.c.seq <= case(through, value=events.c.context_id),
-                events.c.state.in_(LIVE_STATES),
-            )
-            .values(state=EventState.ACKED.value, updated_at=case(stamps, value=events.c.context_id))
-            .returning(events.c.context_id, events.c.seq)
-        )
+        rows = await self._execute_batch(conn, _ACK_THROUGH, [(c, q, stamps[c]) for c, q in through.items()])
         acked: dict[str, list[int]] = {}
-        for r in result:
-            acked.setdefault(str(r.context_id), []).append(int(r.seq))
+        for c, q in rows:
+            acked.setdefault(str(c), []).append(int(q))
+        if len(items) == 1:  # the common case: everything acked is this ack's
+            return [sorted(acked.get(items[0][0], []))]
         outcomes: list[Any] = [None] * len(items)
         below: dict[str, int] = {}
         for index in sorted(range(len(items)), key=lambda i: (items[i][1], i)):
@@ -1415,7 +1578,8 @@ async def open_store(
     ``sqlite_synchronous`` is SQLite's ``PRAGMA synchronous`` (WAL mode): ``NORMAL`` is durable
     against a process crash, ``FULL`` also against an OS crash or power loss.
     With ``migrate`` (the default) pending migrations are applied, so connection and auth problems
-    surface here as typed errors. Raises ValueError for an unsupported URL.
+    surface here as typed errors. Raises ValueError for an unsupported URL, and for a SQLite
+    library older than 3.35 (the hot statements use ``UPDATE ... FROM`` and ``RETURNING``).
     """
     if pool_size < 1 or timeout <= 0:
         raise ValueError("pool_size must be >= 1 and timeout > 0")
@@ -1425,6 +1589,11 @@ async def open_store(
     driver = parsed.get_driver_name()
     connect_args: dict[str, Any] = {}
     if (backend, driver) == ("sqlite", "aiosqlite"):
+        if sqlite3.sqlite_version_info < _SQLITE_MIN_VERSION:
+            raise ValueError(
+                f"SQLite {sqlite3.sqlite_version} is too old for the store: it needs "
+                f"{'.'.join(map(str, _SQLITE_MIN_VERSION))} or later (UPDATE ... FROM, RETURNING)"
+            )
         if pg_schema is not None:
             raise ValueError("pg_schema applies to PostgreSQL only")
         database = parsed.database or ""
