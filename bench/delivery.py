@@ -199,6 +199,12 @@ def _wait_ready(port: int) -> None:
     raise TimeoutError("not ready")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc), to tell CPU- from wait-bound."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_one(kind: str, args: argparse.Namespace, tokens: list[str]) -> dict[str, float]:
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix=f"pp-bench-{kind}-") as data_dir:
@@ -211,7 +217,10 @@ def run_one(kind: str, args: argparse.Namespace, tokens: list[str]) -> dict[str,
             _wait_port(port, proc)
             if kind == "pipeproof":
                 _wait_ready(port)
-            return asyncio.run(drive(port, args.sockets, tokens))
+            cpu_before = _cpu_seconds(proc.pid)
+            result = asyncio.run(drive(port, args.sockets, tokens))
+            result["server_cpu_s"] = _cpu_seconds(proc.pid) - cpu_before
+            return result
         finally:
             proc.terminate()
             proc.wait(15)
@@ -239,7 +248,8 @@ def main() -> int:
     results = {kind: run_one(kind, args, tokens) for kind in ("baseline", "pipeproof")}
     for kind, r in results.items():
         print(f"{kind:<10} {r['events']:>7.0f} events in {r['seconds']:6.2f}s  {r['events_per_s']:>8.0f} events/s"
-              f"  ack latency p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms")
+              f"  ack latency p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
+              f"  server CPU {r['server_cpu_s'] * 1e6 / r['events']:6.0f} us/event")
     ratio = results["pipeproof"]["events_per_s"] / results["baseline"]["events_per_s"]
     print(f"ratio (pipeproof / baseline events/s): {ratio:.3f}  (target >= 0.5)")
     return 0

@@ -46,6 +46,7 @@ from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from pipeproof.errors import StoreError
 from pipeproof.model.delivery import Delivery, delivery_machine
 from pipeproof.model.expr import Value
 from pipeproof.model.spec import Machine, Runner
@@ -135,6 +136,9 @@ class _Tracked:
         )
 
 
+_NEVER: Final = float("inf")
+
+
 @dataclass
 class _Stream:
     """One context's stream on this node."""
@@ -144,13 +148,17 @@ class _Stream:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sessions: dict[str, Session] = field(default_factory=dict)
     live: dict[int, _Tracked] = field(default_factory=dict)  # insertion order is seq order
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # wakes the clock (see _wake)
     room: asyncio.Event = field(default_factory=asyncio.Event)
     clock: asyncio.Task[None] | None = None
     users: int = 0  # publishes and session registrations in progress: the stream must not be dropped
+    appending: int = 0  # appends awaiting their commit: they count against max_inflight_events
+    ack_wanted: int = 0  # the highest delivered seq a client has acked on this node
+    ack_done: int = 0  # ... and the highest one whose ack_through has committed
+    acking: bool = False  # an ack_through of this stream is in flight (see DeliveryService._ack)
+    due: float = -_NEVER  # what the clock sleeps until; -inf while it is awake and will recompute
 
 
-_NEVER: Final = float("inf")
 
 
 class DeliveryService:
@@ -174,6 +182,10 @@ class DeliveryService:
         self.streams: dict[str, _Stream] = {}
         self.recovered = asyncio.Event()
         self._closed = False
+        # Labelled children resolved once: ``labels()`` costs a lock and a dict walk per call.
+        self._appended_by_kind: dict[str, Any] = {}
+        self._first_sends = metrics.sends.labels(first="true")
+        self._resends = metrics.sends.labels(first="false")
 
     # -- waits ---------------------------------------------------------------------------------
 
@@ -222,6 +234,7 @@ class DeliveryService:
         if tracked.machine.state is P and not stream.sessions:
             tracked.idle_from = now
         self._ensure_clock(stream)
+        self._wake(stream, self._deadline(stream, tracked))
 
     def _untrack(self, stream: _Stream, seq: int) -> None:
         if stream.live.pop(seq, None) is not None:
@@ -239,7 +252,7 @@ class DeliveryService:
             and self.streams.get(stream.context_id) is stream
         ):
             del self.streams[stream.context_id]
-            stream.changed.set()
+            self._wake(stream)
 
     # -- recovery (section 6) ------------------------------------------------------------------
 
@@ -288,7 +301,7 @@ class DeliveryService:
         the producer instead of memory growth). Raises StoreError when the append fails.
         """
         async with self._using(context_id, user) as stream:
-            while len(stream.live) >= self.settings.max_inflight_events:
+            while len(stream.live) + stream.appending >= self.settings.max_inflight_events:
                 stream.room.clear()
                 await stream.room.wait()
             # Shielded: a cancelled producer must not leave an appended event untracked.
@@ -297,21 +310,44 @@ class DeliveryService:
     async def _append(
         self, stream: _Stream, context_id: str, user: str, run_id: str, kind: str, data: Mapping[str, Any]
     ) -> EventRecord:
+        # The append's commit is awaited outside the stream's lock: holding the lock across it
+        # would make every ack and resend of the context wait for this commit, so a stream could
+        # move one event per two or three group commits. Nothing of the event is visible (tracked,
+        # sent) before its commit. With a live session the event is stored SENT, attempt 1, in the
+        # same insert (it is about to be written): one write per event instead of two. If no
+        # session takes it after all, send_failed is fired and the store put back to PENDING.
+        sending = bool(stream.sessions)
+        stream.appending += 1
+        try:
+            record = await self.store.append_event(context_id, run_id, kind, data, time.time(), sent=sending)
+        finally:
+            stream.appending -= 1
+        self._appended(kind).inc()
         async with stream.lock:
-            record = await self.store.append_event(context_id, run_id, kind, data, time.time())
-            self.metrics.appended.labels(kind=kind).inc()
             tracked = _Tracked(record, self._machine(record, user))
             self._track(stream, tracked, time.monotonic())
-            if stream.sessions:
+            if stream.sessions or sending:
                 await self._send(stream, tracked)
         return record
 
+    def _appended(self, kind: str) -> Any:
+        child = self._appended_by_kind.get(kind)
+        if child is None:
+            child = self._appended_by_kind[kind] = self.metrics.appended.labels(kind=kind)
+        return child
+
     async def _send(self, stream: _Stream, tracked: _Tracked) -> None:
-        """Send a PENDING event to every session (under the lock); fires send or send_failed."""
+        """Send a PENDING event to every session (under the lock); fires send or send_failed.
+
+        The store is told after the machine: ``mark_sent`` unless the append already stored this
+        attempt as SENT, and ``mark_pending`` when it did but no session took the frame (both
+        sides then say PENDING with this attempt counted, as ``send_failed`` counts it).
+        """
         m = tracked.machine
         if not m.can("send"):
             return
         attempt = int(m.values["attempt"]) + 1
+        stored = tracked.record.state is EventState.SENT and tracked.record.attempt >= attempt
         frame = tracked.frame(attempt)
         written = 0
         for session in list(stream.sessions.values()):
@@ -334,14 +370,20 @@ class DeliveryService:
             tracked.frame_attempt = attempt
             tracked.idle_from = None
             tracked.ack_deadline = now + self.ack_wait(attempt)
-            self.metrics.sends.labels(first=str(attempt == 1).lower()).inc()
-            await self.store.mark_sent(stream.context_id, tracked.seq, attempt)
-            stream.changed.set()
+            (self._first_sends if attempt == 1 else self._resends).inc()
+            self._wake(stream, tracked.ack_deadline)
+            if not stored:
+                await self.store.mark_sent(stream.context_id, tracked.seq, attempt)
             return
         self.metrics.send_failures.inc()
         transition = m.fire("send_failed", {"attempt": attempt})
         if transition.target is E:
             await self._escalate(stream, tracked, "send_failed")
+        elif stored:
+            tracked.record = await self.store.mark_pending(stream.context_id, tracked.seq)
+        if transition.target is P and not stream.sessions and tracked.idle_from is None:
+            tracked.idle_from = now
+            self._wake(stream, self._deadline(stream, tracked))
 
     async def _escalate(self, stream: _Stream, tracked: _Tracked, reason: EscalationReason) -> None:
         stored = await self.store.escalate(stream.context_id, tracked.seq, reason)
@@ -370,11 +412,9 @@ class DeliveryService:
             await asyncio.shield(self._register(stream, session, resume_last_seq))
 
     async def _register(self, stream: _Stream, session: Session, resume_last_seq: int | None) -> None:
+        if resume_last_seq is not None:
+            await self._ack(stream, resume_last_seq, {"resume": True, "session_id": session.session_id})
         async with stream.lock:
-            if resume_last_seq is not None:
-                await self._ack_locked(
-                    stream, resume_last_seq, {"resume": True, "session_id": session.session_id}
-                )
             if getattr(session, "closed", False):
                 return
             if not stream.sessions:
@@ -412,56 +452,98 @@ class DeliveryService:
             for tracked in stream.live.values():
                 if tracked.machine.state is P and tracked.idle_from is None:
                     tracked.idle_from = now
-        stream.changed.set()
+        self._wake(stream)
         self._maybe_forget(stream)
 
     # -- acks ----------------------------------------------------------------------------------
 
     async def ack(self, session: Session, seq: int) -> list[int]:
-        """A cumulative ack from any session of the context (section 5); returns the acked seqs."""
+        """A cumulative ack from any session of the context (section 5); returns the acked seqs
+        (empty when an ack already in flight for this stream will cover them)."""
         stream = self.streams.get(session.context_id)
         if stream is None:
             return []
-        return await asyncio.shield(self._ack(stream, seq, session.session_id))
+        return await asyncio.shield(self._ack(stream, seq, {"session_id": session.session_id}))
 
-    async def _ack(self, stream: _Stream, seq: int, session_id: str) -> list[int]:
-        async with stream.lock:
-            return await self._ack_locked(stream, seq, {"session_id": session_id})
+    async def _ack(self, stream: _Stream, seq: int, detail: Mapping[str, Any]) -> list[int]:
+        """Record a cumulative ack: the store write outside the lock, the machines under it.
 
-    async def _ack_locked(self, stream: _Stream, seq: int, detail: Mapping[str, Any]) -> list[int]:
-        # The model acks only delivered events; an ack naming more than the client can have
-        # received is honoured up to the delivered prefix, and the rest stays in delivery.
+        The model acks only delivered events; an ack naming more than the client can have
+        received is honoured up to the delivered prefix, and the rest stays in delivery. Acks of
+        one stream are coalesced: while one ``ack_through`` is in flight, later acks only raise
+        ``ack_wanted`` and the write in flight loops until it has covered it (acks are
+        cumulative, so one write per group commit does for any number of ack frames). The
+        commit is awaited without the lock, so the stream's appends and sends go on meanwhile;
+        the clock leaves events at or below ``ack_wanted`` alone (their ack is being recorded).
+        If the write fails, ``ack_wanted`` falls back to what is stored, the StoreError goes to
+        this caller, and the events stay in delivery (resent, and acked again by the client).
+        """
         through = 0
         for s, tracked in stream.live.items():
-            if s > seq:
-                break
-            if not tracked.machine.values["delivered"]:
+            if s > seq or not tracked.machine.values["delivered"]:
                 break
             through = s
-        if through == 0:
+        if through <= stream.ack_wanted:
             return []
-        acked = await self.store.ack_through(stream.context_id, through)
+        stream.ack_wanted = through
+        if stream.acking:
+            return []
+        stream.acking = True
+        done: list[int] = []
+        try:
+            while stream.ack_done < stream.ack_wanted:
+                target = stream.ack_wanted
+                try:
+                    acked = await self.store.ack_through(stream.context_id, target)
+                except StoreError:
+                    stream.ack_wanted = stream.ack_done
+                    raise
+                stream.ack_done = target
+                async with stream.lock:
+                    # Later rounds record acks that other frames asked for: name their target.
+                    self._acked(stream, acked, {**detail, "through": seq if target == through else target})
+                done.extend(acked)
+        finally:
+            stream.acking = False
+            # The clock ignored events being acked; one the store did not ack (it was no longer
+            # live there) has its deadline back, maybe earlier than what the clock sleeps until.
+            first = next(iter(stream.live), None)
+            if first is not None and first <= stream.ack_wanted:
+                self._wake(stream)
+        return done
+
+    def _acked(self, stream: _Stream, acked: list[int], detail: Mapping[str, Any]) -> None:
+        """Fire ``ack`` on the machines of events the store just acked (under the lock)."""
         now = time.monotonic()
         for s in acked:
             done = stream.live.get(s)
-            if done is None:
+            if done is None or done.machine.state not in (P, S):
                 continue
-            done.machine.fire("ack", {**detail, "through": seq})
+            done.machine.fire("ack", detail)
             self.metrics.acked.inc()
             self.metrics.ack_latency.observe(now - done.appended_at)
             self._untrack(stream, s)
-        return acked
 
     # -- the clock -----------------------------------------------------------------------------
 
     def _ensure_clock(self, stream: _Stream) -> None:
         if stream.clock is None or stream.clock.done():
+            stream.due = -_NEVER
             stream.clock = asyncio.get_running_loop().create_task(
                 self._run_clock(stream), name=f"delivery-clock-{stream.context_id}"
             )
-        stream.changed.set()
 
-    def _deadline(self, tracked: _Tracked) -> float:
+    @staticmethod
+    def _wake(stream: _Stream, deadline: float | None = None) -> None:
+        """Wake the stream's clock if ``deadline`` comes before what it sleeps until (or always,
+        with no deadline). Most changes only add later deadlines (a send's ack wait) or remove
+        some (an ack): waking the clock for those would cost a wake-up and a scan per event."""
+        if deadline is None or deadline < stream.due:
+            stream.changed.set()
+
+    def _deadline(self, stream: _Stream, tracked: _Tracked) -> float:
+        if stream.acking and tracked.seq <= stream.ack_wanted:
+            return _NEVER  # a client acked it and the ack is being recorded (see _ack)
         state = tracked.machine.state
         if state is S:
             return tracked.ack_deadline
@@ -473,11 +555,16 @@ class DeliveryService:
         """Fire every due deadline of the stream; exits when the stream has nothing unfinished."""
         while stream.live and not self._closed:
             stream.changed.clear()
-            due = min((self._deadline(t) for t in stream.live.values()), default=_NEVER)
+            due = min((self._deadline(stream, t) for t in stream.live.values()), default=_NEVER)
             wait = due - time.monotonic()
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.changed.wait(), None if due == _NEVER else wait)
+                stream.due = due
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(None if due == _NEVER else wait):
+                            await stream.changed.wait()
+                finally:
+                    stream.due = -_NEVER
                 continue
             await asyncio.shield(self._fire_due_locked(stream))
 
@@ -489,7 +576,7 @@ class DeliveryService:
         has_session = bool(stream.sessions)
         resend = False
         for tracked in list(stream.live.values()):
-            if self._deadline(tracked) > now:
+            if self._deadline(stream, tracked) > now:
                 continue
             m = tracked.machine
             if m.state is S:

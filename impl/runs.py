@@ -75,6 +75,8 @@ class _Run:
     cancel_code: str = "cancelled"
     open_call: tuple[str, str] | None = None  # (tool_call_id, tool) between the pair's events
     task: asyncio.Task[None] | None = None
+    in_agent: bool = False  # the driver task is suspended inside the agent's step
+    cancel_sent: bool = False  # _request_cancel cancelled the driver task to interrupt that step
 
 
 class _Cancelled(Exception):
@@ -354,6 +356,11 @@ class AgentRuntime:
             run.cancel_code = code
             run.machine.fire("cancel", {**detail, "code": code})
             run.cancel.set()
+            if run.in_agent and run.task is not None and not run.cancel_sent:
+                # Interrupt the agent's step now (see _step); elsewhere the driver checks
+                # ``run.cancel`` before each step.
+                run.cancel_sent = True
+                run.task.cancel()
 
     async def _finish_unstarted(self, run: _Run) -> None:
         """A run cancelled before it started: exactly one agent_failed, no agent_started."""
@@ -466,7 +473,7 @@ class AgentRuntime:
                 await self._fail(run, run.cancel_code, "cancelled")
                 return
             try:
-                step = await self._race(run, gen.asend(outcome))
+                step = await self._step(run, gen, outcome)
             except _Cancelled:
                 await self._fail(run, run.cancel_code, "cancelled")
                 return
@@ -517,6 +524,41 @@ class AgentRuntime:
             else:
                 await self._fail(run, "internal", f"unknown step {type(step).__name__}")
                 return
+
+    async def _step(self, run: _Run, gen: StepStream, outcome: ToolOutcome | None) -> Any:
+        """The agent's next step, awaited in the driver task itself; raises _Cancelled when the
+        run is cancelled meanwhile.
+
+        Racing each step against ``run.cancel`` (``_race``) costs two tasks and a wait per step,
+        a large share of a run's CPU when steps are cheap. Instead ``_request_cancel`` cancels the
+        driver task while it is suspended here: the agent sees CancelledError at its await, as
+        with ``_race``, and the cancellation is taken back (``uncancel``) so that it does not
+        leak into the driver's later awaits. A cancellation from anyone else (shutdown)
+        propagates.
+        """
+        run.in_agent = True
+        try:
+            step = await gen.asend(outcome)
+        except asyncio.CancelledError:
+            if self._take_back_cancel(run):
+                raise _Cancelled() from None
+            raise
+        finally:
+            run.in_agent = False
+        if self._take_back_cancel(run):
+            # The agent swallowed our CancelledError and produced a step anyway: the cancel
+            # came first, so the step is dropped (as _race drops a cancelled awaitable's result).
+            raise _Cancelled()
+        return step
+
+    @staticmethod
+    def _take_back_cancel(run: _Run) -> bool:
+        """Undo the task cancellation _request_cancel made; True if no other one is pending."""
+        if not run.cancel_sent:
+            return False
+        run.cancel_sent = False
+        task = asyncio.current_task()
+        return task is None or task.uncancel() == 0
 
     async def _race(self, run: _Run, awaitable: Any) -> Any:
         """Await ``awaitable`` unless the run is cancelled first (then raise _Cancelled)."""

@@ -23,7 +23,7 @@ from typing import Final
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from pipeproof.errors import PipeproofError
+from pipeproof.errors import AuditWriteFailed, PipeproofError
 
 from .audit import TracedMachine
 from .frames import ConnectionAck, EventFrame
@@ -38,7 +38,8 @@ after a close)."""
 
 
 class SendFailed(PipeproofError):
-    """A frame could not be queued or written: ``why`` is ``closed``, ``queue_full`` or ``write``."""
+    """A frame could not be queued or written: ``why`` is ``closed``, ``queue_full``, ``write``
+    or ``audit`` (the audit log could not be written, so the frame was not sent)."""
 
     def __init__(self, why: str, detail: str = "") -> None:
         self.why = why
@@ -141,6 +142,15 @@ class Sender:
                         log.info(
                             "close %s %s not written, peer already gone: %r", item.code, item.reason, exc
                         )
+                    return
+                try:
+                    # The audit lines of the transitions behind this frame reach the OS before the
+                    # frame reaches the peer (the writer buffers lines within an event-loop turn).
+                    self._conn.audit.flush()
+                except AuditWriteFailed as exc:
+                    self._items.clear()
+                    self._closing = True
+                    self._on_failure(SendFailed("audit", str(exc)))
                     return
                 try:
                     await self._ws.send_text(item)

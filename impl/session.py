@@ -401,8 +401,21 @@ class ConnectionShell:
                 self._queued_bytes -= queued.size
                 if self._fire("handle_frame", {"type": _type_of(queued.item)}) is None:
                     return
+                item = queued.item
+                if isinstance(item, Ack):
+                    # Acks are cumulative (section 5): the acks queued right behind this one are
+                    # handled with it, each still its own handle_frame, as one ack of the highest
+                    # seq, so a client acking every event costs one store write per batch.
+                    while self._queue and isinstance(self._queue[0].item, Ack) and self.conn.can("handle_frame"):
+                        queued = self._queue.popleft()
+                        self._queued_bytes -= queued.size
+                        if self._fire("handle_frame", {"type": "ack"}) is None:
+                            return
+                        later = queued.item
+                        if isinstance(later, Ack) and later.seq > item.seq:
+                            item = later
                 self._room.set()
-                await self._dispatch(queued.item)
+                await self._dispatch(item)
 
     async def _dispatch(self, item: ClientItem) -> None:
         handler = self.state.handler

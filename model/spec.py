@@ -384,6 +384,7 @@ class Runner:
         begin = start if start is not None else machine.initial_config()
         self.model.values = dict(zip(machine.var_names, begin[1], strict=True))
         self._state = begin[0]
+        self._vals = tuple(begin[1])  # the declaration engine's values, in var_names order
         self.sm: Any = None
         if self.engine == "statemachine":
             cls = sm_class or build_statemachine(machine)
@@ -398,6 +399,11 @@ class Runner:
 
     @property
     def config(self) -> Config:
+        if self.sm is None:
+            # The declaration engine keeps its values as the tuple fire() computed: the server
+            # asks ``can`` for every frame, and rebuilding the tuple from the dict each time
+            # showed in its profile.
+            return (self._state, self._vals)
         return (self.state, tuple(self.model.values[n] for n in self.machine.var_names))
 
     @property
@@ -412,8 +418,8 @@ class Runner:
         if event not in self.machine.events:
             raise IllegalTransition(self.machine.name, event, source.name, "event not declared")
         if self.sm is None:
-            transition, after = self.machine.step(self.config, event, inputs)
-            self._state = after[0]
+            transition, after = self.machine.step((self._state, self._vals), event, inputs)
+            self._state, self._vals = after[0], after[1]
             self.model.values = dict(zip(self.machine.var_names, after[1], strict=True))
             self.model.last = transition
             return transition

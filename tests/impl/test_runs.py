@@ -85,6 +85,25 @@ class RunawayAgent:
             yield Thinking("hmm")
 
 
+class PonderingAgent:
+    """Thinks once, then takes a long time inside its own step (no tool involved)."""
+
+    def __init__(self, swallow: bool = False) -> None:
+        self.swallow = swallow
+        self.interrupted = 0
+
+    async def steps(self, request: AgentRequest) -> AsyncGenerator[Step, ToolOutcome | None]:
+        yield Thinking("starting")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.interrupted += 1
+            if not self.swallow:
+                raise
+        yield Thinking("still here")
+        yield FinalAnswer("done")
+
+
 def registry_with_explode() -> Any:
     tools = default_registry()
     tools.register(RaisingTool())
@@ -198,6 +217,37 @@ async def test_cancel_while_running_cancels_the_tool_and_fails_the_run(start_run
     assert mine == none == {"type": "error", "code": "run_not_found", "detail": "no such run"}
     await client.close()
     await other.close()
+
+
+@pytest.mark.parametrize("swallow", [False, True])
+async def test_cancel_interrupts_the_agent_inside_its_step(start_runtime: Factory, swallow: bool) -> None:
+    # The cancel reaches the agent at its await (the driver task is cancelled and the
+    # cancellation taken back): the run ends at once with agent_failed, and the driver's own
+    # later awaits (the append of agent_failed, its delivery) are not cancelled with it. An agent
+    # that swallows the cancellation still ends there: the step it produced after the cancel is
+    # dropped.
+    agent = PonderingAgent(swallow=swallow)
+    server = start_runtime(AgentRuntime(agent=agent))
+    client = await Client.connect(server)
+    run = await client.start("ponder", "anything")
+    while not any(e["event"] == "agent_thinking" for e in client.events):
+        await client.next()
+    await client.send({"type": "run.cancel", "run_id": run["run_id"]})
+    events = await client.until_terminal(run["run_id"], timeout=5)
+    well_formed(events)
+    assert [e["event"] for e in events] == ["agent_started", "agent_thinking", "agent_failed"]
+    assert events[-1]["data"]["code"] == "cancelled"
+    assert agent.interrupted == 1
+    # The socket and the runtime carry on: a second run on the same context completes.
+    agent.swallow = True
+    second = await client.start("after", "anything")
+    while not any(e["event"] == "agent_thinking" and e["run_id"] == second["run_id"] for e in client.events):
+        await client.next()
+    await client.send({"type": "run.cancel", "run_id": second["run_id"]})
+    events = await client.until_terminal(second["run_id"], timeout=5)
+    assert [e["event"] for e in events] == ["agent_started", "agent_thinking", "agent_failed"]
+    assert agent.interrupted == 2
+    await client.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
