@@ -4,6 +4,9 @@ Run (from the repository root)::
 
     .venv/bin/python bench/delivery.py --sockets 50 --events 200 --window 16
 
+``PIPEPROOF_BENCH_PROFILE=FILE`` runs the pipeproof server under cProfile and writes its stats to
+FILE when it stops (the numbers it prints are then not comparable).
+
 One process tree on loopback: this process is the client; each server is a child process running
 uvicorn with one worker.
 
@@ -124,7 +127,21 @@ def serve(kind: str, port: int, events: int, window: int, data_dir: str) -> None
         max_connections_per_account=4096, max_active_runs=4096, heartbeat_interval=60.0,
     )
     app = create_app(settings, handler=AgentRuntime(agent=BenchAgent(events)))
-    uvicorn.Server(uvicorn_config(app, settings, log_level="warning")).run()
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
+    profile_to = os.environ.get("PIPEPROOF_BENCH_PROFILE")
+    if not profile_to:
+        server.run()
+        return
+    import cProfile
+    import signal
+
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: with this no-op handler
+    # restored under it, the process lives on to write the profile.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
+    # Deterministic profile of the server (call counts per event), written when it stops.
+    with cProfile.Profile() as profiler:
+        server.run()
+    profiler.dump_stats(profile_to)
 
 
 # -- the client (this process) -------------------------------------------------------------------------

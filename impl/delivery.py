@@ -21,8 +21,12 @@ resume_window=1)``; one model tick stands for "the deadline at hand has passed",
 logged as ``tick`` followed by the timeout. Real ack waits grow per attempt:
 ``min(ack_timeout * ack_backoff ** (attempt - 1), ack_timeout_max)``, times ``1 + U(0, ack_jitter)``.
 
-Every state change of a stream (its store writes included) happens under the stream's lock, so
-the machines and the store never disagree about an event. Sends are in seq order (the oldest
+Sends, resends, escalations and session changes of a stream happen under the stream's lock.
+Two hot paths keep their store commit out of it, so one stream's appends and acks do not queue
+behind each other's commits: an append is tracked only after its commit, and an ack's commit is
+followed by firing ``ack`` on the machines with no await in between; every locked path checks
+an event's machine again after each of its own awaits, so an acked event is never sent again
+and the machines and the store never disagree about an event. Sends are in seq order (the oldest
 sendable event goes first, as in model/system.py). A session that joins gets, in seq order, the
 in-flight attempt of every SENT event (a late fan-out of that attempt: no new transition) and
 every PENDING event (a send). Memory is bounded: per-socket send queues are bounded by the sender;
@@ -40,7 +44,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -156,6 +160,7 @@ class _Stream:
     ack_wanted: int = 0  # the highest delivered seq a client has acked on this node
     ack_done: int = 0  # ... and the highest one whose ack_through has committed
     acking: bool = False  # an ack_through of this stream is in flight (see DeliveryService._ack)
+    ack_pending: int = 0  # ... and the seq it acks through
     due: float = -_NEVER  # what the clock sleeps until; -inf while it is awake and will recompute
 
 
@@ -182,6 +187,7 @@ class DeliveryService:
         self.streams: dict[str, _Stream] = {}
         self.recovered = asyncio.Event()
         self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()  # hand-offs of cancelled callers (_hand_off)
         # Labelled children resolved once: ``labels()`` costs a lock and a dict walk per call.
         self._appended_by_kind: dict[str, Any] = {}
         self._first_sends = metrics.sends.labels(first="true")
@@ -299,36 +305,91 @@ class DeliveryService:
 
         Waits while the context has ``max_inflight_events`` unfinished events (back-pressure on
         the producer instead of memory growth). Raises StoreError when the append fails.
+
+        The append's commit is awaited outside the stream's lock: holding the lock across it
+        would make every ack and resend of the context wait for this commit, so a stream could
+        move one event per two or three group commits. Nothing of the event is visible (tracked,
+        sent) before its commit. With a live session the event is stored SENT, attempt 1, in the
+        same insert (it is about to be written): one write per event instead of two; if no
+        session takes it after all, send_failed is fired and the store put back to PENDING.
+
+        A producer cancelled after its append was queued does not leave the event behind: the
+        rest (track it once committed, send it) is handed to a task of its own. (Shielding the
+        store's future and handing off on cancellation costs nothing on the normal path, where
+        shielding a coroutine would cost a task per event.)
         """
-        async with self._using(context_id, user) as stream:
+        stream = self._stream(context_id, user)
+        stream.users += 1
+        try:
             while len(stream.live) + stream.appending >= self.settings.max_inflight_events:
                 stream.room.clear()
                 await stream.room.wait()
-            # Shielded: a cancelled producer must not leave an appended event untracked.
-            return await asyncio.shield(self._append(stream, context_id, user, run_id, kind, data))
-
-    async def _append(
-        self, stream: _Stream, context_id: str, user: str, run_id: str, kind: str, data: Mapping[str, Any]
-    ) -> EventRecord:
-        # The append's commit is awaited outside the stream's lock: holding the lock across it
-        # would make every ack and resend of the context wait for this commit, so a stream could
-        # move one event per two or three group commits. Nothing of the event is visible (tracked,
-        # sent) before its commit. With a live session the event is stored SENT, attempt 1, in the
-        # same insert (it is about to be written): one write per event instead of two. If no
-        # session takes it after all, send_failed is fired and the store put back to PENDING.
-        sending = bool(stream.sessions)
-        stream.appending += 1
-        try:
-            record = await self.store.append_event(context_id, run_id, kind, data, time.time(), sent=sending)
+            sending = bool(stream.sessions)
+            future = self.store.submit_append_event(context_id, run_id, kind, data, time.time(), sent=sending)
+            stream.appending += 1
+            try:
+                record = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                self._hand_off(stream, self._finish_append(stream, future, user, sending), "append")
+                raise
+            finally:
+                stream.appending -= 1
+            await self._after_append(stream, record, user, sending)
+            return record
         finally:
-            stream.appending -= 1
-        self._appended(kind).inc()
-        async with stream.lock:
-            tracked = _Tracked(record, self._machine(record, user))
-            self._track(stream, tracked, time.monotonic())
-            if stream.sessions or sending:
+            stream.users -= 1
+            self._maybe_forget(stream)
+
+    async def _after_append(self, stream: _Stream, record: EventRecord, user: str, sending: bool) -> None:
+        """Track a committed event, then send it under the lock (sends stay in seq order)."""
+        self._appended(record.kind).inc()
+        tracked = _Tracked(record, self._machine(record, user))
+        self._track(stream, tracked, time.monotonic())
+        if not (stream.sessions or sending):
+            return
+        try:
+            async with stream.lock:
                 await self._send(stream, tracked)
-        return record
+        except asyncio.CancelledError:
+            self._hand_off(stream, self._send_locked(stream, tracked), "send")
+            raise
+
+    async def _finish_append(
+        self, stream: _Stream, future: asyncio.Future[EventRecord], user: str, sending: bool
+    ) -> None:
+        try:
+            record = await future
+        except StoreError:
+            return  # nothing was stored; the cancelled producer is past caring
+        await self._after_append(stream, record, user, sending)
+
+    async def _send_locked(self, stream: _Stream, tracked: _Tracked) -> None:
+        async with stream.lock:
+            if stream.live.get(tracked.seq) is tracked:
+                await self._send(stream, tracked)
+
+    def _hand_off(self, stream: _Stream, work: Coroutine[Any, Any, None], what: str) -> None:
+        """Run ``work`` (the rest of a cancelled caller's delivery step) in a task of its own,
+        keeping the stream registered until it is done."""
+        stream.users += 1
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                stream.users -= 1
+                self._maybe_forget(stream)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"delivery-{what}-{stream.context_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A StoreError here has nobody left to answer: the event stays in the store as it
+            # is (PENDING or SENT), to be resent or escalated after the next start.
+            log.error("delivery task %s failed", task.get_name(), exc_info=task.exception())
 
     def _appended(self, kind: str) -> Any:
         child = self._appended_by_kind.get(kind)
@@ -346,13 +407,20 @@ class DeliveryService:
         m = tracked.machine
         if not m.can("send"):
             return
+        sessions = list(stream.sessions.values())
+        for session in sessions:
+            await session.wait_room(self.settings.ack_timeout)
+        # Waiting for room was the only suspension: from here to the transition nothing else
+        # runs (Session.send never suspends), so an ack recorded meanwhile is seen here and an
+        # acked event is never written again.
+        if not m.can("send"):
+            return
         attempt = int(m.values["attempt"]) + 1
         stored = tracked.record.state is EventState.SENT and tracked.record.attempt >= attempt
         frame = tracked.frame(attempt)
         written = 0
-        for session in list(stream.sessions.values()):
+        for session in sessions:
             try:
-                await session.wait_room(self.settings.ack_timeout)
                 await session.send(frame)
                 written += 1
             except SendFailed as exc:
@@ -430,6 +498,8 @@ class DeliveryService:
                 if tracked.machine.state is S and tracked.frame_attempt > 0:
                     try:
                         await session.wait_room(self.settings.ack_timeout)
+                        if tracked.machine.state is not S:
+                            continue  # acked while we waited for room: never written again
                         await session.send(tracked.frame(tracked.frame_attempt))
                     except SendFailed:
                         break
@@ -463,7 +533,7 @@ class DeliveryService:
         stream = self.streams.get(session.context_id)
         if stream is None:
             return []
-        return await asyncio.shield(self._ack(stream, seq, {"session_id": session.session_id}))
+        return await self._ack(stream, seq, {"session_id": session.session_id})
 
     async def _ack(self, stream: _Stream, seq: int, detail: Mapping[str, Any]) -> list[int]:
         """Record a cumulative ack: the store write outside the lock, the machines under it.
@@ -489,31 +559,61 @@ class DeliveryService:
         if stream.acking:
             return []
         stream.acking = True
+        return await self._ack_rounds(stream, seq, through, detail, None)
+
+    async def _ack_rounds(
+        self,
+        stream: _Stream,
+        seq: int,
+        through: int,
+        detail: Mapping[str, Any],
+        inflight: asyncio.Future[list[int]] | None,
+    ) -> list[int]:
+        """Write acks until ``ack_wanted`` is stored (``stream.acking`` is set by the caller).
+
+        The store's future is the only suspension point, shielded: a caller cancelled there (its
+        socket closing) hands the rounds to a task of its own, so an ack committed in the store
+        is always fired on its machines. The machines are fired with no suspension in between
+        (sends check the machine after their own waits, see _send), so no lock is needed.
+        """
         done: list[int] = []
+        handed_off = False
         try:
-            while stream.ack_done < stream.ack_wanted:
-                target = stream.ack_wanted
+            while inflight is not None or stream.ack_done < stream.ack_wanted:
+                target = stream.ack_wanted if inflight is None else stream.ack_pending
+                future = inflight or self.store.submit_ack_through(stream.context_id, target)
+                inflight = None
+                stream.ack_pending = target
                 try:
-                    acked = await self.store.ack_through(stream.context_id, target)
+                    acked = await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    handed_off = True
+                    self._hand_off(stream, self._ack_rest(stream, seq, through, detail, future), "ack")
+                    raise
                 except StoreError:
                     stream.ack_wanted = stream.ack_done
                     raise
-                stream.ack_done = target
-                async with stream.lock:
-                    # Later rounds record acks that other frames asked for: name their target.
-                    self._acked(stream, acked, {**detail, "through": seq if target == through else target})
+                stream.ack_done = max(stream.ack_done, target)
+                # Later rounds record acks that other frames asked for: name their target.
+                self._acked(stream, acked, {**detail, "through": seq if target == through else target})
                 done.extend(acked)
         finally:
-            stream.acking = False
-            # The clock ignored events being acked; one the store did not ack (it was no longer
-            # live there) has its deadline back, maybe earlier than what the clock sleeps until.
-            first = next(iter(stream.live), None)
-            if first is not None and first <= stream.ack_wanted:
-                self._wake(stream)
+            if not handed_off:
+                stream.acking = False
+                # The clock ignored events being acked; one the store did not ack (no longer live
+                # there) has its deadline back, maybe earlier than what the clock sleeps until.
+                first = next(iter(stream.live), None)
+                if first is not None and first <= stream.ack_wanted:
+                    self._wake(stream)
         return done
 
+    async def _ack_rest(
+        self, stream: _Stream, seq: int, through: int, detail: Mapping[str, Any], inflight: asyncio.Future[list[int]]
+    ) -> None:
+        await self._ack_rounds(stream, seq, through, detail, inflight)
+
     def _acked(self, stream: _Stream, acked: list[int], detail: Mapping[str, Any]) -> None:
-        """Fire ``ack`` on the machines of events the store just acked (under the lock)."""
+        """Fire ``ack`` on the machines of events the store just acked (no await: atomic)."""
         now = time.monotonic()
         for s in acked:
             done = stream.live.get(s)
@@ -608,6 +708,12 @@ class DeliveryService:
     async def close(self) -> None:
         """Stop the clocks. Unfinished events stay in the store as they are, for the next start."""
         self._closed = True
+        # Hand-offs first: each finishes a step a cancelled caller started (a committed append
+        # to track, an ack to fire); give them a moment, as the store is still open.
+        if self._tasks:
+            _, left = await asyncio.wait(set(self._tasks), timeout=self.settings.ack_timeout)
+            for task in left:
+                task.cancel()
         clocks = [s.clock for s in self.streams.values() if s.clock is not None]
         for stream in self.streams.values():
             stream.changed.set()

@@ -42,6 +42,9 @@ class Session(Protocol):
     async def send(self, frame: OutboundFrame) -> None:
         """Queue ``frame`` on the socket's choke point (an ``event`` fires the model's ``deliver``).
 
+        Queues without suspending (the ``await`` never yields to the event loop): delivery relies
+        on this to check an event's machine and queue its frame with nothing in between.
+
         Raises :class:`~pipeproof.impl.sender.SendFailed` if the socket is closed or its queue is
         full (the socket is then closed through the machine); never fails silently.
         """

@@ -701,21 +701,31 @@ class Store:
         together were issued concurrently (every caller awaits its write before its next one), so
         running them grouped by kind is equivalent to one of their possible arrival orders.
         """
+        # A cancelled caller cancels its future: the writer then skips the write if it has not
+        # started (as a cancelled transaction would have rolled back), or commits it with the
+        # batch it is already part of (as a transaction cancelled after COMMIT would have).
+        return await self._submit(operation, body, merge=merge, args=args)
+
+    def _submit(
+        self,
+        operation: str,
+        body: Callable[[AsyncConnection], Awaitable[T]],
+        *,
+        merge: Merge | None = None,
+        args: Any = None,
+    ) -> asyncio.Future[T]:
+        """Queue a write for the writer task; its future resolves after the group's COMMIT."""
         if self._closing:
             raise StoreUnavailable(operation, "the store is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
         self._pending.append(_PendingWrite(operation, body, future, merge, args))
         if self._writer is None or self._writer.done():
             # A fresh Event per writer: an asyncio.Event binds to the loop that first waits on it.
             self._wake = asyncio.Event()
-            self._writer = asyncio.get_running_loop().create_task(
-                self._write_loop(), name="pipeproof-store-writer"
-            )
+            self._writer = loop.create_task(self._write_loop(), name="pipeproof-store-writer")
         self._wake.set()
-        # A cancelled caller cancels its future: the writer then skips the write if it has not
-        # started (as a cancelled transaction would have rolled back), or commits it with the
-        # batch it is already part of (as a transaction cancelled after COMMIT would have).
-        return await future
+        return future
 
     async def _write_loop(self) -> None:
         held = _HeldConnection()
@@ -1098,6 +1108,10 @@ class Store:
     # (``_BatchStatement``) whatever the number of items.
 
     async def _write_one(self, operation: str, merge: Merge, args: Any) -> Any:
+        """Queue one write of a merged kind and wait for its commit (see :meth:`_submit_one`)."""
+        return await self._submit_one(operation, merge, args)
+
+    def _submit_one(self, operation: str, merge: Merge, args: Any) -> asyncio.Future[Any]:
         """Queue one write of a merged kind: alone, its body is ``merge`` over just ``args``, and a
         refusal is raised (rolling the transaction back) instead of returned."""
 
@@ -1107,7 +1121,7 @@ class Store:
                 raise outcome
             return outcome
 
-        return await self._write(operation, body, merge=merge, args=args)
+        return self._submit(operation, body, merge=merge, args=args)
 
     async def _execute_batch(
         self, conn: AsyncConnection, statement: _BatchStatement, rows: Sequence[tuple[Any, ...]]
@@ -1158,11 +1172,27 @@ class Store:
         send fails at once, the caller fires ``send_failed`` and calls :meth:`mark_pending`,
         which keeps attempt 1. The returned record is the event as stored.
         """
+        record: EventRecord = await self.submit_append_event(context_id, run_id, kind, data, now, sent=sent)
+        return record
+
+    def submit_append_event(
+        self,
+        context_id: str,
+        run_id: str,
+        kind: str,
+        data: Mapping[str, Any],
+        now: float,
+        *,
+        sent: bool = False,
+    ) -> asyncio.Future[EventRecord]:
+        """:meth:`append_event` as a future (resolved after the COMMIT, or failed with the same
+        StoreError), for a caller that must keep track of the write even if it is cancelled
+        while waiting: ``asyncio.shield`` of a future costs no task. Cancelling the future itself
+        withdraws the write if the writer has not started it."""
         payload = _json_dumps(data)  # fail on unserialisable data before touching the store
-        record: EventRecord = await self._write_one(
+        return self._submit_one(
             "append_event", self._append_many, (context_id, run_id, kind, payload, float(now), sent)
         )
-        return record
 
     async def _append_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
         """Merged appends: one seq bump for every context of the group, one multi-row insert.
@@ -1316,10 +1346,12 @@ class Store:
         and ESCALATED events are untouched, so an ack never un-escalates and never moves backwards;
         acking a seq beyond the stream acks what exists and nothing more.
         """
-        acked: list[int] = await self._write_one(
-            "ack_through", self._ack_many, (context_id, seq, float(_now(now)))
-        )
+        acked: list[int] = await self.submit_ack_through(context_id, seq, now)
         return acked
+
+    def submit_ack_through(self, context_id: str, seq: int, now: float | None = None) -> asyncio.Future[list[int]]:
+        """:meth:`ack_through` as a future (see :meth:`submit_append_event`)."""
+        return self._submit_one("ack_through", self._ack_many, (context_id, seq, float(_now(now))))
 
     async def _ack_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
         """Merged cumulative acks: one UPDATE ... RETURNING for every context of the group (each

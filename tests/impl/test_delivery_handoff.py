@@ -1,0 +1,140 @@
+"""Delivery when its caller is cancelled mid-step (PROTOCOL section 5: an event is never lost).
+
+The hot paths of impl/delivery.py await the store's commit without a task of their own (a
+shielded future). A caller cancelled there, a socket closing under its handler for example,
+hands the rest of the step to a task: a committed append is still tracked and sent, a committed
+ack is still fired on its machines. These tests drive DeliveryService directly, on a real SQLite
+store, with a recording session in place of a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeproof.impl.audit import AuditWriter
+from pipeproof.impl.delivery import DeliveryMetrics, DeliveryService
+from pipeproof.impl.frames import EventFrame
+from pipeproof.impl.handlers import OutboundFrame
+from pipeproof.impl.metrics import Metrics
+from pipeproof.impl.settings import Settings
+from pipeproof.impl.store import EventState, Store, open_store
+from pipeproof.model.delivery import Delivery
+
+SECRET = "handoff-test-secret-0123456789-abcdef"
+
+
+class RecordingSession:
+    """A READY session that keeps the frames queued on it."""
+
+    def __init__(self, context_id: str, user: str) -> None:
+        self.session_id = "s-1"
+        self.user = user
+        self.account = "acme"
+        self.context_id = context_id
+        self.epoch = 1
+        self.closed = False
+        self.frames: list[EventFrame] = []
+
+    async def wait_room(self, timeout: float) -> None:
+        return None
+
+    async def send(self, frame: OutboundFrame) -> None:
+        assert isinstance(frame, EventFrame)
+        self.frames.append(frame)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[DeliveryService, Store, RecordingSession]]:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, env="test", jwt_secret=SECRET, data_dir=tmp_path, ack_timeout=30.0
+    )
+    store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    audit = AuditWriter(tmp_path / "audit.jsonl")
+    delivery = DeliveryService(settings, store, audit, DeliveryMetrics(Metrics()))
+    await delivery.recover()
+    context = await store.get_or_create_context("alice", "acme", 1000.0, 3600.0)
+    session = RecordingSession(context.context_id, "alice")
+    await delivery.session_ready(session, None)  # type: ignore[arg-type]
+    try:
+        yield delivery, store, session
+    finally:
+        await delivery.close()
+        await store.close()
+        audit.close()
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_producer_cancelled_during_its_append_still_gets_its_event_delivered(
+    world: tuple[DeliveryService, Store, RecordingSession],
+) -> None:
+    delivery, store, session = world
+    producer = asyncio.create_task(
+        delivery.publish(session.context_id, "alice", "run-1", "agent_started", {"n": 1})
+    )
+    await asyncio.sleep(0)  # the append is queued; its commit has not happened yet
+    producer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await producer
+    # The write was not withdrawn: it commits, and the hand-off tracks and sends it.
+    await _until(lambda: len(session.frames) == 1)
+    assert session.frames[0].seq == 1 and session.frames[0].attempt == 1
+    stream = delivery.streams[session.context_id]
+    assert stream.live[1].machine.state is Delivery.SENT
+    (stored,) = await store.events_after(session.context_id, 0)
+    assert stored.state is EventState.SENT and stored.attempt == 1
+
+
+async def test_an_ack_whose_caller_is_cancelled_is_still_fired_on_the_machines(
+    world: tuple[DeliveryService, Store, RecordingSession],
+) -> None:
+    delivery, store, session = world
+    for n in range(3):
+        await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"n": n})
+    stream = delivery.streams[session.context_id]
+    assert [t.machine.state for t in stream.live.values()] == [Delivery.SENT] * 3
+    acker = asyncio.create_task(delivery.ack(session, 2))  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # the ack_through is queued
+    acker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acker
+    await _until(lambda: list(stream.live) == [3])
+    assert not stream.acking
+    stored = {e.seq: e.state for e in await store.events_after(session.context_id, 0)}
+    assert stored == {1: EventState.ACKED, 2: EventState.ACKED, 3: EventState.SENT}
+    # Acks go on working after the hand-off (the stream is not left "acking").
+    assert await delivery.ack(session, 3) == [3]  # type: ignore[arg-type]
+    assert not stream.live
+
+
+async def test_acks_of_one_stream_are_coalesced_into_one_store_write_per_round(
+    world: tuple[DeliveryService, Store, RecordingSession],
+) -> None:
+    delivery, store, session = world
+    for n in range(5):
+        await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"n": n})
+    calls: list[int] = []
+    submit = store.submit_ack_through
+
+    def counting(context_id: str, seq: int, now: float | None = None) -> asyncio.Future[list[int]]:
+        calls.append(seq)
+        return submit(context_id, seq, now)
+
+    store.submit_ack_through = counting  # type: ignore[method-assign]
+    results = await asyncio.gather(*(delivery.ack(session, seq) for seq in (1, 2, 3, 4, 5)))  # type: ignore[arg-type]
+    # The first ack writes through 1; the four that arrive during its commit are covered by one
+    # second round through 5. Every seq is acked exactly once, by the caller that wrote it.
+    assert calls == [1, 5]
+    assert sorted(s for r in results for s in r) == [1, 2, 3, 4, 5]
+    assert not delivery.streams[session.context_id].live
