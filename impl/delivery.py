@@ -61,7 +61,7 @@ from .handlers import Session
 from .metrics import Metrics
 from .sender import SendFailed
 from .settings import Settings
-from .store import EscalationReason, EventRecord, EventState, Store
+from .store import EscalationReason, EventRecord, EventState, Store, encode_event_data
 
 log = logging.getLogger("pipeproof.delivery")
 
@@ -85,6 +85,11 @@ class DeliveryMetrics:
             "pipeproof_escalations", "Events escalated (section 5), by reason", ["reason"], registry=r
         )
         self.live = Gauge("pipeproof_events_live", "Events in PENDING or SENT on this node", registry=r)
+        self.append_failures = Counter(
+            "pipeproof_event_append_failures",
+            "Events a failed append dropped before they were stored (their runs end with agent_failed)",
+            registry=r,
+        )
         self.ack_latency = Histogram(
             "pipeproof_ack_latency_seconds",
             "Event appended to acked",
@@ -144,6 +149,17 @@ _NEVER: Final = float("inf")
 
 
 @dataclass
+class _Outgoing:
+    """An event a producer queued: appended by the stream's appender, then sent."""
+
+    run_id: str
+    kind: str
+    payload: str  # the data, encoded as the store keeps it
+    user: str
+    done: asyncio.Future[EventRecord] | None = None  # publish(durable=True) waits on it
+
+
+@dataclass
 class _Stream:
     """One context's stream on this node."""
 
@@ -156,7 +172,10 @@ class _Stream:
     room: asyncio.Event = field(default_factory=asyncio.Event)
     clock: asyncio.Task[None] | None = None
     users: int = 0  # publishes and session registrations in progress: the stream must not be dropped
-    appending: int = 0  # appends awaiting their commit: they count against max_inflight_events
+    appending: int = 0  # events in the append being committed: they count against the window
+    outbox: list[_Outgoing] = field(default_factory=list)  # queued, not yet handed to the store
+    appender: asyncio.Task[None] | None = None  # commits the outbox batch by batch (publish)
+    refused: dict[str, StoreError] = field(default_factory=dict)  # run_id -> why its events were dropped
     ack_wanted: int = 0  # the highest delivered seq a client has acked on this node
     ack_done: int = 0  # ... and the highest one whose ack_through has committed
     acking: bool = False  # an ack_through of this stream is in flight (see DeliveryService._ack)
@@ -255,6 +274,8 @@ class DeliveryService:
             not stream.live
             and not stream.sessions
             and stream.users == 0
+            and not stream.outbox
+            and not stream.refused  # a run has yet to hear why its events were dropped
             and self.streams.get(stream.context_id) is stream
         ):
             del self.streams[stream.context_id]
@@ -299,74 +320,123 @@ class DeliveryService:
     # -- publish -------------------------------------------------------------------------------
 
     async def publish(
-        self, context_id: str, user: str, run_id: str, kind: str, data: Mapping[str, Any]
-    ) -> EventRecord:
-        """Append one event durably, then send it to every READY session of the context.
+        self,
+        context_id: str,
+        user: str,
+        run_id: str,
+        kind: str,
+        data: Mapping[str, Any],
+        *,
+        durable: bool = False,
+    ) -> EventRecord | None:
+        """Queue one event for the context's durable stream; it is sent once it is committed.
 
-        Waits while the context has ``max_inflight_events`` unfinished events (back-pressure on
-        the producer instead of memory growth). Raises StoreError when the append fails.
+        Waits while the context has ``max_inflight_events`` events queued or unfinished
+        (back-pressure on the producer instead of memory growth). With ``durable`` it also waits
+        until this event is committed and sent, and returns it, or raises the StoreError that
+        refused it; use it for a run's terminal event. Otherwise it returns once the event is
+        queued, and a StoreError that refused the run's events is raised by its next publish
+        (see :meth:`check_run`). Unserialisable data raises TypeError/ValueError at once.
 
-        The append's commit is awaited outside the stream's lock: holding the lock across it
-        would make every ack and resend of the context wait for this commit, so a stream could
-        move one event per two or three group commits. Nothing of the event is visible (tracked,
-        sent) before its commit. With a live session the event is stored SENT, attempt 1, in the
-        same insert (it is about to be written): one write per event instead of two; if no
-        session takes it after all, send_failed is fired and the store put back to PENDING.
-
-        A producer cancelled after its append was queued does not leave the event behind: the
-        rest (track it once committed, send it) is handed to a task of its own. (Shielding the
-        store's future and handing off on cancellation costs nothing on the normal path, where
-        shielding a coroutine would cost a task per event.)
+        Each stream has one appender task, which commits what producers queued as one
+        all-or-nothing write (``Store.submit_append_events``), then tracks and sends it, then
+        takes the next batch. So a stream keeps up to a window of events in one group commit
+        instead of one event per commit, and an event is still never sent before it is durable;
+        a failed batch drops everything queued behind it (never sent, never stored: a run's
+        events stay a prefix of what it emitted, with no gap), and the producer hears of it.
         """
         stream = self._stream(context_id, user)
         stream.users += 1
         try:
-            while len(stream.live) + stream.appending >= self.settings.max_inflight_events:
+            self.check_run(context_id, run_id)
+            while len(stream.live) + len(stream.outbox) + stream.appending >= self.settings.max_inflight_events:
                 stream.room.clear()
                 await stream.room.wait()
-            sending = bool(stream.sessions)
-            future = self.store.submit_append_event(context_id, run_id, kind, data, time.time(), sent=sending)
-            stream.appending += 1
-            try:
-                record = await asyncio.shield(future)
-            except asyncio.CancelledError:
-                self._hand_off(stream, self._finish_append(stream, future, user, sending), "append")
-                raise
-            finally:
-                stream.appending -= 1
-            await self._after_append(stream, record, user, sending)
-            return record
+                self.check_run(context_id, run_id)
+            item = _Outgoing(run_id, kind, encode_event_data(data), user)
+            if durable:
+                item.done = asyncio.get_running_loop().create_future()
+            stream.outbox.append(item)
+            if stream.appender is None or stream.appender.done():
+                stream.users += 1  # released by the appender when it ends
+                stream.appender = asyncio.get_running_loop().create_task(
+                    self._append_loop(stream), name=f"delivery-append-{context_id}"
+                )
+            if item.done is None:
+                return None
+            # Shielded: a cancelled producer does not cancel the append; the appender goes on.
+            return await asyncio.shield(item.done)
         finally:
             stream.users -= 1
             self._maybe_forget(stream)
 
-    async def _after_append(self, stream: _Stream, record: EventRecord, user: str, sending: bool) -> None:
-        """Track a committed event, then send it under the lock (sends stay in seq order)."""
-        self._appended(record.kind).inc()
-        tracked = _Tracked(record, self._machine(record, user))
-        self._track(stream, tracked, time.monotonic())
-        if not (stream.sessions or sending):
-            return
-        try:
-            async with stream.lock:
-                await self._send(stream, tracked)
-        except asyncio.CancelledError:
-            self._hand_off(stream, self._send_locked(stream, tracked), "send")
-            raise
+    def check_run(self, context_id: str, run_id: str) -> None:
+        """Raise (once) the StoreError that refused queued events of ``run_id``, if any: a
+        producer calls this before firing its next step, so the run ends with agent_failed
+        right after its last stored event."""
+        stream = self.streams.get(context_id)
+        if stream is not None and run_id in stream.refused:
+            exc = stream.refused.pop(run_id)
+            self._maybe_forget(stream)
+            raise exc
 
-    async def _finish_append(
-        self, stream: _Stream, future: asyncio.Future[EventRecord], user: str, sending: bool
-    ) -> None:
+    async def _append_loop(self, stream: _Stream) -> None:
+        """The stream's appender: commit a batch, track and send it, repeat (see publish)."""
         try:
-            record = await future
-        except StoreError:
-            return  # nothing was stored; the cancelled producer is past caring
-        await self._after_append(stream, record, user, sending)
+            while stream.outbox:
+                batch, stream.outbox = stream.outbox, []
+                stream.appending = len(batch)
+                sending = bool(stream.sessions)
+                try:
+                    records = await self.store.submit_append_events(
+                        stream.context_id, [(o.run_id, o.kind, o.payload) for o in batch], time.time(), sent=sending
+                    )
+                except StoreError as exc:
+                    self._refuse(stream, batch, exc)
+                    continue
+                finally:
+                    stream.appending = 0
+                now = time.monotonic()
+                fresh: list[_Tracked] = []
+                for item, record in zip(batch, records, strict=True):
+                    self._appended(record.kind).inc()
+                    tracked = _Tracked(record, self._machine(record, item.user))
+                    self._track(stream, tracked, now)
+                    fresh.append(tracked)
+                if stream.sessions or sending:
+                    async with stream.lock:
+                        for tracked in fresh:
+                            if stream.live.get(tracked.seq) is tracked:
+                                await self._send(stream, tracked)
+                for item, record in zip(batch, records, strict=True):
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(record)
+        finally:
+            stream.users -= 1
+            self._maybe_forget(stream)
 
-    async def _send_locked(self, stream: _Stream, tracked: _Tracked) -> None:
-        async with stream.lock:
-            if stream.live.get(tracked.seq) is tracked:
-                await self._send(stream, tracked)
+    def _refuse(self, stream: _Stream, batch: list[_Outgoing], exc: StoreError) -> None:
+        """A batch was not stored: it and everything queued behind it are dropped (sending the
+        later ones would leave a gap in their runs), and each producer hears of it."""
+        dropped = batch + stream.outbox
+        stream.outbox = []
+        self.metrics.append_failures.inc(len(dropped))
+        log.warning(
+            "stream %s: %d events not stored (%s); their runs are told", stream.context_id, len(dropped), exc
+        )
+        for item in dropped:
+            if item.done is not None:
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            else:
+                stream.refused.setdefault(item.run_id, exc)
+        stream.room.set()
+
+    def _appended(self, kind: str) -> Any:
+        child = self._appended_by_kind.get(kind)
+        if child is None:
+            child = self._appended_by_kind[kind] = self.metrics.appended.labels(kind=kind)
+        return child
 
     def _hand_off(self, stream: _Stream, work: Coroutine[Any, Any, None], what: str) -> None:
         """Run ``work`` (the rest of a cancelled caller's delivery step) in a task of its own,
@@ -390,12 +460,6 @@ class DeliveryService:
             # A StoreError here has nobody left to answer: the event stays in the store as it
             # is (PENDING or SENT), to be resent or escalated after the next start.
             log.error("delivery task %s failed", task.get_name(), exc_info=task.exception())
-
-    def _appended(self, kind: str) -> Any:
-        child = self._appended_by_kind.get(kind)
-        if child is None:
-            child = self._appended_by_kind[kind] = self.metrics.appended.labels(kind=kind)
-        return child
 
     async def _send(self, stream: _Stream, tracked: _Tracked) -> None:
         """Send a PENDING event to every session (under the lock); fires send or send_failed.
@@ -707,13 +771,19 @@ class DeliveryService:
 
     async def close(self) -> None:
         """Stop the clocks. Unfinished events stay in the store as they are, for the next start."""
-        self._closed = True
-        # Hand-offs first: each finishes a step a cancelled caller started (a committed append
-        # to track, an ack to fire); give them a moment, as the store is still open.
-        if self._tasks:
-            _, left = await asyncio.wait(set(self._tasks), timeout=self.settings.ack_timeout)
+        # Appenders and hand-offs first, while the store is still open: queued events get
+        # stored (and sent if a socket is still there), committed acks get fired.
+        busy = {s.appender for s in self.streams.values() if s.appender is not None and not s.appender.done()}
+        busy |= self._tasks
+        if busy:
+            _, left = await asyncio.wait(busy, timeout=self.settings.ack_timeout)
             for task in left:
                 task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+        unstored = sum(len(s.outbox) for s in self.streams.values())
+        if unstored:
+            log.error("%d queued events were not stored before shutdown", unstored)
+        self._closed = True
         clocks = [s.clock for s in self.streams.values() if s.clock is not None]
         for stream in self.streams.values():
             stream.changed.set()

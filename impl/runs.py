@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeproof.runs")
 
+_TERMINAL: Final = frozenset({"agent_completed", "agent_failed"})
+
 CANCEL_SETTLE_SECONDS: Final = 2.0
 """After shutdown_grace, how long cancelled runs get to append their agent_failed."""
 
@@ -391,8 +393,15 @@ class AgentRuntime:
     async def _emit(self, run: _Run, kind: str, data: Mapping[str, Any]) -> None:
         """Fire ``kind`` on the run machine, then append and send the event it emits."""
         assert self.delivery is not None
+        # Events already queued may have been refused by the store: then this step is not taken
+        # (StoreError ends the run with agent_failed right after its last stored event).
+        self.delivery.check_run(run.context_id, run.run_id)
         run.machine.fire(kind, {k: v for k, v in data.items() if k in ("code", "tool_call_id", "tool")})
-        await self.delivery.publish(run.context_id, run.user, run.run_id, kind, {**data})
+        # A terminal event is awaited until stored and sent: the run ends only then, and a
+        # refusal still reaches _store_failed. Other events are queued (see DeliveryService.publish).
+        await self.delivery.publish(
+            run.context_id, run.user, run.run_id, kind, {**data}, durable=kind in _TERMINAL
+        )
 
     async def _drive(self, run: _Run) -> None:
         try:

@@ -345,8 +345,13 @@ def _describe(exc: BaseException, secret: str | None) -> str:
 # The store
 
 
-def _json_dumps(data: Mapping[str, Any]) -> str:
+def encode_event_data(data: Mapping[str, Any]) -> str:
+    """An event's data as the store keeps it (compact JSON, sorted keys); raises TypeError or
+    ValueError for data JSON cannot hold."""
     return json.dumps(dict(data), separators=(",", ":"), sort_keys=True)
+
+
+_json_dumps = encode_event_data
 
 
 def _event_from_row(row: Row[Any]) -> EventRecord:
@@ -1172,27 +1177,48 @@ class Store:
         send fails at once, the caller fires ``send_failed`` and calls :meth:`mark_pending`,
         which keeps attempt 1. The returned record is the event as stored.
         """
-        record: EventRecord = await self.submit_append_event(context_id, run_id, kind, data, now, sent=sent)
+        payload = encode_event_data(data)  # fail on unserialisable data before touching the store
+        (record,) = await self.submit_append_events(context_id, ((run_id, kind, payload),), now, sent=sent)
         return record
 
-    def submit_append_event(
+    def submit_append_events(
         self,
         context_id: str,
-        run_id: str,
-        kind: str,
-        data: Mapping[str, Any],
+        events: Sequence[tuple[str, str, str]],
         now: float,
         *,
         sent: bool = False,
-    ) -> asyncio.Future[EventRecord]:
-        """:meth:`append_event` as a future (resolved after the COMMIT, or failed with the same
-        StoreError), for a caller that must keep track of the write even if it is cancelled
-        while waiting: ``asyncio.shield`` of a future costs no task. Cancelling the future itself
-        withdraws the write if the writer has not started it."""
-        payload = _json_dumps(data)  # fail on unserialisable data before touching the store
-        return self._submit_one(
-            "append_event", self._append_many, (context_id, run_id, kind, payload, float(now), sent)
-        )
+    ) -> asyncio.Future[list[EventRecord]]:
+        """Append several events, ``(run_id, kind, payload)`` in order, as one write (section 5);
+        each payload is its data as :func:`encode_event_data` encoded it (so a producer finds
+        unserialisable data when it queues the event, and it is encoded once).
+
+        All or nothing: they take consecutive seqs in one transaction, or none is stored and the
+        future fails with the StoreError. A producer that keeps several events of one context in
+        flight must not see event k lost and k+1 stored; sending each batch only after the
+        previous one committed, as one write, guarantees that. Returns a future (resolved after
+        the COMMIT) rather than a coroutine: ``asyncio.shield`` of a future costs no task.
+        Cancelling the future withdraws the write if the writer has not started it. ``sent``: see :meth:`append_event`.
+        """
+        stamp = float(now)
+        items = [(context_id, run_id, kind, payload, stamp, sent) for run_id, kind, payload in events]
+        if not items:
+            raise ValueError("no events to append")
+        return self._submit_one("append_event", self._append_batches, items)
+
+    async def _append_batches(self, conn: AsyncConnection, batches: list[Any]) -> list[Any]:
+        """Merged multi-event appends: the group's events in queue order through one
+        :meth:`_append_many`; a write whose events are refused (an unknown context) is refused
+        as a whole, which rolls the group back and commits each write alone."""
+        outcomes = await self._append_many(conn, [item for batch in batches for item in batch])
+        result: list[Any] = []
+        start = 0
+        for batch in batches:
+            mine = outcomes[start : start + len(batch)]
+            start += len(batch)
+            refused = next((o for o in mine if isinstance(o, StoreError)), None)
+            result.append(refused if refused is not None else mine)
+        return result
 
     async def _append_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
         """Merged appends: one seq bump for every context of the group, one multi-row insert.
@@ -1350,7 +1376,7 @@ class Store:
         return acked
 
     def submit_ack_through(self, context_id: str, seq: int, now: float | None = None) -> asyncio.Future[list[int]]:
-        """:meth:`ack_through` as a future (see :meth:`submit_append_event`)."""
+        """:meth:`ack_through` as a future (see :meth:`submit_append_events`)."""
         return self._submit_one("ack_through", self._ack_many, (context_id, seq, float(_now(now))))
 
     async def _ack_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:

@@ -177,7 +177,7 @@ class NeverEscalating(_MutantDelivery):
     async def _fire_due(self, stream: _Stream, now: float) -> None:
         for tracked in list(stream.live.values()):
             m = tracked.machine
-            if (self._deadline(tracked) <= now and m.state is Delivery.SENT
+            if (self._deadline(stream, tracked) <= now and m.state is Delivery.SENT
                     and int(m.values["attempt"]) >= self.settings.max_attempts):
                 has = bool(stream.sessions)
                 if m.can("tick", has_session=has):
@@ -196,13 +196,12 @@ class ResendingAcked(DeliveryService):
         self.acked_events: dict[str, list[_Tracked]] = {}
         self.edge = mutant_edge("resend_acked", settings, "delivery", "ACKED--send-->ACKED")
 
-    async def _ack_locked(self, stream: _Stream, seq: int, detail: Mapping[str, Any]) -> list[int]:
+    def _acked(self, stream: _Stream, acked: list[int], detail: Mapping[str, Any]) -> None:
         before = dict(stream.live)
-        acked = await super()._ack_locked(stream, seq, detail)
+        super()._acked(stream, acked, detail)
         for s in acked:
             if s in before:
                 self.acked_events.setdefault(stream.context_id, []).append(before[s])
-        return acked
 
     async def _register(self, stream: _Stream, session: Any, resume_last_seq: int | None) -> None:
         await super()._register(stream, session, resume_last_seq)

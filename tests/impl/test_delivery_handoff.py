@@ -1,10 +1,11 @@
-"""Delivery when its caller is cancelled mid-step (PROTOCOL section 5: an event is never lost).
+"""Delivery's appender and acks, driven directly (PROTOCOL section 5: an event is never lost,
+never sent before it is durable, and a run's stored events have no gap).
 
-The hot paths of impl/delivery.py await the store's commit without a task of their own (a
-shielded future). A caller cancelled there, a socket closing under its handler for example,
-hands the rest of the step to a task: a committed append is still tracked and sent, a committed
-ack is still fired on its machines. These tests drive DeliveryService directly, on a real SQLite
-store, with a recording session in place of a socket.
+Producers queue events; one appender per stream commits them batch by batch, all or nothing, then
+tracks and sends them. A caller cancelled while waiting (a socket closing under its handler) does
+not cancel the store write: a committed append is still tracked and sent, a committed ack is still
+fired on its machines. These tests run DeliveryService on a real SQLite store, with a recording
+session in place of a socket.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pipeproof.errors import StoreIntegrityError
 from pipeproof.impl.audit import AuditWriter
 from pipeproof.impl.delivery import DeliveryMetrics, DeliveryService
 from pipeproof.impl.frames import EventFrame
@@ -81,13 +83,13 @@ async def test_a_producer_cancelled_during_its_append_still_gets_its_event_deliv
 ) -> None:
     delivery, store, session = world
     producer = asyncio.create_task(
-        delivery.publish(session.context_id, "alice", "run-1", "agent_started", {"n": 1})
+        delivery.publish(session.context_id, "alice", "run-1", "agent_started", {"n": 1}, durable=True)
     )
     await asyncio.sleep(0)  # the append is queued; its commit has not happened yet
     producer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await producer
-    # The write was not withdrawn: it commits, and the hand-off tracks and sends it.
+    # The write was not withdrawn: it commits, and the appender tracks and sends it.
     await _until(lambda: len(session.frames) == 1)
     assert session.frames[0].seq == 1 and session.frames[0].attempt == 1
     stream = delivery.streams[session.context_id]
@@ -101,7 +103,7 @@ async def test_an_ack_whose_caller_is_cancelled_is_still_fired_on_the_machines(
 ) -> None:
     delivery, store, session = world
     for n in range(3):
-        await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"n": n})
+        await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"n": n}, durable=True)
     stream = delivery.streams[session.context_id]
     assert [t.machine.state for t in stream.live.values()] == [Delivery.SENT] * 3
     acker = asyncio.create_task(delivery.ack(session, 2))  # type: ignore[arg-type]
@@ -123,7 +125,7 @@ async def test_acks_of_one_stream_are_coalesced_into_one_store_write_per_round(
 ) -> None:
     delivery, store, session = world
     for n in range(5):
-        await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"n": n})
+        await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"n": n}, durable=True)
     calls: list[int] = []
     submit = store.submit_ack_through
 
@@ -138,3 +140,58 @@ async def test_acks_of_one_stream_are_coalesced_into_one_store_write_per_round(
     assert calls == [1, 5]
     assert sorted(s for r in results for s in r) == [1, 2, 3, 4, 5]
     assert not delivery.streams[session.context_id].live
+
+
+async def test_events_queued_together_are_one_all_or_nothing_write_then_sent_in_order(
+    world: tuple[DeliveryService, Store, RecordingSession],
+) -> None:
+    delivery, store, session = world
+    writes: list[int] = []
+    submit = store.submit_append_events
+
+    def counting(context_id: str, events: Any, now: float, *, sent: bool = False) -> Any:
+        writes.append(len(events))
+        return submit(context_id, events, now, sent=sent)
+
+    store.submit_append_events = counting  # type: ignore[method-assign]
+    for n in range(4):
+        assert await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"n": n}) is None
+    last = await delivery.publish(session.context_id, "alice", "run-1", "agent_completed", {}, durable=True)
+    assert last is not None and last.seq == 5
+    # Queued without a commit in between, the five went to the store as one write.
+    assert writes == [5]
+    assert [(f.seq, f.event, f.attempt) for f in session.frames] == [
+        (1, "agent_thinking", 1), (2, "agent_thinking", 1), (3, "agent_thinking", 1),
+        (4, "agent_thinking", 1), (5, "agent_completed", 1),
+    ]
+    assert [f.data.get("n") for f in session.frames[:4]] == [0, 1, 2, 3]
+
+
+async def test_a_refused_append_drops_what_is_queued_behind_it_and_tells_each_run(
+    world: tuple[DeliveryService, Store, RecordingSession],
+) -> None:
+    delivery, store, session = world
+    # A context the store does not know: the batch is refused as a whole (StoreIntegrityError).
+    ghost = "no-such-context"
+    for n in range(3):
+        await delivery.publish(ghost, "alice", "run-x", "agent_thinking", {"n": n})
+    other = delivery.publish(ghost, "alice", "run-y", "agent_failed", {"code": "cancelled"}, durable=True)
+    with pytest.raises(StoreIntegrityError):
+        await other  # a durable publish hears of its own refusal
+    # The next step of run-x hears of it once; nothing of either run was stored or sent.
+    with pytest.raises(StoreIntegrityError):
+        await delivery.publish(ghost, "alice", "run-x", "agent_thinking", {"n": 3})
+    assert delivery.metrics.append_failures._value.get() == 4
+    assert await store.events_after(session.context_id, 0) == []
+    assert session.frames == []
+    # Told once: the run's next publish (its agent_failed, say) is queued normally again.
+    delivery.check_run(ghost, "run-x")
+
+
+async def test_unserialisable_data_is_refused_when_queued(
+    world: tuple[DeliveryService, Store, RecordingSession],
+) -> None:
+    delivery, _store, session = world
+    with pytest.raises(TypeError):
+        await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"bad": object()})
+    assert not delivery.streams[session.context_id].outbox
