@@ -23,7 +23,8 @@ logged as ``tick`` followed by the timeout. Real ack waits grow per attempt:
 
 Sends, resends, escalations and session changes of a stream happen under the stream's lock.
 Two hot paths keep their store commit out of it, so one stream's appends and acks do not queue
-behind each other's commits: an append is tracked only after its commit, and an ack's commit is
+behind each other's commits: the stream's appender tracks a batch of events only after its
+commit (see :meth:`DeliveryService.publish`), and an ack's commit is
 followed by firing ``ack`` on the machines with no await in between; every locked path checks
 an event's machine again after each of its own awaits, so an acked event is never sent again
 and the machines and the store never disagree about an event. Sends are in seq order (the oldest
@@ -362,6 +363,7 @@ class DeliveryService:
                 stream.appender = asyncio.get_running_loop().create_task(
                     self._append_loop(stream), name=f"delivery-append-{context_id}"
                 )
+                stream.appender.add_done_callback(self._task_done)
             if item.done is None:
                 return None
             # Shielded: a cancelled producer does not cancel the append; the appender goes on.
@@ -382,6 +384,7 @@ class DeliveryService:
 
     async def _append_loop(self, stream: _Stream) -> None:
         """The stream's appender: commit a batch, track and send it, repeat (see publish)."""
+        batch: list[_Outgoing] = []
         try:
             while stream.outbox:
                 batch, stream.outbox = stream.outbox, []
@@ -393,27 +396,62 @@ class DeliveryService:
                     )
                 except StoreError as exc:
                     self._refuse(stream, batch, exc)
+                    batch = []
                     continue
                 finally:
                     stream.appending = 0
-                now = time.monotonic()
-                fresh: list[_Tracked] = []
-                for item, record in zip(batch, records, strict=True):
-                    self._appended(record.kind).inc()
-                    tracked = _Tracked(record, self._machine(record, item.user))
-                    self._track(stream, tracked, now)
-                    fresh.append(tracked)
-                if stream.sessions or sending:
-                    async with stream.lock:
-                        for tracked in fresh:
-                            if stream.live.get(tracked.seq) is tracked:
-                                await self._send(stream, tracked)
-                for item, record in zip(batch, records, strict=True):
-                    if item.done is not None and not item.done.done():
-                        item.done.set_result(record)
+                try:
+                    await self._deliver_batch(stream, batch, records, sending)
+                except StoreError as exc:
+                    # Stored and tracked, but a write after the send (mark_sent, mark_pending,
+                    # escalate) failed: the events stay in delivery, nothing queued behind them
+                    # is dropped, and their runs end as on any store failure.
+                    log.warning("stream %s: store failed after an append: %s", stream.context_id, exc)
+                    self._tell(stream, batch, exc)
+                batch = []
+        except BaseException as exc:
+            # A bug, or cancellation at shutdown: no producer may wait forever on these events.
+            for item in batch + stream.outbox:
+                if item.done is not None and not item.done.done():
+                    if isinstance(exc, Exception):
+                        item.done.set_exception(exc)
+                    else:
+                        item.done.cancel()
+            raise
         finally:
             stream.users -= 1
             self._maybe_forget(stream)
+
+    async def _deliver_batch(
+        self, stream: _Stream, batch: list[_Outgoing], records: list[EventRecord], sending: bool
+    ) -> None:
+        """Track a committed batch, send it in seq order, then answer its durable producers."""
+        now = time.monotonic()
+        fresh: list[_Tracked] = []
+        for item, record in zip(batch, records, strict=True):
+            self._appended(record.kind).inc()
+            tracked = _Tracked(record, self._machine(record, item.user))
+            self._track(stream, tracked, now)
+            fresh.append(tracked)
+        if stream.sessions or sending:
+            async with stream.lock:
+                for tracked in fresh:
+                    if stream.live.get(tracked.seq) is tracked:
+                        await self._send(stream, tracked)
+        for item, record in zip(batch, records, strict=True):
+            if item.done is not None and not item.done.done():
+                item.done.set_result(record)
+
+    @staticmethod
+    def _tell(stream: _Stream, items: list[_Outgoing], exc: StoreError) -> None:
+        """Each producer of ``items`` hears of ``exc``: a durable one at once, the others on their
+        run's next publish (check_run)."""
+        for item in items:
+            if item.done is not None:
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            else:
+                stream.refused.setdefault(item.run_id, exc)
 
     def _refuse(self, stream: _Stream, batch: list[_Outgoing], exc: StoreError) -> None:
         """A batch was not stored: it and everything queued behind it are dropped (sending the
@@ -424,12 +462,7 @@ class DeliveryService:
         log.warning(
             "stream %s: %d events not stored (%s); their runs are told", stream.context_id, len(dropped), exc
         )
-        for item in dropped:
-            if item.done is not None:
-                if not item.done.done():
-                    item.done.set_exception(exc)
-            else:
-                stream.refused.setdefault(item.run_id, exc)
+        self._tell(stream, dropped, exc)
         stream.room.set()
 
     def _appended(self, kind: str) -> Any:
@@ -457,8 +490,9 @@ class DeliveryService:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # A StoreError here has nobody left to answer: the event stays in the store as it
-            # is (PENDING or SENT), to be resent or escalated after the next start.
+            # Hand-offs and appenders have nobody left to raise to (an appender has already
+            # failed its waiting producers): the events stay in the store as they are, to be
+            # resent or escalated, and the failure is logged with its traceback.
             log.error("delivery task %s failed", task.get_name(), exc_info=task.exception())
 
     async def _send(self, stream: _Stream, tracked: _Tracked) -> None:

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from pipeproof.errors import StoreIntegrityError
+from pipeproof.errors import StoreIntegrityError, StoreUnavailable
 from pipeproof.impl.audit import AuditWriter
 from pipeproof.impl.delivery import DeliveryMetrics, DeliveryService
 from pipeproof.impl.frames import EventFrame
 from pipeproof.impl.handlers import OutboundFrame
 from pipeproof.impl.metrics import Metrics
+from pipeproof.impl.sender import SendFailed
 from pipeproof.impl.settings import Settings
 from pipeproof.impl.store import EventState, Store, open_store
 from pipeproof.model.delivery import Delivery
@@ -194,4 +195,27 @@ async def test_unserialisable_data_is_refused_when_queued(
     delivery, _store, session = world
     with pytest.raises(TypeError):
         await delivery.publish(session.context_id, "alice", "run-1", "agent_thinking", {"bad": object()})
+    assert not delivery.streams[session.context_id].outbox
+
+
+async def test_a_store_failure_after_the_append_reaches_the_producer_and_keeps_the_event(
+    world: tuple[DeliveryService, Store, RecordingSession],
+) -> None:
+    delivery, store, session = world
+
+    async def refuse(frame: OutboundFrame) -> None:
+        raise SendFailed("closed", "socket closing")
+
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise StoreUnavailable("mark_pending", "database went away")
+
+    # The event is stored SENT (a session was there when it was queued), no session takes the
+    # frame, and putting it back to PENDING fails: the durable producer hears of it, and the
+    # event stays tracked (PENDING, attempt counted) for the next session or its escalation.
+    session.send = refuse  # type: ignore[method-assign]
+    store.mark_pending = broken  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await delivery.publish(session.context_id, "alice", "run-1", "agent_failed", {}, durable=True)
+    tracked = delivery.streams[session.context_id].live[1]
+    assert tracked.machine.state is Delivery.PENDING and tracked.machine.values["attempt"] == 1
     assert not delivery.streams[session.context_id].outbox
