@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeproof.runs")
 
-_TERMINAL: Final = frozenset({"agent_completed", "agent_failed"})
+_DURABLE: Final = frozenset({"agent_completed", "agent_failed", "tool_executing"})
 
 CANCEL_SETTLE_SECONDS: Final = 2.0
 """After shutdown_grace, how long cancelled runs get to append their agent_failed."""
@@ -397,10 +397,11 @@ class AgentRuntime:
         # (StoreError ends the run with agent_failed right after its last stored event).
         self.delivery.check_run(run.context_id, run.run_id)
         run.machine.fire(kind, {k: v for k, v in data.items() if k in ("code", "tool_call_id", "tool")})
-        # A terminal event is awaited until stored and sent: the run ends only then, and a
-        # refusal still reaches _store_failed. Other events are queued (see DeliveryService.publish).
+        # Awaited until stored and sent: a terminal event (the run ends only then, and a refusal
+        # still reaches _store_failed) and tool_executing (a tool's side effects never happen
+        # before its call is on record). Other events are queued (see DeliveryService.publish).
         await self.delivery.publish(
-            run.context_id, run.user, run.run_id, kind, {**data}, durable=kind in _TERMINAL
+            run.context_id, run.user, run.run_id, kind, {**data}, durable=kind in _DURABLE
         )
 
     async def _drive(self, run: _Run) -> None:
