@@ -734,6 +734,7 @@ class Store:
 
     async def _write_loop(self) -> None:
         held = _HeldConnection()
+        loop_gone = False
         try:
             while self._pending or not self._closing:
                 if not self._pending:
@@ -758,12 +759,20 @@ class Store:
                 batch = self._pending[:_MAX_GROUP]
                 del self._pending[:_MAX_GROUP]
                 await self._commit_group(batch, held)
+        except GeneratorExit:
+            # The event loop was closed with this task still waiting, and the coroutine is being
+            # collected: nothing can be awaited any more (awaiting here is what Python reports
+            # as "coroutine ignored GeneratorExit"). The held connection goes with the loop.
+            loop_gone = True
+            raise
         finally:
-            await asyncio.shield(held.release())
+            if not loop_gone:
+                await asyncio.shield(held.release())
             # Cancelled (event loop shutting down) or a bug in this loop: no caller may wait
-            # forever on a write the writer will not run.
-            for pending in self._pending:
-                _fail(pending, StoreUnavailable(pending.operation, "the store writer stopped"))
+            # forever on a write the writer will not run. (With the loop gone nobody can wait.)
+            if not loop_gone:
+                for pending in self._pending:
+                    _fail(pending, StoreUnavailable(pending.operation, "the store writer stopped"))
             self._pending.clear()
 
     async def _commit_group(self, batch: list[_PendingWrite[Any]], held: _HeldConnection) -> None:
