@@ -92,6 +92,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         validate_for_startup(s)
         writer = audit if audit is not None else AuditWriter(s.resolved_audit_log())
+        # Check audit_log (and Readiness.ready) reads the writer: a log that cannot be written
+        # makes /readyz 503 and refuses new sockets (PROTOCOL Transport section).
+        readiness.audit = writer
         state = ServerState(
             settings=s,
             metrics=metrics,

@@ -20,14 +20,31 @@ Durability contract. Lines are buffered in memory and written with one ``write``
 turn, not one per line: the first line of a turn schedules :meth:`AuditWriter.flush` with
 ``loop.call_soon``. Without a running loop in the calling thread (CLI, sync tests, worker threads)
 every line is written at once, as before. The socket sender calls :meth:`AuditWriter.flush` right
-before it writes a frame, so no frame reaches a client before the lines of the transitions that
-produced it are in the OS; a ``kill -9`` can lose only lines of effects nobody outside saw.
+before it writes a data frame and does not write it when the flush raises, so no data frame
+reaches a client before the lines of the transitions that produced it are in the OS; a ``kill -9``
+can lose only lines of effects nobody outside saw. While the log is failing that holds for data
+frames only: close frames are still written (a socket must be able to close) and the store keeps
+changing, so a process killed during a failure episode loses the lines it held.
 
-A failed write is never swallowed: :class:`~pipeproof.errors.AuditWriteFailed` is raised (the
-``OSError`` chained), the unwritten lines stay buffered in order, and every later ``record`` and
-``flush`` first retries them, then raises again until a write succeeds. When the failing flush is
-the loop-scheduled one, nobody can be raised to: it is logged at ERROR and the next ``record`` or
-``flush`` raises.
+Failure contract (fail-safe). A transition that has happened in its machine is never undone
+nor interrupted because its line cannot be written: :meth:`AuditWriter.record` and
+:meth:`TracedMachine.fire` do not raise on a failed write. The line is kept, behind the lines
+already held, in order, and every later flush retries them first (the loop-scheduled flush of each
+turn that records a line, :meth:`AuditWriter.flush` called by anyone, the readiness check). The
+failure is surfaced where acting on it is safe:
+
+* :meth:`AuditWriter.flush` raises :class:`~pipeproof.errors.AuditWriteFailed` (``OSError``
+  chained), so a caller about to make an effect visible (the socket sender, before a data frame)
+  does not make it visible while the lines behind it are not in the log;
+* :attr:`AuditWriter.failing` is True from a failed write until a write succeeds (readiness check
+  ``audit_log``: ``/readyz`` answers 503 and new sockets are refused while it fails);
+* the first failure of an episode is logged once at ERROR with its traceback, and the first
+  write that succeeds after it once at WARNING (not one line per loop turn or per record);
+* the backlog is bounded: while failing, a :meth:`AuditWriter.record` that finds
+  :attr:`AuditWriter.BACKLOG_MAX` lines held retries the write once and, if it still fails,
+  raises :class:`~pipeproof.errors.AuditWriteFailed` and drops that line. This is the last
+  resort, chosen over unbounded memory: the log then has a gap trace-check reports, and the caller
+  is interrupted half-way exactly as the fail-safe policy otherwise avoids.
 
 :class:`AuditWriter` is the only place that writes the log. :class:`TracedMachine` is the only way
 the server fires a model event: it calls :meth:`pipeproof.model.spec.Runner.fire` and hands the
@@ -37,6 +54,7 @@ returned transition to the writer, so the log cannot miss a transition the serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -197,18 +215,25 @@ class AuditWriter:
     that are about to let the outside world see an effect (the socket sender, before a frame) call it
     so the log is in the OS first.
 
-    A failed write raises :class:`~pipeproof.errors.AuditWriteFailed` (``OSError`` chained) and
-    marks the writer failed; the unwritten lines stay buffered, in order. While failed, every
-    :meth:`record` buffers its line and retries the whole buffer at once, raising again if it still
-    fails, and :meth:`flush` does the same; the first write that succeeds heals the writer. A
-    failure in the loop-scheduled flush has nobody to raise to: it is logged at ERROR (with the
-    traceback) and surfaces from the next :meth:`record` or :meth:`flush`. The transition a raising
-    ``record`` describes has happened; its line is kept, never dropped.
+    A failed write never makes :meth:`record` raise (the transition it describes has happened):
+    the line is kept, in order, behind the lines already held, and :attr:`failing` turns True.
+    While failing, lines are buffered and retried once per loop turn by the scheduled flush (the
+    ``MAX_LINES`` / ``MAX_BYTES`` inline flush is skipped: a write per record would retry the whole
+    backlog per record); without a running loop each :meth:`record` retries at once. :meth:`flush`
+    always retries and raises :class:`~pipeproof.errors.AuditWriteFailed` (``OSError`` chained)
+    while the write fails; the first write that succeeds writes everything held, in order, and
+    clears :attr:`failing`. An episode is logged once at ERROR when it starts (with the traceback)
+    and once at WARNING when it ends. Last resort: while failing with :attr:`BACKLOG_MAX` lines
+    held, :meth:`record` retries once and, if that fails, raises
+    :class:`~pipeproof.errors.AuditWriteFailed` without keeping its line, so memory stays bounded.
 
     The log file the writer opens itself is written unbuffered in binary, so after a failed or
-    partial write it knows exactly which bytes reached the OS and retries only the rest. With
-    stdout or a caller's text stream, lines are kept when ``write`` raises; once ``write`` returned
-    they belong to the stream, whose own buffer retries them if its ``flush`` fails.
+    partial write it knows exactly which bytes reached the OS and retries only the rest; those held
+    bytes are retried on their own before the lines buffered since (a retry while failing is one
+    write attempt, not a copy of the whole backlog), so the flush that ends an episode may take two
+    writes. With stdout or a caller's text stream, lines are kept when ``write`` raises; once
+    ``write`` returned they belong to the stream, whose own buffer retries them if its ``flush``
+    fails (the backlog cap does not count them).
 
     Thread-safe: one lock covers appending a line, and swapping out and writing the buffer, so
     concurrent writers never interleave or reorder bytes.
@@ -216,6 +241,9 @@ class AuditWriter:
 
     MAX_LINES = 512
     MAX_BYTES = 256 * 1024
+    BACKLOG_MAX = 100_000
+    """Lines held while failing beyond which :meth:`record` raises and drops its line (last resort:
+    about 30 MB of typical lines; memory stays bounded however long the disk stays full)."""
 
     def __init__(self, target: Literal["stdout", "off"] | Path | IO[str]) -> None:
         self.target = target
@@ -239,8 +267,10 @@ class AuditWriter:
         self._on = self._raw is not None or self._stream is not None
         self._lines: list[str] = []
         self._size = 0
-        # Bytes of a partly written flush of the owned file, written before any buffered line.
+        # Bytes of a failed flush of the owned file not yet in the OS, written before any buffered
+        # line, and how many line ends they hold (the backlog the cap counts, kept without a scan).
         self._head = b""
+        self._head_lines = 0
         self._failed = False
         # The loop a flush is scheduled on (None: none pending), so a turn schedules one, not one per line.
         self._scheduled: asyncio.AbstractEventLoop | None = None
@@ -248,6 +278,16 @@ class AuditWriter:
     @property
     def enabled(self) -> bool:
         return self._on
+
+    @property
+    def failing(self) -> bool:
+        """True from a failed write until a write succeeds (readiness check ``audit_log``)."""
+        return self._failed
+
+    @property
+    def pending(self) -> int:
+        """Lines held for the next flush (buffered, or of a failed flush not yet in the OS)."""
+        return self._head_lines + len(self._lines)
 
     def record(
         self,
@@ -263,8 +303,10 @@ class AuditWriter:
     ) -> dict[str, Any]:
         """Buffer one line for ``transition`` and return the record (tests read it back).
 
-        Raises :class:`~pipeproof.errors.AuditWriteFailed` while the log cannot be written (the
-        line stays buffered).
+        Does not raise because the log cannot be written: the line is kept for the next flush and
+        :attr:`failing` says so. Raises :class:`~pipeproof.errors.AuditWriteFailed` only as the
+        last resort, when :attr:`BACKLOG_MAX` lines are held and a retry fails (the line is then
+        dropped).
         """
         when = time.time() if ts is None else ts
         # ``_name_`` is what Enum's ``name`` property returns, read without the property's cost.
@@ -323,49 +365,108 @@ class AuditWriter:
     def _append(self, text: str) -> None:
         with self._lock:
             lines = self._lines
-            lines.append(text)
-            self._size += len(text)
-            now = self._failed or len(lines) > self.MAX_LINES or self._size > self.MAX_BYTES
+            if self._failed and self._head_lines + len(lines) >= self.BACKLOG_MAX:
+                full = True
+            else:
+                full = False
+                lines.append(text)
+                self._size += len(text)
+                # While failing the backlog is retried once per turn, not per record: an inline
+                # retry per line would cost a write attempt (a join, for a stream) per transition.
+                now = not self._failed and (len(lines) > self.MAX_LINES or self._size > self.MAX_BYTES)
+        if full:
+            self._append_over_cap(text)
+            return
         if now:
-            self.flush()
+            self._flush_quietly()
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.flush()
+            self._flush_quietly()
             return
         if loop is not self._scheduled:
             self._scheduled = loop
             loop.call_soon(self._flush_soon, loop)
 
+    def _append_over_cap(self, text: str) -> None:
+        """The last resort (module docstring): retry once, then raise and drop ``text``."""
+        try:
+            self.flush()
+        except AuditWriteFailed as exc:
+            raise AuditWriteFailed(
+                self._label,
+                exc.pending,
+                f"{exc.detail}; backlog full ({self.BACKLOG_MAX} lines held), this line was dropped",
+            ) from exc.__cause__
+        self._append(text)  # written: the backlog is empty again
+
+    def _flush_quietly(self) -> None:
+        # The transition behind the line has happened; a failure is kept (failing, the lines
+        # held), logged once per episode by flush, and raised to callers of flush, not here.
+        with contextlib.suppress(AuditWriteFailed):
+            self.flush()
+
     def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._scheduled is loop:
             self._scheduled = None
-        try:
-            self.flush()
-        except AuditWriteFailed:
-            log.exception("audit log write failed after a loop turn; record() and flush() raise until one succeeds")
+        self._flush_quietly()
 
     def flush(self) -> None:
-        """Write every buffered line with one write (and flush a text stream).
+        """Write every line held with one write (and flush a text stream).
 
-        Nearly free when nothing is buffered. Raises :class:`~pipeproof.errors.AuditWriteFailed`
-        (``OSError`` chained) when the write fails; the unwritten lines stay buffered, in order,
-        and the next flush retries them first.
+        Nearly free when nothing is held. Raises :class:`~pipeproof.errors.AuditWriteFailed`
+        (``OSError`` chained) when the write fails; the unwritten lines stay held, in order, and
+        the next flush retries them first. The write that fails first after a success is logged
+        at ERROR with its traceback, the write that succeeds first after a failure at WARNING.
         """
         if not self._lines and not self._failed:
             return
+        error: AuditWriteFailed | None = None
         with self._lock:
-            if self._raw is not None:
-                self._flush_raw(self._raw)
-            elif self._stream is not None:
-                self._flush_stream(self._stream)
+            was_failing = self._failed
+            try:
+                if self._raw is not None:
+                    self._flush_raw(self._raw)
+                elif self._stream is not None:
+                    self._flush_stream(self._stream)
+            except AuditWriteFailed as exc:
+                error = exc
+            now_failing = self._failed
+        # Logged outside the lock: a handler must not be able to stall every transition.
+        if error is not None:
+            if not was_failing:
+                log.error(
+                    "audit log %s: write failed; transitions go on with their lines held in order and "
+                    "retried, data frames are not sent and readiness fails until a write succeeds",
+                    self._label,
+                    exc_info=error,
+                )
+            raise error
+        if was_failing and not now_failing:
+            log.warning("audit log %s writable again: the lines held were written", self._label)
 
     def _flush_raw(self, raw: io.FileIO) -> None:
+        if self._head:
+            # Held bytes first, on their own: while the disk stays full a retry is one failed
+            # write, and the lines buffered since stay as they are (not copied behind the bytes).
+            self._write_head(raw)
+        if not self._lines:
+            self._failed = False
+            return
         text = "".join(self._lines)
         if _EOL != "\n":
             text = text.replace("\n", _EOL)
-        data = self._head + text.encode("utf-8") if self._head else text.encode("utf-8")
+        self._head = text.encode("utf-8")
+        self._head_lines = len(self._lines)
+        self._lines = []
+        self._size = 0
+        self._write_head(raw)
+        self._failed = False
+
+    def _write_head(self, raw: io.FileIO) -> None:
+        """Write ``_head`` to the OS; on failure keep exactly the bytes that did not reach it."""
+        data = self._head
         done = 0
         try:
             with memoryview(data) as view:
@@ -377,15 +478,13 @@ class AuditWriter:
                         raise OSError(f"the audit log accepted none of {len(data) - done} bytes")
                     done += written
         except OSError as exc:
-            self._head = data[done:]
-            self._lines = []
-            self._size = 0
+            if done:
+                self._head_lines -= data.count(b"\n", 0, done)
+                self._head = data[done:]
             self._failed = True
-            raise AuditWriteFailed(self._label, self._head.count(b"\n"), str(exc)) from exc
+            raise AuditWriteFailed(self._label, self.pending, str(exc)) from exc
         self._head = b""
-        self._lines = []
-        self._size = 0
-        self._failed = False
+        self._head_lines = 0
 
     def _flush_stream(self, stream: IO[str]) -> None:
         if self._lines:
@@ -422,6 +521,7 @@ class AuditWriter:
                 self._lines = []
                 self._size = 0
                 self._head = b""
+                self._head_lines = 0
                 self._failed = False
 
 
@@ -470,10 +570,12 @@ class TracedMachine:
         return self.runner.can(event, **inputs)
 
     def fire(self, event: str, detail: Mapping[str, Any] | None = None, **inputs: Value) -> Transition:
-        """Fire ``event`` through the Runner and record the transition (or raise).
+        """Fire ``event`` through the Runner and record the transition.
 
-        :class:`~pipeproof.errors.AuditWriteFailed` means the transition happened but the log
-        cannot be written yet (its line is kept for the next flush).
+        A log that cannot be written does not make this raise (the transition has happened; its
+        line is held for the next flush, see :attr:`AuditWriter.failing`), except as the
+        writer's last resort: :class:`~pipeproof.errors.AuditWriteFailed` when its backlog is
+        full, the transition made and its line dropped.
         """
         transition = self.runner.fire(event, **inputs)
         full = detail

@@ -8,10 +8,16 @@ the store becomes unreachable and 200 again when it is back. Checks, in order:
 * ``store_reachable``: the store opens (first time) and answers ``SELECT 1``;
 * ``schema_version``: the schema is at :data:`~pipeproof.impl.store.EXPECTED_SCHEMA_VERSION`
   (opening the store applies pending migrations; a newer schema than this build fails);
-* ``store_writable``: a real write commits (a read-only or full store is not ready).
+* ``store_writable``: a real write commits (a read-only or full store is not ready);
+* ``audit_log``: the audit log (impl/audit.py) is being written. While
+  :attr:`~pipeproof.impl.audit.AuditWriter.failing` is True the check first retries the held
+  lines (:meth:`~pipeproof.impl.audit.AuditWriter.flush`; on an idle server nothing else would),
+  then fails with ``write_failed: <error>``. New sockets are refused from the failed write on,
+  without waiting for the next check (:attr:`Readiness.ready` reads the writer live), since no
+  data frame can be sent while the lines behind it are not in the log.
 
-The report names the first failing check; the detail is the StoreError's code and its sanitised
-message (the store never puts the DSN's password in a message).
+The report names the first failing check; for the store checks the detail is the StoreError's
+code and its sanitised message (the store never puts the DSN's password in a message).
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
-from pipeproof.errors import ConfigError, StoreError, StoreTimeout, StoreUnavailable
+from pipeproof.errors import AuditWriteFailed, ConfigError, StoreError, StoreTimeout, StoreUnavailable
 
+from .audit import AuditWriter
 from .metrics import Metrics
 from .settings import Settings, validate_for_startup
 from .store import EXPECTED_SCHEMA_VERSION, Store, open_store
 
 log = logging.getLogger("pipeproof.readiness")
 
-CHECKS: Final = ("config", "store_reachable", "schema_version", "store_writable")
+CHECKS: Final = ("config", "store_reachable", "schema_version", "store_writable", "audit_log")
 PROBE_TIMEOUT_CAP: Final = 2.0
 """Upper bound for one readiness probe, so /readyz answers quickly even with a long store_timeout."""
 
@@ -53,16 +60,21 @@ class ReadyReport:
 
 
 class Readiness:
-    """Owns the store handle; ``check()`` opens it on first success and re-probes it after."""
+    """Owns the store handle; ``check()`` opens it on first success and re-probes it after.
+
+    ``audit`` is the server's audit writer (set by the app's lifespan when it opens the log); with
+    none, ``audit_log`` passes (there is nothing that could fail)."""
 
     def __init__(
         self,
         settings: Settings,
         metrics: Metrics,
         opener: Callable[..., Awaitable[Store]] = open_store,
+        audit: AuditWriter | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.audit = audit
         self._opener = opener
         self.store: Store | None = None
         self.last = ReadyReport(False, "store_reachable", {name: "not_run" for name in CHECKS})
@@ -71,7 +83,11 @@ class Readiness:
 
     @property
     def ready(self) -> bool:
-        return self.last.ok
+        """The last report passed and the audit log is not failing now: a write that fails
+        between two checks refuses new sockets at once (the monitor then re-checks every second,
+        which retries the log)."""
+        audit = self.audit
+        return self.last.ok and (audit is None or not audit.failing)
 
     def on_store_open(self, callback: Callable[[Store], None]) -> None:
         self._on_open.append(callback)
@@ -120,7 +136,29 @@ class Readiness:
             if self.last.ok:
                 log.warning("store became unready (%s): %s", name, exc)
             return ReadyReport(False, name, checks)
+        failure = self._audit_failure()
+        if failure is not None:
+            checks["audit_log"] = failure
+            return ReadyReport(False, "audit_log", checks)
+        checks["audit_log"] = "ok"
         return ReadyReport(True, None, checks)
+
+    def _audit_failure(self) -> str | None:
+        """``write_failed: ...`` while the audit log cannot be written, else None.
+
+        A failing writer is flushed here first: the lines it holds are retried on every flush,
+        and on a server with no traffic (new sockets refused, so no transitions) this retry,
+        every second from the monitor, is what notices the disk has room again.
+        """
+        audit = self.audit
+        if audit is None or not audit.failing:
+            return None
+        try:
+            audit.flush()
+        except AuditWriteFailed as exc:
+            # The writer logged the episode's start (once); this says why readiness fails.
+            return f"write_failed: {exc.detail} ({exc.pending} line(s) held)"
+        return None
 
     async def _open(self, timeout: float) -> Store:
         settings = self.settings

@@ -9,7 +9,14 @@ Every JSON frame and the close frame of a socket go through one :class:`Sender`:
 * ``close(code, reason)`` queues the close frame behind the frames already queued (flush, then
   close) and refuses further frames;
 * one writer task drains the queue in order. A failed write is never swallowed: the writer calls
-  ``on_failure`` (the session fires ``send_error`` and tears the socket down) and stops.
+  ``on_failure`` (the session fires ``send_error`` and tears the socket down) and stops;
+* before each data frame the writer flushes the audit log (impl/audit.py), so the lines of the
+  transitions behind the frame are in the OS before the peer sees it. When that flush raises
+  :class:`~pipeproof.errors.AuditWriteFailed`, no data frame is written: the queued data frames
+  are dropped (their events stay in the store and are resent or redelivered on resume), a queued
+  close frame is kept, ``on_failure`` hears ``SendFailed("audit")`` once (the session closes
+  1013 ``try_again_later``, PROTOCOL section 6), and the writer keeps running to write that
+  close frame, which needs no flush: the socket must close either way.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ class Sender:
         self._wake = asyncio.Event()
         self._written = asyncio.Event()  # set after each frame written: room in the queue
         self._closing = False
+        self._audit_reported = False  # on_failure heard SendFailed("audit") (told once)
         self.frames_written = 0
         self.close_sent: tuple[int, str] | None = None
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"sender-{conn.instance_id}")
@@ -148,10 +156,8 @@ class Sender:
                     # frame reaches the peer (the writer buffers lines within an event-loop turn).
                     self._conn.audit.flush()
                 except AuditWriteFailed as exc:
-                    self._items.clear()
-                    self._closing = True
-                    self._on_failure(SendFailed("audit", str(exc)))
-                    return
+                    self._drop_data_frames(exc)
+                    continue
                 try:
                     await self._ws.send_text(item)
                 except WRITE_ERRORS as exc:
@@ -163,6 +169,24 @@ class Sender:
                 self._written.set()
             if self._closing and not self._items:
                 return
+
+    def _drop_data_frames(self, exc: AuditWriteFailed) -> None:
+        """The audit log cannot be written: the data frame just taken from the queue and every
+        queued data frame are dropped, not sent, since the lines behind them are not in the log.
+        Their events stay in the store (delivery keeps them SENT or PENDING, never acked), so they
+        are resent on this context's next socket (resume) or when their ack wait ends; a frame a
+        client never saw costs a resend, a frame whose line is missing would break the log. A
+        queued close frame is kept and written without a flush (the socket must close either way).
+        The session is told once; it queues its close frame (1013) and the loop goes on to write
+        it (PROTOCOL sections 5 and 6)."""
+        kept = [item for item in self._items if isinstance(item, _Close)]
+        dropped = 1 + len(self._items) - len(kept)
+        self._items = deque(kept)
+        self._written.set()  # room in the queue: a wait_room caller re-checks and finds the socket closing
+        if self._audit_reported:
+            return
+        self._audit_reported = True
+        self._on_failure(SendFailed("audit", f"{dropped} data frame(s) dropped: {exc}"))
 
 
 __all__ = ["WRITE_ERRORS", "SendFailed", "Sender"]

@@ -18,10 +18,11 @@ model returns:
   the peer leaving -> ``peer_close``.
 
 Closes the model has no dedicated event for (the pre-READY byte budget, the error budget, a store
-failure while resolving the context) fire ``peer_close`` -- the "any state -> CLOSED" edge -- with
-the close code and reason in the audit ``detail``. An ``IllegalTransition`` that should never
-happen is a server bug: it is counted (``pipeproof_illegal_transitions``), logged, and the socket is
-closed with 4400 (or 4429 when it came from a buffer overflow), never 1011.
+failure while resolving the context, an audit log that cannot be written before a frame: 1013)
+fire ``peer_close`` -- the "any state -> CLOSED" edge -- with the close code and reason in the
+audit ``detail``. An ``IllegalTransition`` that should never happen is a server bug: it is
+counted (``pipeproof_illegal_transitions``), logged, and the socket is closed with 4400 (or 4429
+when it came from a buffer overflow), never 1011.
 """
 
 from __future__ import annotations
@@ -617,6 +618,15 @@ class ConnectionShell:
     def _on_send_failed(self, exc: SendFailed) -> None:
         log.warning("session %s: %s", self.session_id, exc)
         if self.closed:
+            return
+        if exc.why == "audit":
+            # The audit log cannot be written, so the sender dropped this socket's data frames
+            # (their events stay in the store). The socket itself is fine: close it 1013 like a
+            # store failure (section 6), so the client reconnects with backoff and resumes once
+            # /readyz is back (new sockets are refused while the log fails).
+            self._close_via(
+                "peer_close", code=1013, reason="try_again_later", detail={"send_failed": "audit"}
+            )
             return
         event = "send_error" if self.conn.can("send_error") else "peer_close"
         self._close_via(event, detail={"send_failed": exc.detail})

@@ -100,12 +100,14 @@ class StoreRollbackFailed(StoreError):
 
 
 class AuditWriteFailed(PipeproofError):
-    """The audit log could not be written (disk full, a closed pipe...); raised, never swallowed.
+    """The audit log could not be written (disk full, a closed pipe...); never swallowed.
 
     The transitions it records have happened, so their lines are not dropped: they stay buffered
-    in order and the next flush retries them first. Until a write succeeds, every
-    ``AuditWriter.record`` and ``AuditWriter.flush`` raises this, so a server cannot keep acting
-    while its log silently misses steps (trace-check would reject the gap). ``pending`` is how many
+    in order and every flush retries them first. ``AuditWriter.flush`` raises this until a write
+    succeeds (the socket sender then sends no data frame), ``AuditWriter.failing`` says so and
+    readiness fails; ``AuditWriter.record`` does not raise it, so a transition already made is
+    never interrupted half-way, except as the last resort of a full backlog
+    (``AuditWriter.BACKLOG_MAX`` lines held), when that line is dropped. ``pending`` is how many
     lines the writer still holds; the ``OSError`` is the ``__cause__``.
     """
 

@@ -1,5 +1,6 @@
 """Tests for pipeproof.impl.audit: one JSON line per transition, exactly the documented keys and
-exactly json.dumps' bytes; buffered to one write per loop turn; write failures raised, lines kept."""
+exactly json.dumps' bytes; buffered to one write per loop turn; write failures fail-safe: lines kept
+and retried in order, surfaced by flush(), ``failing`` and one log line per episode, backlog capped."""
 
 from __future__ import annotations
 
@@ -435,76 +436,130 @@ async def test_close_flushes_the_buffer(tmp_path: Path) -> None:
     assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["last"]
 
 
-# -- failures: raised, never swallowed; lines kept and retried in order -------------------------------------
+# -- failures: fail-safe; lines kept and retried in order, surfaced by flush, failing and the log --------
 
 
-def test_a_failed_write_raises_and_keeps_the_lines_in_order() -> None:
+def test_a_failed_write_keeps_the_lines_in_order_and_only_flush_raises() -> None:
     stream = FakeStream()
     writer = AuditWriter(stream)
     note(writer, "ok")
+    assert not writer.failing
     stream.fail = enospc()
-    with pytest.raises(AuditWriteFailed) as first:
-        note(writer, "a")
-    assert isinstance(first.value.__cause__, OSError) and first.value.__cause__.errno == errno.ENOSPC
-    assert first.value.pending == 1
-    with pytest.raises(AuditWriteFailed) as second:
-        note(writer, "b")  # still failing: buffered behind "a", raised again
-    assert second.value.pending == 2
-    with pytest.raises(AuditWriteFailed):
+    note(writer, "a")  # the write fails: the transition happened, record does not raise
+    assert writer.failing and writer.pending == 1
+    note(writer, "b")  # still failing: retried, buffered behind "a"
+    assert writer.failing and writer.pending == 2
+    with pytest.raises(AuditWriteFailed) as info:
         writer.flush()
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    assert info.value.pending == 2
+    assert stream.events() == ["ok"]
     stream.fail = None
     writer.flush()
     assert stream.events() == ["ok", "a", "b"] and len(stream.writes) == 2
+    assert not writer.failing and writer.pending == 0
     note(writer, "c")
     assert stream.events() == ["ok", "a", "b", "c"]
 
 
-async def test_a_failure_in_the_scheduled_flush_is_logged_then_raised_until_a_flush_succeeds(
+def test_a_traced_machine_keeps_firing_while_the_log_fails() -> None:
+    stream = FakeStream()
+    writer = AuditWriter(stream)
+    conn = TracedMachine(CONNECTION, "connection", "s1", writer)
+    stream.fail = enospc()
+    conn.fire("recv_init")
+    conn.fire("recv_frame", {"type": "ack"})  # would never be reached if the first fire raised
+    assert conn.state.name == "INITIALISING" and writer.failing
+    stream.fail = None
+    writer.flush()
+    assert stream.events() == ["recv_init", "recv_frame"]
+
+
+async def test_a_failing_log_is_retried_once_per_turn_and_heals_at_the_next_turn() -> None:
+    stream = FakeStream()
+    writer = AuditWriter(stream)
+    attempts = 0
+    real_write = stream.write
+
+    def counting_write(text: str) -> int:
+        nonlocal attempts
+        attempts += 1
+        return real_write(text)
+
+    stream.write = counting_write  # type: ignore[method-assign]
+    stream.fail = enospc()
+    note(writer, "a")
+    await asyncio.sleep(0)  # the scheduled flush fails: held, no raise
+    assert (attempts, writer.failing, writer.pending) == (1, True, 1)
+    for i in range(AuditWriter.MAX_LINES + 10):
+        note(writer, f"e{i}")  # over MAX_LINES, but failing: no retry per record
+    assert attempts == 1
+    await asyncio.sleep(0)
+    assert attempts == 2 and writer.failing and writer.pending == AuditWriter.MAX_LINES + 11
+    stream.fail = None
+    note(writer, "b")  # buffered for the turn, like any line
+    assert stream.events() == []
+    await asyncio.sleep(0)
+    assert stream.events() == ["a", *[f"e{i}" for i in range(AuditWriter.MAX_LINES + 10)], "b"]
+    assert not writer.failing and attempts == 3
+
+
+async def test_an_episode_is_logged_once_when_it_starts_and_once_when_it_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     stream = FakeStream()
     writer = AuditWriter(stream)
     stream.fail = enospc()
-    note(writer, "a")  # buffered: nothing to fail yet
-    with caplog.at_level(logging.ERROR, logger="pipeproof.audit"):
-        await asyncio.sleep(0)
-    [logged] = [r for r in caplog.records if r.name == "pipeproof.audit"]
-    assert logged.levelno == logging.ERROR and logged.exc_info is not None
-    assert logged.exc_info[0] is AuditWriteFailed
-    with pytest.raises(AuditWriteFailed):
+    with caplog.at_level(logging.INFO, logger="pipeproof.audit"):
+        for turn in range(5):
+            note(writer, f"a{turn}")
+            await asyncio.sleep(0)  # a failed scheduled flush per turn
+        with pytest.raises(AuditWriteFailed):
+            writer.flush()
         note(writer, "b")
-    with pytest.raises(AuditWriteFailed):
-        writer.flush()
-    stream.fail = None
-    writer.flush()
-    note(writer, "c")  # healed: buffered for the turn again, no raise
-    assert stream.events() == ["a", "b"]
-    await asyncio.sleep(0)
-    assert stream.events() == ["a", "b", "c"]
+        stream.fail = None
+        await asyncio.sleep(0)
+        note(writer, "c")
+        await asyncio.sleep(0)
+        stream.fail = enospc()  # a second episode is logged again
+        note(writer, "d")
+        await asyncio.sleep(0)
+    logged = [r for r in caplog.records if r.name == "pipeproof.audit"]
+    assert [r.levelno for r in logged] == [logging.ERROR, logging.WARNING, logging.ERROR]
+    assert logged[0].exc_info is not None and logged[0].exc_info[0] is AuditWriteFailed
+    assert isinstance(logged[0].exc_info[1].__cause__, OSError)
+    assert stream.events() == ["a0", "a1", "a2", "a3", "a4", "b", "c"]
 
 
-async def test_the_next_record_retries_first_so_a_transient_failure_heals() -> None:
+def test_a_full_backlog_makes_record_raise_and_drop_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(AuditWriter, "BACKLOG_MAX", 5)
     stream = FakeStream()
     writer = AuditWriter(stream)
     stream.fail = enospc()
-    note(writer, "a")
-    await asyncio.sleep(0)  # logged, writer failed
+    for i in range(5):
+        note(writer, f"e{i}")  # held, no raise, up to the cap
+    assert writer.pending == 5
+    with pytest.raises(AuditWriteFailed, match="backlog full") as info:
+        note(writer, "dropped")
+    assert isinstance(info.value.__cause__, OSError) and info.value.pending == 5
+    assert writer.pending == 5  # memory stays bounded: the line is not kept
     stream.fail = None
-    note(writer, "b")  # retries at once, succeeds, does not raise
-    assert stream.events() == ["a", "b"]
+    note(writer, "next")  # at the cap, but the retry succeeds: kept and written
+    assert stream.events() == ["e0", "e1", "e2", "e3", "e4", "next"] and not writer.failing
 
 
-def test_a_failed_stream_flush_raises_without_duplicating_lines() -> None:
+def test_a_failed_stream_flush_is_held_without_duplicating_lines() -> None:
     stream = FakeStream()
     writer = AuditWriter(stream)
     stream.fail_flush = enospc()
+    note(writer, "a")  # write() took the line: the stream holds it now; no raise
+    assert writer.failing and writer.pending == 0
     with pytest.raises(AuditWriteFailed) as info:
-        note(writer, "a")  # write() took the line: the stream holds it now
-    assert info.value.pending == 0
-    with pytest.raises(AuditWriteFailed):
         writer.flush()  # failed: an empty buffer still retries the stream's flush
+    assert info.value.pending == 0
     stream.fail_flush = None
     writer.flush()
+    assert not writer.failing
     note(writer, "b")
     assert stream.events() == ["a", "b"] and stream.flushes == 2
 
@@ -545,14 +600,40 @@ def test_a_partial_write_of_the_owned_file_is_resumed_not_repeated(tmp_path: Pat
     raw = FlakyFile()
     writer = owned_with(tmp_path, raw)
     raw.budget = 10  # ten bytes of the first line reach the disk, then it is full
+    note(writer, "a")
+    assert bytes(raw.data) == reference_note("a")[:10].encode()
+    assert writer.failing and writer.pending == 1
+    calls = raw.calls
+    note(writer, "b")  # retried: one write attempt for the held bytes; "b" is not copied behind them
+    assert raw.calls == calls + 1 and writer.pending == 2
     with pytest.raises(AuditWriteFailed) as info:
-        note(writer, "a")
-    assert bytes(raw.data) == reference_note("a")[:10].encode() and info.value.pending == 1
-    with pytest.raises(AuditWriteFailed):
-        note(writer, "b")
+        writer.flush()
+    assert info.value.pending == 2
     raw.budget = None
     writer.flush()
     assert raw.data.decode() == reference_note("a") + reference_note("b")
+    assert not writer.failing and writer.pending == 0
+
+
+async def test_a_partial_retry_counts_the_lines_still_held(tmp_path: Path) -> None:
+    raw = FlakyFile()
+    writer = owned_with(tmp_path, raw)
+    note(writer, "a")
+    note(writer, "b")
+    raw.budget = 0
+    with pytest.raises(AuditWriteFailed) as info:
+        writer.flush()  # one write for both lines fails: they are held as bytes
+    assert info.value.pending == 2
+    note(writer, "c")
+    assert writer.pending == 3
+    raw.budget = len(reference_note("a")) + 3  # the held "a" and three bytes of "b"
+    with pytest.raises(AuditWriteFailed) as info:
+        writer.flush()
+    assert info.value.pending == 2 and writer.pending == 2  # "b" (partly written) and "c"
+    raw.budget = None
+    await asyncio.sleep(0)  # the turn's scheduled flush retries and heals
+    assert raw.data.decode() == reference_note("a") + reference_note("b") + reference_note("c")
+    assert not writer.failing
 
 
 def test_short_writes_of_the_owned_file_are_continued(tmp_path: Path) -> None:
@@ -564,12 +645,14 @@ def test_short_writes_of_the_owned_file_are_continued(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_a_full_disk_is_raised_and_close_still_closes() -> None:
+def test_a_full_disk_is_held_and_close_still_closes() -> None:
     writer = AuditWriter(Path("/dev/full"))
+    note(writer, "a")
+    assert writer.failing
     with pytest.raises(AuditWriteFailed) as info:
-        note(writer, "a")
+        writer.flush()
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
     raw = writer._raw
     with pytest.raises(AuditWriteFailed):
         writer.close()
-    assert raw is not None and raw.closed and not writer.enabled
+    assert raw is not None and raw.closed and not writer.enabled and not writer.failing

@@ -415,7 +415,9 @@ async def test_readyz_503_until_the_store_is_back(tmp_path: Path, start_server: 
     assert response.status_code == 200, response.text
     assert response.json() == {
         "status": "ready",
-        "checks": {"config": "ok", "store_reachable": "ok", "schema_version": "ok", "store_writable": "ok"},
+        "checks": {
+            "config": "ok", "store_reachable": "ok", "schema_version": "ok", "store_writable": "ok", "audit_log": "ok",
+        },
     }
     ws, _ack = await ready_socket(server)
     await ws.close()
