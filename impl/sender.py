@@ -16,7 +16,8 @@ Every JSON frame and the close frame of a socket go through one :class:`Sender`:
   are dropped (their events stay in the store and are resent or redelivered on resume), a queued
   close frame is kept, ``on_failure`` hears ``SendFailed("audit")`` once (the session closes
   1013 ``try_again_later``, PROTOCOL section 6), and the writer keeps running to write that
-  close frame, which needs no flush: the socket must close either way.
+  close frame: a close frame is preceded by a flush too, but goes out even if that flush fails
+  (the socket must close either way).
 """
 
 from __future__ import annotations
@@ -142,6 +143,14 @@ class Sender:
                 item = self._items.popleft()
                 if isinstance(item, _Close):
                     self.close_sent = (item.code, item.reason)
+                    try:
+                        # As for a data frame, the line of the closing transition goes first.
+                        # If the log cannot take it, the socket closes anyway: the failure is
+                        # already the writer's state (readiness 503, logged once), and the line
+                        # stays held in order for when the log works again.
+                        self._conn.audit.flush()
+                    except AuditWriteFailed:
+                        log.info("close %s %s written before its audit line (log failing)", item.code, item.reason)
                     try:
                         await self._ws.close(item.code, item.reason)
                     except WRITE_ERRORS as exc:

@@ -224,3 +224,23 @@ async def test_the_sender_tells_the_session_once_and_keeps_running_for_its_close
     sender.close(1013, "try_again_later")
     await asyncio.wait_for(sender.task, 5)
     assert ws.closes == [(1013, "try_again_later")] and ws.texts == [] and len(failures) == 1
+
+
+async def test_a_close_frame_goes_out_after_the_line_of_its_transition() -> None:
+    # The close frame is an effect like any frame: when the log works, the lines behind it
+    # (here the closing transition's) are written before the frame leaves.
+    log = BreakableLog()
+    writer = AuditWriter(log)  # type: ignore[arg-type]
+    conn = TracedMachine(CONNECTION, "connection", "s1", writer)
+    order: list[str] = []
+
+    class OrderedSocket(RecordingSocket):
+        async def close(self, code: int, reason: str) -> None:
+            order.append(f"close:{[line['event'] for line in log.lines()]}")
+            await super().close(code, reason)
+
+    sender = Sender(OrderedSocket(), conn, queue_max=8, on_failure=lambda _exc: None)  # type: ignore[arg-type]
+    conn.fire("recv_frame", {"type": "ack", "bytes": 10})  # OPEN -> CLOSED, 4401 init_required
+    sender.close(4401, "init_required")  # queued in the same loop turn as the line
+    await asyncio.wait_for(sender.task, 5)
+    assert order == ["close:['recv_frame']"]
