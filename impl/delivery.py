@@ -45,7 +45,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -230,9 +230,10 @@ class DeliveryService:
             self.streams[context_id] = stream
         return stream
 
-    @contextlib.asynccontextmanager
-    async def _using(self, context_id: str, user: str) -> AsyncIterator[_Stream]:
-        """The context's stream, kept registered while the caller awaits on it."""
+    @contextlib.contextmanager
+    def _using(self, context_id: str, user: str) -> Iterator[_Stream]:
+        """The context's stream, kept registered while the caller awaits on it. (A plain context
+        manager: an async one would cost publish, the hot path, an extra coroutine per event.)"""
         stream = self._stream(context_id, user)
         stream.users += 1
         try:
@@ -346,9 +347,7 @@ class DeliveryService:
         a failed batch drops everything queued behind it (never sent, never stored: a run's
         events stay a prefix of what it emitted, with no gap), and the producer hears of it.
         """
-        stream = self._stream(context_id, user)
-        stream.users += 1
-        try:
+        with self._using(context_id, user) as stream:
             self.check_run(context_id, run_id)
             while len(stream.live) + len(stream.outbox) + stream.appending >= self.settings.max_inflight_events:
                 stream.room.clear()
@@ -368,9 +367,6 @@ class DeliveryService:
                 return None
             # Shielded: a cancelled producer does not cancel the append; the appender goes on.
             return await asyncio.shield(item.done)
-        finally:
-            stream.users -= 1
-            self._maybe_forget(stream)
 
     def check_run(self, context_id: str, run_id: str) -> None:
         """Raise (once) the StoreError that refused queued events of ``run_id``, if any: a
@@ -573,7 +569,7 @@ class DeliveryService:
         every unfinished event of the stream, in seq order.
         """
         await self.recovered.wait()
-        async with self._using(session.context_id, session.user) as stream:
+        with self._using(session.context_id, session.user) as stream:
             # Shielded: a socket closing under us must not cut a store write from its transitions.
             await asyncio.shield(self._register(stream, session, resume_last_seq))
 

@@ -351,8 +351,6 @@ def encode_event_data(data: Mapping[str, Any]) -> str:
     return json.dumps(dict(data), separators=(",", ":"), sort_keys=True)
 
 
-_json_dumps = encode_event_data
-
 
 def _event_from_row(row: Row[Any]) -> EventRecord:
     payload = json.loads(row.data)
