@@ -34,5 +34,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# Strict editable mode: a tree of links under build/ that mypy can read (pyproject's
+# mypy_path); run this again after adding a module.
+.venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=strict
 echo "setup: ready (.venv/bin/pipeproof)" >&2
