@@ -38,14 +38,13 @@ from pipeproof.model.delivery import Delivery, delivery_machine
 from pipeproof.model.invariants import well_ordered
 from pipeproof.model.run import Run, run_machine
 from pipeproof.model.spec import Config, Machine
+from pipeproof.protocol import AuthCode, CloseCode, CloseReason, Escalate
 
 from .errors import Violation
 from .timing import Timing
-from .tracecheck import CLOSE_TABLE
 from .wire import Obs, Socket
 
-AUTH_REASONS = frozenset({"token_missing", "token_malformed", "token_bad_signature", "token_expired",
-                          "token_not_yet_valid", "token_bad_audience", "user_unknown", "user_disabled"})
+AUTH_REASONS: frozenset[str] = frozenset(AuthCode)
 _CLOSE_BOUND = 20_000  # belief elements; far above what the kit's bounded actions produce
 
 
@@ -170,7 +169,7 @@ class SockView:
         if rcv < len(self.sent):
             event = "recv_init" if self.sent[rcv].kind == "init" else "recv_frame"
             for t, after in m.fire_all(cfg, event):
-                if not t.emits.startswith("close"):
+                if t.close is None:
                     yield (after, rcv + 1, hnd)
         for _, after in m.fire_all(cfg, "auth_ok"):
             yield (after, rcv, hnd)
@@ -250,7 +249,7 @@ class SockView:
         if self.token_kind != "good":
             raise self.fail("auth_errors_specific",
                             f"connection_ack for a token that must be refused with {self.token_kind}",
-                            [f"close {4403 if self.token_kind == 'user_disabled' else 4401} {self.token_kind}"])
+                            [f"close {CloseReason.of(self.token_kind).describe()}"])
         for k in ("session_id", "context_id", "epoch", "heartbeat_ms", "recovered", "last_seq"):
             if k not in f:
                 raise self.fail("frames_valid", f"connection_ack without {k!r}", [])
@@ -312,9 +311,9 @@ class SockView:
         if o.no_close_frame:
             raise self.fail("close_codes_documented", "the server ended the connection without a close frame",
                             self.allowed())
-        if code == 1011:
-            raise self.fail("no_1011", f"close 1011 {reason!r}", self.allowed())
-        if (code, reason) not in CLOSE_TABLE:
+        if code == CloseCode.INTERNAL_ERROR:
+            raise self.fail("no_1011", f"close {code} {reason!r} (a server bug)", self.allowed())
+        if not CloseReason.documented(code, reason):
             raise self.fail("close_codes_documented", f"close {code} {reason!r} is not a row of the table",
                             self.allowed())
         closure = self.closure()
@@ -329,7 +328,7 @@ class SockView:
                         continue
                     nxt = rcv + 1
                 for t, a in self.machine.fire_all(cfg, event):
-                    if _emits_close(t.emits, code, reason):
+                    if t.close is not None and t.close.allows(code, reason):
                         after.add((a, nxt, hnd))
                         via.add(event)
             if self._peer_close_allowed(cfg, hnd, code, reason):
@@ -343,7 +342,7 @@ class SockView:
             self.kit.count("auth_errors_specific")
             if reason != self.token_kind:
                 raise self.fail("auth_errors_specific", f"a {self.token_kind} token closed {code} {reason}",
-                                [f"close {4403 if self.token_kind == 'user_disabled' else 4401} {self.token_kind}"])
+                                [f"close {CloseReason.of(self.token_kind).describe()}"])
         self.elems = after
         self.closed = (code, reason)
         if self.user is not None:
@@ -355,10 +354,10 @@ class SockView:
 
     def _peer_close_allowed(self, cfg: Config, hnd: int, code: int, reason: str) -> bool:
         """The documented closes without a model event of their own (docs/protocol.md section 1)."""
-        if (code, reason) == (4400, "invalid_message"):
+        if CloseReason.INVALID_MESSAGE.describe() == f"{code} {reason}":
             garbage = sum(1 for s in self.frames[:hnd] if s.kind == "garbage")
             return cfg[0] is Conn.READY and garbage > self.kit.timing.error_budget
-        if code in (1013, 1001):
+        if code in (CloseCode.TRY_AGAIN_LATER, CloseCode.GOING_AWAY):
             return self.kit.tolerate_overload
         return False
 
@@ -380,16 +379,6 @@ class SockView:
 def _show(f: Mapping[str, Any]) -> str:
     keys = ("type", "code", "request_id", "run_id")
     return "{" + ", ".join(f"{k}={f[k]}" for k in keys if k in f) + "}"
-
-
-def _emits_close(emits: str, code: int, reason: str) -> bool:
-    parts = emits.split()
-    if len(parts) != 3 or parts[0] != "close":
-        return False
-    if parts[2] == "token_*":
-        # auth_reject: every section-2 code (4401, or 4403 for user_disabled).
-        return reason in AUTH_REASONS and code == (4403 if reason == "user_disabled" else 4401)
-    return (int(parts[1]), parts[2]) == (code, reason)
 
 
 def _close_property(code: int, reason: str) -> str:
@@ -700,7 +689,8 @@ class UserView:
             for c in closure:
                 for i in b.inputs:
                     for tr, a in b.machine.fire_all(c, None, i):
-                        if a[0] is Delivery.ESCALATED and tr.emits == f"escalation {reason}":
+                        if a[0] is Delivery.ESCALATED and isinstance(tr.emits, Escalate) \
+                                and tr.emits.reason == reason:
                             out.add(a)
             ev.reason = str(reason)
         else:

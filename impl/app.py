@@ -20,11 +20,12 @@ from typing import Any, Final
 from fastapi import FastAPI, Response, WebSocket
 from fastapi.responses import JSONResponse
 
+from pipeproof.protocol import CloseReason
+
 from .audit import AuditWriter
 from .auth import UserDirectory, default_directory
 from .contexts import ContextRegistry
 from .events_api import install_event_routes
-from .frames import close_code_for
 from .handlers import FrameHandler, LifecycleHandler, UnavailableRuns
 from .limits import ConnectionLimiter, InProcessLimiter
 from .metrics import CONTENT_TYPE, Metrics
@@ -178,11 +179,11 @@ def _refusal(state: ServerState) -> str | None:
 
 
 async def _refuse(state: ServerState, ws: WebSocket, reason: str) -> None:
-    row = close_code_for(reason)
+    row = CloseReason.of(reason)
     await ws.accept()
-    state.metrics.closes.labels(code=str(row.code), reason=row.reason).inc()
-    log.info("socket refused before init: %s %s", row.code, row.reason)
-    await ws.close(row.code, row.reason)
+    state.metrics.closes.labels(code=str(int(row.code)), reason=row.value).inc()
+    log.info("socket refused before init: %s", row.describe())
+    await ws.close(int(row.code), row.value)
 
 
 async def _monitor(readiness: Readiness) -> None:

@@ -24,32 +24,11 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 import jwt
 
 from pipeproof.errors import ConfigError, ProtocolError
+from pipeproof.protocol import AuthCode, CloseReason
 
 from .settings import Settings, effective_jwt_secret, env_name
 
-AuthCode = Literal[
-    "token_missing",
-    "token_malformed",
-    "token_bad_signature",
-    "token_expired",
-    "token_not_yet_valid",
-    "token_bad_audience",
-    "user_unknown",
-    "user_disabled",
-]
-AUTH_CODES: Final[tuple[AuthCode, ...]] = (
-    "token_missing",
-    "token_malformed",
-    "token_bad_signature",
-    "token_expired",
-    "token_not_yet_valid",
-    "token_bad_audience",
-    "user_unknown",
-    "user_disabled",
-)
-
-CLOSE_UNAUTHENTICATED: Final = 4401
-CLOSE_FORBIDDEN: Final = 4403
+AUTH_CODES: Final[tuple[AuthCode, ...]] = tuple(AuthCode)
 
 DEFAULT_ACCOUNT: Final = "default"
 LEEWAY_SECONDS: Final = 0.0
@@ -61,16 +40,19 @@ UserStatus = Literal["active", "disabled", "unknown"]
 class AuthError(ProtocolError):
     """A token or user was rejected (PROTOCOL section 2).
 
-    ``code`` is the section-2 code and doubles as the close ``reason``; ``close_code`` is 4403 for
-    ``user_disabled`` and 4401 otherwise; ``http_status`` is 403 / 401 to match. ``detail`` is for
-    logs only and never holds the token or the key.
+    ``code`` is the section-2 code and doubles as the close reason (protocol/closes.py gives its
+    close code); ``http_status`` is the HTTP status of the same refusal (401 or 403). ``detail`` is
+    for logs only and never holds the token or the key.
     """
 
     def __init__(self, code: AuthCode, detail: str = "") -> None:
         self.code: AuthCode = code
-        self.http_status = 403 if code == "user_disabled" else 401
-        close_code = CLOSE_FORBIDDEN if code == "user_disabled" else CLOSE_UNAUTHENTICATED
-        super().__init__(close_code, code, detail)
+        close = CloseReason.for_auth(code)
+        status = close.code.http_status
+        if status is None:
+            raise ValueError(f"{code} has no HTTP status")
+        self.http_status = status
+        super().__init__(close, detail)
 
 
 @dataclass(frozen=True)
@@ -87,7 +69,7 @@ class UserDirectory(Protocol):
     """Who may connect (PROTOCOL section 2: ``user_unknown`` vs ``user_disabled``)."""
 
     async def status(self, user: str) -> UserStatus:
-        """``"active"``, ``"disabled"`` (close 4403) or ``"unknown"`` (close 4401)."""
+        """``"active"``, ``"disabled"`` (``user_disabled``) or ``"unknown"`` (``user_unknown``)."""
         ...
 
 
@@ -183,26 +165,26 @@ def _map_pyjwt(exc: jwt.PyJWTError) -> AuthError:
     """One PyJWT exception -> one section-2 code. Order matters: subclasses before their bases."""
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, jwt.ExpiredSignatureError):
-        return AuthError("token_expired", detail)
+        return AuthError(AuthCode.TOKEN_EXPIRED, detail)
     if isinstance(exc, jwt.ImmatureSignatureError):
-        return AuthError("token_not_yet_valid", detail)
+        return AuthError(AuthCode.TOKEN_NOT_YET_VALID, detail)
     if isinstance(exc, jwt.InvalidAudienceError):
-        return AuthError("token_bad_audience", detail)
+        return AuthError(AuthCode.TOKEN_BAD_AUDIENCE, detail)
     if isinstance(exc, jwt.MissingRequiredClaimError):
         if exc.claim == "aud":
-            return AuthError("token_bad_audience", detail)
+            return AuthError(AuthCode.TOKEN_BAD_AUDIENCE, detail)
         if exc.claim == "sub":
-            return AuthError("user_unknown", detail)
-        return AuthError("token_malformed", detail)
+            return AuthError(AuthCode.USER_UNKNOWN, detail)
+        return AuthError(AuthCode.TOKEN_MALFORMED, detail)
     if isinstance(exc, jwt.exceptions.InvalidSubjectError):
-        return AuthError("user_unknown", detail)
+        return AuthError(AuthCode.USER_UNKNOWN, detail)
     # A token signed with an algorithm we do not accept (``none``, HS/RS confusion) cannot be
     # verified with our key: that is a signature failure, not a parse failure.
     if isinstance(exc, jwt.InvalidSignatureError | jwt.InvalidAlgorithmError):
-        return AuthError("token_bad_signature", detail)
+        return AuthError(AuthCode.TOKEN_BAD_SIGNATURE, detail)
     if isinstance(exc, jwt.InvalidIssuedAtError | jwt.DecodeError | jwt.InvalidTokenError):
-        return AuthError("token_malformed", detail)
-    return AuthError("token_malformed", detail)
+        return AuthError(AuthCode.TOKEN_MALFORMED, detail)
+    return AuthError(AuthCode.TOKEN_MALFORMED, detail)
 
 
 def verify_token(settings: Settings, token: str | None, now: float | None = None) -> Principal:
@@ -216,9 +198,9 @@ def verify_token(settings: Settings, token: str | None, now: float | None = None
     ``PIPEPROOF_DISABLED_USERS``. Raises :class:`AuthError`; ConfigError if keys are missing.
     """
     if token is None or (isinstance(token, str) and token.strip() == ""):
-        raise AuthError("token_missing")
+        raise AuthError(AuthCode.TOKEN_MISSING)
     if not isinstance(token, str):
-        raise AuthError("token_malformed", f"token is a {type(token).__name__}, not a string")
+        raise AuthError(AuthCode.TOKEN_MALFORMED, f"token is a {type(token).__name__}, not a string")
     check_clock = now is None
     options: dict[str, Any] = {
         "require": ["exp", "sub"],
@@ -241,12 +223,12 @@ def verify_token(settings: Settings, token: str | None, now: float | None = None
         raise _map_pyjwt(exc) from None
     user = claims.get("sub")
     if not isinstance(user, str) or user.strip() == "":
-        raise AuthError("user_unknown", "sub is empty or not a string")
+        raise AuthError(AuthCode.USER_UNKNOWN, "sub is empty or not a string")
     account = claims.get("account", DEFAULT_ACCOUNT)
     if not isinstance(account, str) or account == "":
-        raise AuthError("token_malformed", "account claim is empty or not a string")
+        raise AuthError(AuthCode.TOKEN_MALFORMED, "account claim is empty or not a string")
     if user in settings.disabled_users:
-        raise AuthError("user_disabled")
+        raise AuthError(AuthCode.USER_DISABLED)
     return Principal(user=user, account=account, claims=MappingProxyType(dict(claims)))
 
 
@@ -264,9 +246,9 @@ async def authenticate(
     lookup = directory if directory is not None else default_directory(settings)
     status = await lookup.status(principal.user)
     if status == "disabled":
-        raise AuthError("user_disabled")
+        raise AuthError(AuthCode.USER_DISABLED)
     if status == "unknown":
-        raise AuthError("user_unknown", "not in the user directory")
+        raise AuthError(AuthCode.USER_UNKNOWN, "not in the user directory")
     return principal
 
 

@@ -55,9 +55,9 @@ from pipeproof.errors import StoreError
 from pipeproof.model.delivery import Delivery, delivery_machine
 from pipeproof.model.expr import Value
 from pipeproof.model.spec import Machine, Runner
+from pipeproof.protocol.frames import EventFrame
 
 from .audit import AuditWriter, TracedMachine
-from .frames import EventFrame
 from .handlers import Session
 from .metrics import Metrics
 from .sender import SendFailed

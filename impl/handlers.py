@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from .frames import Ack, ConnectionAck, ErrorFrame, EventFrame, RunAccepted, RunCancel, RunStart
+from pipeproof.protocol.frames import Ack, ConnectionAck, ErrorFrame, EventFrame, RunAccepted, RunCancel, RunStart
 
 OutboundFrame = ConnectionAck | EventFrame | RunAccepted | ErrorFrame
 

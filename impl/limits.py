@@ -1,4 +1,4 @@
-"""Connection limits per user and per account (PROTOCOL section 3: close 4429 ``connection_limit``).
+"""Connection limits per user and per account (PROTOCOL section 3: close ``connection_limit``).
 
 The server asks a :class:`ConnectionLimiter` for a :class:`Slot` before a socket becomes READY
 and releases it when the socket closes. :class:`InProcessLimiter` counts live sockets in this
@@ -13,18 +13,19 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from .frames import CloseRequested
+from pipeproof.protocol import CloseReason
+from pipeproof.protocol.frames import CloseRequested
 
 LimitScope = Literal["user", "account"]
 
 
 class ConnectionLimitExceeded(CloseRequested):
-    """Over ``max_connections_per_user`` or ``max_connections_per_account``: close 4429."""
+    """Over ``max_connections_per_user`` or ``max_connections_per_account``: close ``connection_limit``."""
 
     def __init__(self, scope: LimitScope, limit: int) -> None:
         self.scope: LimitScope = scope
         self.limit = limit
-        super().__init__("connection_limit", f"{scope} limit {limit} reached")
+        super().__init__(CloseReason.CONNECTION_LIMIT, f"{scope} limit {limit} reached")
 
 
 @dataclass(frozen=True)

@@ -40,14 +40,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeproof.errors import StoreError
+from pipeproof.errors import RunRejected, StoreError
 from pipeproof.model.run import Run, run_machine
 from pipeproof.model.spec import Runner
+from pipeproof.protocol.frames import Ack, ErrorFrame, RunAccepted, RunCancel, RunStart
 
 from .agents import Agent, AgentFailed, AgentRequest, DemoAgent, FinalAnswer, StepStream, Thinking, ToolCall
 from .audit import TracedMachine
 from .delivery import DeliveryMetrics, DeliveryService, restored_runner
-from .frames import Ack, ErrorFrame, RunAccepted, RunCancel, RunStart
 from .handlers import Session
 from .sender import SendFailed
 from .store import Store
@@ -83,15 +83,6 @@ class _Run:
 
 class _Cancelled(Exception):
     """The run was cancelled while a step was in progress (internal control flow)."""
-
-
-class RunRejected(Exception):
-    """A prerequisite of ``run.start`` failed: ``code`` is the error frame's code (section 4)."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        self.code = code
-        self.detail = detail
-        super().__init__(f"{code}: {detail}")
 
 
 class AgentRuntime:

@@ -32,9 +32,9 @@ from typing import Final
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pipeproof.errors import AuditWriteFailed, PipeproofError
+from pipeproof.protocol.frames import ConnectionAck, EventFrame
 
 from .audit import TracedMachine
-from .frames import ConnectionAck, EventFrame
 from .handlers import OutboundFrame
 
 log = logging.getLogger("pipeproof.sender")

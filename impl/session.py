@@ -35,17 +35,15 @@ import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
 
 from pipeproof.errors import IllegalTransition, StoreError
 from pipeproof.model.connection import CONNECTION, Conn
 from pipeproof.model.spec import Machine, Transition
-
-from .audit import TracedMachine
-from .auth import AuthError, authenticate
-from .frames import (
+from pipeproof.protocol import AuthCode, CloseReason
+from pipeproof.protocol.frames import (
     Ack,
     ConnectionAck,
     ConnectionInit,
@@ -53,9 +51,11 @@ from .frames import (
     InvalidMessage,
     RunCancel,
     RunStart,
-    close_code_for,
     parse_client_frame,
 )
+
+from .audit import TracedMachine
+from .auth import AuthError, authenticate
 from .handlers import OutboundFrame, SessionObserver
 from .limits import ConnectionLimitExceeded, Slot
 from .protocol import EXTENSION
@@ -75,12 +75,10 @@ class _Queued:
     size: int
 
 
-def close_of(transition: Transition) -> tuple[int, str] | None:
-    """``(code, reason)`` from a transition's ``emits`` such as ``"close 4429 duplicate_init"``."""
-    parts = transition.emits.split()
-    if len(parts) == 3 and parts[0] == "close" and parts[1].isdigit() and not parts[2].endswith("*"):
-        return int(parts[1]), parts[2]
-    return None
+def close_of(transition: Transition) -> CloseReason | None:
+    """The close a transition determines (its ``Close`` emits with a single reason), if any."""
+    close = transition.close
+    return close.reason if close is not None else None
 
 
 def _type_of(item: ClientItem) -> str:
@@ -175,7 +173,7 @@ class ConnectionShell:
                 # pending for resume); DRAINING has no send_error edge, so it leaves via peer_close.
                 event = "send_error" if self.conn.can("send_error") else "peer_close"
                 self._close_via(
-                    event, code=1013, reason="try_again_later", detail={"send_failed": "queue_full"}
+                    event, close=CloseReason.TRY_AGAIN_LATER, detail={"send_failed": "queue_full"}
                 )
             raise
 
@@ -221,7 +219,7 @@ class ConnectionShell:
             # log it with its traceback, and close with the documented "protocol broken" code.
             self.state.metrics.illegal_transitions.labels(machine="connection", event=task.get_name()).inc()
             log.error("session %s task %s failed", self.session_id, task.get_name(), exc_info=exc)
-            self._force_close(4400, "invalid_message", {"bug": f"{type(exc).__name__}: {exc}"})
+            self._force_close(CloseReason.INTERNAL_ERROR, {"bug": f"{type(exc).__name__}: {exc}"})
 
     async def _read_loop(self) -> None:
         init_deadline = time.monotonic() + self.settings.init_timeout
@@ -283,12 +281,11 @@ class ConnectionShell:
         ):
             self._close_via(
                 "peer_close",
-                code=4429,
-                reason="preready_buffer_full",
+                close=CloseReason.PREREADY_BUFFER_FULL,
                 detail={"budget": "bytes", "limit": self.settings.preready_buffer_bytes},
             )
             return
-        transition = self._fire("recv_frame", {"type": _type_of(item), "bytes": size}, bug_close=4429)
+        transition = self._fire("recv_frame", {"type": _type_of(item), "bytes": size})
         if transition is None:
             return
         if transition.target is Conn.CLOSED:
@@ -315,12 +312,12 @@ class ConnectionShell:
         under it (peer gone, duplicate init, overflow): then nothing more is fired."""
         try:
             if isinstance(frame, InvalidMessage):
-                raise AuthError("token_malformed", frame.detail)
+                raise AuthError(AuthCode.TOKEN_MALFORMED, frame.detail)
             principal = await authenticate(self.settings, frame.token, self.state.directory)
         except AuthError as exc:
             if not self.closed:
                 self._close_via(
-                    "auth_reject", code=exc.close_code, reason=exc.reason, detail={"code": exc.code}
+                    "auth_reject", close=exc.close, detail={"code": exc.code}
                 )
             return
         if self.closed:
@@ -338,7 +335,7 @@ class ConnectionShell:
             return
         contexts = self.state.contexts
         if contexts is None:
-            self._close_via("peer_close", code=1013, reason="try_again_later", detail={"store": "not_open"})
+            self._close_via("peer_close", close=CloseReason.TRY_AGAIN_LATER, detail={"store": "not_open"})
             return
         try:
             record = await contexts.resolve(principal.user, principal.account)
@@ -348,7 +345,7 @@ class ConnectionShell:
             log.warning("session %s: store failed resolving the context: %s", self.session_id, exc)
             if not self.closed:
                 self._close_via(
-                    "peer_close", code=1013, reason="try_again_later", detail={"store_error": exc.code}
+                    "peer_close", close=CloseReason.TRY_AGAIN_LATER, detail={"store_error": exc.code}
                 )
             return
         if self.closed:
@@ -390,7 +387,7 @@ class ConnectionShell:
             except StoreError as exc:
                 self.state.metrics.store_errors.labels(type=exc.code).inc()
                 log.warning("session %s: store failed during resume: %s", self.session_id, exc)
-                self._close_via("peer_close", code=1013, reason="try_again_later", detail={"store_error": exc.code})
+                self._close_via("peer_close", close=CloseReason.TRY_AGAIN_LATER, detail={"store_error": exc.code})
 
     async def _work(self) -> None:
         """Handle queued frames one at a time, in arrival order, once the model allows it."""
@@ -427,8 +424,7 @@ class ConnectionShell:
                 if self._errors > self.settings.error_budget:
                     self._close_via(
                         "peer_close",
-                        code=4400,
-                        reason="invalid_message",
+                        close=CloseReason.INVALID_MESSAGE,
                         detail={"error_budget": self.settings.error_budget},
                     )
                     return
@@ -532,59 +528,48 @@ class ConnectionShell:
                 return
             self._close_via("drain_close")
         else:
-            self._close_via("peer_close", code=1001, reason="going_away", detail={"why": "server shutdown"})
+            self._close_via("peer_close", close=CloseReason.GOING_AWAY, detail={"why": "server shutdown"})
 
-    def _fire(
-        self, event: str, detail: Mapping[str, Any] | None = None, *, bug_close: int = 4400
-    ) -> Transition | None:
+    def _fire(self, event: str, detail: Mapping[str, Any] | None = None) -> Transition | None:
         """Fire ``event``; an IllegalTransition here is a server bug: count, log, close, None."""
         try:
             return self.conn.fire(event, detail)
         except IllegalTransition as exc:
             self.state.metrics.illegal_transitions.labels(machine="connection", event=event).inc()
             log.error("session %s: %s", self.session_id, exc)
-            reason = "preready_buffer_full" if bug_close == 4429 else "invalid_message"
-            self._force_close(bug_close, reason, {"illegal": event})
+            self._force_close(exc.close, {"illegal": event})
             return None
 
     def _close_via(
         self,
         event: str,
         *,
-        code: int | None = None,
-        reason: str | None = None,
+        close: CloseReason | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> None:
-        """Fire a closing event; the close code is the transition's ``emits`` unless given."""
+        """Fire a closing event; the close is the transition's ``emits`` unless given."""
         if self.closed:
             return
         full: dict[str, Any] = dict(detail or {})
-        if code is not None:
-            full.update(code=code, reason=reason)
+        if close is not None:
+            full.update(code=int(close.code), reason=close.value)
         transition = self._fire(event, full)
         if transition is None:
             return
-        if code is None:
-            self._closed_by(transition)
-        else:
-            self._finish(code, reason or "")
+        self._finish(close if close is not None else close_of(transition))
 
     def _closed_by(self, transition: Transition) -> None:
-        emitted = close_of(transition)
-        if emitted is None:
-            self._finish(None, "")
-        else:
-            self._finish(*emitted)
+        self._finish(close_of(transition))
 
-    def _force_close(self, code: int, reason: str, detail: Mapping[str, Any]) -> None:
+    def _force_close(self, close: CloseReason, detail: Mapping[str, Any]) -> None:
         """Close after an IllegalTransition: through ``peer_close`` if the model still can."""
         if self.closed:
             return
         if self.conn.can("peer_close"):
-            self.conn.fire("peer_close", {**detail, "code": code, "reason": reason})
-        self._finish(code, reason)
+            self.conn.fire("peer_close", {**detail, "code": int(close.code), "reason": close.value})
+        self._finish(close)
 
-    def _finish(self, code: int | None, reason: str) -> None:
+    def _finish(self, close: CloseReason | None) -> None:
         """The machine is CLOSED: write the close frame (if any), drop queued frames, stop tasks."""
         if self.closed:
             return
@@ -594,9 +579,8 @@ class ConnectionShell:
             self.state.handler.on_session_closed(self)
         self._queue.clear()
         self._queued_bytes = 0
-        if code is not None:
-            # Only table rows are ever sent (a typo here would be a contract breach).
-            close_code_for(reason)
+        if close is not None:
+            code, reason = int(close.code), close.value
             self.close_code = (code, reason)
             self.state.metrics.closes.labels(code=str(code), reason=reason).inc()
             if self.sender is not None:
@@ -625,7 +609,7 @@ class ConnectionShell:
             # store failure (section 6), so the client reconnects with backoff and resumes once
             # /readyz is back (new sockets are refused while the log fails).
             self._close_via(
-                "peer_close", code=1013, reason="try_again_later", detail={"send_failed": "audit"}
+                "peer_close", close=CloseReason.TRY_AGAIN_LATER, detail={"send_failed": "audit"}
             )
             return
         event = "send_error" if self.conn.can("send_error") else "peer_close"
@@ -651,7 +635,4 @@ class ConnectionShell:
         self.state.sessions.discard(self)
 
 
-CLOSE_TRY_AGAIN: Final = close_code_for("try_again_later")
-CLOSE_GOING_AWAY: Final = close_code_for("going_away")
-
-__all__ = ["CLOSE_GOING_AWAY", "CLOSE_TRY_AGAIN", "ConnectionShell", "close_of"]
+__all__ = ["ConnectionShell", "close_of"]

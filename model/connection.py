@@ -11,7 +11,9 @@ resolved) and the ack is a separate, later transition that is only enabled in RE
 from __future__ import annotations
 
 from pipeproof.model.expr import TRUE, Param, Var
-from pipeproof.model.spec import FastEnum, Kind, Machine, Transition, VarDecl
+from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
+from pipeproof.protocol import AUTH_CLOSES, Close, FastEnum, FrameType, Send
+from pipeproof.protocol import CloseReason as CR
 
 
 class Conn(FastEnum):
@@ -35,10 +37,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     # OPEN: the first frame must be connection_init (section 1).
     Transition("recv_init", O, I, doc="connection_init received; auth and context resolution start"),
     Transition(
-        "recv_frame", O, C, kind=Kind.ERROR, emits="close 4401 init_required",
+        "recv_frame", O, C, kind=Kind.ERROR, emits=Close(CR.INIT_REQUIRED),
         doc="a first frame that is not connection_init",
     ),
-    Transition("init_timeout", O, C, kind=Kind.TIMEOUT, emits="close 4408 init_timeout"),
+    Transition("init_timeout", O, C, kind=Kind.TIMEOUT, emits=Close(CR.INIT_TIMEOUT)),
     # INITIALISING: pipelined frames go to the bounded buffer; nothing is handled.
     Transition(
         "recv_frame", I, I, guard=queued < buffer_max, updates=(("queued", queued + 1),),
@@ -46,15 +48,15 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     Transition(
         "recv_frame", I, C, guard=queued >= buffer_max, kind=Kind.ERROR,
-        emits="close 4429 preready_buffer_full",
+        emits=Close(CR.PREREADY_BUFFER_FULL),
     ),
-    Transition("recv_init", I, C, kind=Kind.ERROR, emits="close 4429 duplicate_init"),
+    Transition("recv_init", I, C, kind=Kind.ERROR, emits=Close(CR.DUPLICATE_INIT)),
     Transition(
-        "auth_reject", I, C, updates=(("queued", 0),), kind=Kind.ERROR, emits="close 4401 token_*",
+        "auth_reject", I, C, updates=(("queued", 0),), kind=Kind.ERROR, emits=Close.any_of(AUTH_CLOSES, label="the auth code"),
         doc="the token failed verification; buffered frames are discarded unhandled",
     ),
     Transition(
-        "limit_reject", I, C, updates=(("queued", 0),), kind=Kind.ERROR, emits="close 4429 connection_limit",
+        "limit_reject", I, C, updates=(("queued", 0),), kind=Kind.ERROR, emits=Close(CR.CONNECTION_LIMIT),
         doc="over max_connections_per_user or per_account; buffered frames discarded",
     ),
     Transition(
@@ -63,7 +65,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # READY: ack first, then frames in arrival order.
     Transition(
-        "send_ack", R, R, guard=~ack_sent, updates=(("ack_sent", TRUE),), emits="connection_ack",
+        "send_ack", R, R, guard=~ack_sent, updates=(("ack_sent", TRUE),), emits=Send(FrameType.CONNECTION_ACK),
         doc="sent only once READY is set", invariants=(RBA,),
     ),
     Transition(
@@ -74,16 +76,16 @@ TRANSITIONS: tuple[Transition, ...] = (
         "recv_frame", R, R, guard=queued < buffer_max, updates=(("queued", queued + 1),),
         doc="queued behind earlier frames so order is kept",
     ),
-    Transition("deliver", R, R, guard=ack_sent, emits="event", doc="an agent event frame is written"),
-    Transition("recv_init", R, C, kind=Kind.ERROR, emits="close 4429 duplicate_init"),
+    Transition("deliver", R, R, guard=ack_sent, emits=Send(FrameType.EVENT), doc="an agent event frame is written"),
+    Transition("recv_init", R, C, kind=Kind.ERROR, emits=Close(CR.DUPLICATE_INIT)),
     Transition(
-        "heartbeat_timeout", R, C, kind=Kind.TIMEOUT, emits="close 4408 heartbeat_timeout",
+        "heartbeat_timeout", R, C, kind=Kind.TIMEOUT, emits=Close(CR.HEARTBEAT_TIMEOUT),
         doc="peer silent for two heartbeat intervals; its unacked events stay pending",
     ),
     Transition("send_error", R, C, kind=Kind.ERROR, doc="a write to the socket failed: the peer is gone"),
     Transition("drain", R, D, kind=Kind.HOUSEKEEPING, doc="server shutting down: stop accepting work"),
     # DRAINING: flush, then close with 1001.
-    Transition("drain_close", D, C, kind=Kind.HOUSEKEEPING, emits="close 1001 going_away"),
+    Transition("drain_close", D, C, kind=Kind.HOUSEKEEPING, emits=Close(CR.GOING_AWAY)),
     # Any state can go to CLOSED when the peer goes away.
     Transition("peer_close", O, C, kind=Kind.ERROR, doc="client closed or the network dropped"),
     Transition("peer_close", I, C, updates=(("queued", 0),), kind=Kind.ERROR),

@@ -10,7 +10,9 @@ bumped on every create so an expired context is never handed out again.
 from __future__ import annotations
 
 from pipeproof.model.expr import Input, Param, Var
-from pipeproof.model.spec import FastEnum, Kind, Machine, Transition, VarDecl
+from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
+from pipeproof.protocol import Close, FastEnum
+from pipeproof.protocol import CloseReason as CR
 
 
 class Ctx(FastEnum):
@@ -38,10 +40,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition("attach", LV, LV, guard=(conns < max_user) & ~account_full, updates=(("conns", conns + 1),),
                doc="get-or-create found the live context", invariants=(OCPU, LIM)),
     Transition("reject_limit", LV, LV, guard=(conns >= max_user) | account_full, kind=Kind.ERROR,
-               emits="close 4429 connection_limit", invariants=(LIM,)),
-    Transition("reject_limit", AB, AB, guard=account_full, kind=Kind.ERROR, emits="close 4429 connection_limit",
+               emits=Close(CR.CONNECTION_LIMIT), invariants=(LIM,)),
+    Transition("reject_limit", AB, AB, guard=account_full, kind=Kind.ERROR, emits=Close(CR.CONNECTION_LIMIT),
                invariants=(LIM,)),
-    Transition("reject_limit", EX, EX, guard=account_full, kind=Kind.ERROR, emits="close 4429 connection_limit",
+    Transition("reject_limit", EX, EX, guard=account_full, kind=Kind.ERROR, emits=Close(CR.CONNECTION_LIMIT),
                invariants=(LIM,)),
     Transition("detach", LV, LV, guard=conns > 0, updates=(("conns", conns - 1),), kind=Kind.HOUSEKEEPING,
                doc="a READY or DRAINING socket closed"),

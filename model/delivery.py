@@ -11,25 +11,16 @@ spent with no live session (``resume_window``); ``age`` saturates one past the l
 
 from __future__ import annotations
 
-import enum
-
 from pipeproof.model.expr import TRUE, Input, Param, Var, capped_inc
-from pipeproof.model.spec import FastEnum, Kind, Machine, Transition, VarDecl
+from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
+from pipeproof.protocol import DeliveryState, Escalate, EscalationReason, FrameType, Send
 
+Delivery = DeliveryState
+"""The machine's states are the protocol's delivery states (section 5): one enum for the model,
+the store's CHECK constraint and the server."""
 
-class Delivery(FastEnum):
-    PENDING = "PENDING"
-    SENT = "SENT"
-    ACKED = "ACKED"
-    ESCALATED = "ESCALATED"
-
-
-class Reason(enum.Enum):
-    """Escalation reasons (section 5); each escalating transition emits one (``emits``)."""
-
-    MAX_ATTEMPTS = "max_attempts"
-    NO_SESSION = "no_session"
-    SEND_FAILED = "send_failed"
+Reason = EscalationReason
+"""Escalation reasons (section 5); each escalating transition emits one (``Escalate``)."""
 
 
 RANK: dict[Delivery, int] = {Delivery.PENDING: 0, Delivery.SENT: 0, Delivery.ACKED: 1, Delivery.ESCALATED: 1}
@@ -55,7 +46,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(
         "send", P, S, guard=attempt < max_attempts,
         updates=(("attempt", attempt + 1), ("waited", 0), ("delivered", TRUE)),
-        emits="event", doc="written to a READY session of the owner; attempt counts writes",
+        emits=Send(FrameType.EVENT), doc="written to a READY session of the owner; attempt counts writes",
         invariants=(ANR, AB),
     ),
     Transition(
@@ -66,7 +57,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(
         "send_failed", P, E, guard=attempt + 1 >= max_attempts,
         updates=(("attempt", attempt + 1), *_STOP_CLOCKS),
-        kind=Kind.ESCALATION, emits="escalation send_failed", invariants=(EAE, AB),
+        kind=Kind.ESCALATION, emits=Escalate(Reason.SEND_FAILED), invariants=(EAE, AB),
     ),
     Transition("ack", P, A, guard=delivered, updates=_STOP_CLOCKS,
                doc="a late ack for an earlier attempt still counts",
@@ -81,12 +72,12 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(
         "ack_timeout", S, E, guard=(waited >= ack_timeout) & (attempt >= max_attempts),
         updates=_STOP_CLOCKS, kind=Kind.ESCALATION,
-        emits="escalation max_attempts", invariants=(EAE,),
+        emits=Escalate(Reason.MAX_ATTEMPTS), invariants=(EAE,),
     ),
     Transition(
         "no_session_timeout", P, E, guard=(idle >= resume_window) & ~has_session,
         updates=_STOP_CLOCKS, kind=Kind.ESCALATION,
-        emits="escalation no_session", invariants=(EAE,),
+        emits=Escalate(Reason.NO_SESSION), invariants=(EAE,),
     ),
     Transition(
         "tick", P, P, guard=~has_session & (idle < resume_window),

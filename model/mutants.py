@@ -20,6 +20,7 @@ from pipeproof.model.run import Run
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS, Scenario
 from pipeproof.model.spec import Machine, Transition
 from pipeproof.model.system import Bounds, State, System, SystemModel
+from pipeproof.protocol import Append, EventKind, FrameType, Send
 
 Family = str  # "connection" | "context" | "delivery" | "run"
 
@@ -109,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "connection: add INITIALISING --send_ack [!ack_sent] / ack_sent:=true--> INITIALISING",
         _on("connection", lambda m: add(m, Transition(
             "send_ack", Conn.INITIALISING, Conn.INITIALISING, guard=~ack_sent, updates=(("ack_sent", TRUE),),
-            emits="connection_ack"))),
+            emits=Send(FrameType.CONNECTION_ACK)))),
         "ready_before_ack", "readiness",
     ),
     Mutant(
@@ -130,7 +131,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "resend_acked",
         "5. no delivery confirmation: an acked event is sent again",
         "delivery: add ACKED --send--> ACKED",
-        _on("delivery", lambda m: add(m, Transition("send", Delivery.ACKED, Delivery.ACKED, emits="event"))),
+        _on("delivery", lambda m: add(m, Transition("send", Delivery.ACKED, Delivery.ACKED,
+                                                    emits=Send(FrameType.EVENT)))),
         "acked_never_resent", "readiness",
     ),
     Mutant(
@@ -162,7 +164,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "2. the error pipe: events keep coming after the run ended",
         "run: add COMPLETED --agent_thinking--> COMPLETED",
         _on("run", lambda m: add(m, Transition("agent_thinking", Run.COMPLETED, Run.COMPLETED,
-                                               emits="agent_thinking"))),
+                                               emits=Append(EventKind.AGENT_THINKING)))),
         "run_events_well_ordered", "runs",
     ),
     Mutant(
@@ -170,7 +172,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "5. tool progress without confirmation: tool_completed with no tool_executing",
         "run: add RUNNING --tool_completed--> RUNNING",
         _on("run", lambda m: add(m, Transition("tool_completed", Run.RUNNING, Run.RUNNING,
-                                               emits="tool_completed"))),
+                                               emits=Append(EventKind.TOOL_COMPLETED)))),
         "run_events_well_ordered", "runs",
     ),
     Mutant(

@@ -10,7 +10,8 @@ calls so the machine is finite for the explorer; the server has no such bound.
 from __future__ import annotations
 
 from pipeproof.model.expr import TRUE, Param, Var
-from pipeproof.model.spec import FastEnum, Kind, Machine, Transition, VarDecl
+from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
+from pipeproof.protocol import TERMINAL_KINDS, Append, EventKind, FastEnum, FrameType, Send
 
 
 class Run(FastEnum):
@@ -23,10 +24,9 @@ class Run(FastEnum):
     REJECTED = "REJECTED"
 
 
-AGENT_EVENTS: tuple[str, ...] = (
-    "agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed", "agent_failed",
-)
-TERMINAL_EVENTS: frozenset[str] = frozenset({"agent_completed", "agent_failed"})
+AGENT_EVENTS: tuple[str, ...] = tuple(k.value for k in EventKind)
+"""The run events that append an agent event of the same name (section 4)."""
+TERMINAL_EVENTS: frozenset[str] = frozenset(k.value for k in TERMINAL_KINDS)
 
 cancel_requested, steps = Var("cancel_requested"), Var("steps")
 max_steps = Param("max_steps")
@@ -39,25 +39,26 @@ CBSW = "cancel_before_start_wins"
 _CANCEL = (("cancel_requested", TRUE),)
 
 TRANSITIONS: tuple[Transition, ...] = (
-    Transition("validate_ok", RQ, AC, emits="run.accepted",
+    Transition("validate_ok", RQ, AC, emits=Send(FrameType.RUN_ACCEPTED),
                doc="prerequisites hold (context, tools, input, quota, memory)"),
-    Transition("validate_fail", RQ, RJ, kind=Kind.ERROR, emits="error",
+    Transition("validate_fail", RQ, RJ, kind=Kind.ERROR, emits=Send(FrameType.ERROR),
                doc="a prerequisite failed: typed error, nothing starts"),
     Transition("cancel", AC, AC, guard=~cancel_requested, updates=_CANCEL, doc="cancel before start",
                invariants=(CBSW,)),
     Transition("cancel", RN, RN, guard=~cancel_requested, updates=_CANCEL),
     Transition("cancel", TR, TR, guard=~cancel_requested, updates=_CANCEL),
-    Transition("agent_started", AC, RN, guard=~cancel_requested, emits="agent_started", invariants=(REWO, CBSW)),
-    Transition("agent_failed", AC, FA, guard=cancel_requested, kind=Kind.ERROR, emits="agent_failed",
+    Transition("agent_started", AC, RN, guard=~cancel_requested, emits=Append(EventKind.AGENT_STARTED),
+               invariants=(REWO, CBSW)),
+    Transition("agent_failed", AC, FA, guard=cancel_requested, kind=Kind.ERROR, emits=Append(EventKind.AGENT_FAILED),
                doc="a cancel that arrived before start ends the run: code cancelled", invariants=(CBSW, REWO)),
     Transition("agent_thinking", RN, RN, guard=steps < max_steps, updates=(("steps", steps + 1),),
-               emits="agent_thinking", invariants=(REWO,)),
+               emits=Append(EventKind.AGENT_THINKING), invariants=(REWO,)),
     Transition("tool_executing", RN, TR, guard=steps < max_steps, updates=(("steps", steps + 1),),
-               emits="tool_executing", invariants=(REWO,)),
-    Transition("tool_completed", TR, RN, emits="tool_completed",
+               emits=Append(EventKind.TOOL_EXECUTING), invariants=(REWO,)),
+    Transition("tool_completed", TR, RN, emits=Append(EventKind.TOOL_COMPLETED),
                doc="ok or not: a tool's failure is tool_completed ok=false", invariants=(REWO,)),
-    Transition("agent_completed", RN, CO, emits="agent_completed", invariants=(REWO,)),
-    Transition("agent_failed", RN, FA, kind=Kind.ERROR, emits="agent_failed",
+    Transition("agent_completed", RN, CO, emits=Append(EventKind.AGENT_COMPLETED), invariants=(REWO,)),
+    Transition("agent_failed", RN, FA, kind=Kind.ERROR, emits=Append(EventKind.AGENT_FAILED),
                doc="crash (internal), tool_error, or an honoured cancel", invariants=(REWO,)),
 )
 

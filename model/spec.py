@@ -20,13 +20,7 @@ from typing import Any
 
 from pipeproof.errors import IllegalTransition, ModelDefinitionError
 from pipeproof.model.expr import TRUE, Env, Expr, ExprLike, Value, lift, to_python
-
-
-class FastEnum(enum.Enum):
-    """Enum for machine states. Members are singletons, so identity hashing is exact, and it is
-    several times faster than Enum's name hashing on the explorer's hot path."""
-
-    __hash__ = object.__hash__
+from pipeproof.protocol import Close, Emit
 
 
 class Kind(enum.Enum):
@@ -54,9 +48,9 @@ class VarDecl:
 class Transition:
     """One guarded transition ``source --event [guard] / updates--> target``.
 
-    ``emits`` names what the server puts on the wire (a frame type, or ``close 4401 ...``) so the
-    conformance kit and the diagrams can show it; ``invariants`` names the properties that
-    constrain this edge.
+    ``emits`` is what the server puts on the wire, typed (protocol/emits.py: ``Send``, ``Close``,
+    ``Escalate``, ``Append``) so the server, the conformance kit, the trace checker and the
+    diagrams read the same fact; ``invariants`` names the properties that constrain this edge.
     """
 
     event: str
@@ -65,7 +59,7 @@ class Transition:
     guard: Expr = TRUE
     updates: tuple[tuple[str, ExprLike], ...] = ()
     kind: Kind = Kind.HAPPY
-    emits: str = ""
+    emits: Emit | None = None
     doc: str = ""
     invariants: tuple[str, ...] = ()
 
@@ -86,6 +80,11 @@ class Transition:
         if self.updates:
             parts.append("/ " + ", ".join(f"{n}:={e.render()}" for n, e in self.assignments))
         return " ".join(parts)
+
+    @property
+    def close(self) -> Close | None:
+        """The close this transition sends, if it sends one."""
+        return self.emits if isinstance(self.emits, Close) else None
 
     @property
     def key(self) -> str:

@@ -26,7 +26,6 @@ from pipeproof.impl import app as app_module
 from pipeproof.impl.audit import TracedMachine
 from pipeproof.impl.contexts import ContextRegistry
 from pipeproof.impl.delivery import DeliveryService, _Stream, _Tracked
-from pipeproof.impl.frames import ConnectionAck, ConnectionInit, InvalidMessage
 from pipeproof.impl.runs import AgentRuntime, _Run
 from pipeproof.impl.session import ConnectionShell
 from pipeproof.impl.settings import Settings
@@ -37,6 +36,7 @@ from pipeproof.model.mutants import BY_NAME
 from pipeproof.model.run import Run
 from pipeproof.model.spec import Machine, Transition, build_statemachine
 from pipeproof.model.system import Bounds, SystemModel
+from pipeproof.protocol.frames import ConnectionAck, ConnectionInit, InvalidMessage
 
 
 def mutant_model(name: str, s: Settings) -> SystemModel:

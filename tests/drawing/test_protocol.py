@@ -10,9 +10,10 @@ import jsonschema
 import pytest
 
 from pipeproof.drawing.protocol import ASYNCAPI_PATH, asyncapi_document, frame_schema, frames, protocol_files
-from pipeproof.impl.frames import CLIENT_FRAME_TYPES, CLOSE_CODES, SERVER_FRAME_TYPES
+from pipeproof.protocol import CloseReason
+from pipeproof.protocol.frames import CLIENT_FRAME_MODELS, SERVER_FRAME_MODELS
 
-SCHEMA = Path(__file__).resolve().parents[2] / "pipeproof" / "drawing" / "schemas" / "asyncapi-3.0.0.json"
+SCHEMA = Path(__file__).resolve().parents[2] / "src" / "pipeproof" / "drawing" / "schemas" / "asyncapi-3.0.0.json"
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,15 @@ def test_asyncapi_describes_the_channel_and_every_frame():
     doc = asyncapi_document()
     channel = doc["channels"]["ws"]
     assert channel["address"] == "/v1/ws"
-    types = {m.model_fields["type"].default for m in (*CLIENT_FRAME_TYPES, *SERVER_FRAME_TYPES)}
+    types = {m.model_fields["type"].default for m in (*CLIENT_FRAME_MODELS, *SERVER_FRAME_MODELS)}
     assert {m["name"] for m in doc["components"]["messages"].values()} == types
     actions = {op["action"] for op in doc["operations"].values()}
     assert actions == {"send", "receive"}
-    assert {(c["code"], c["reason"]) for c in channel["x-close-codes"]} == {(c.code, c.reason) for c in CLOSE_CODES}
+    assert {(c["code"], c["reason"]) for c in channel["x-close-codes"]} == {(int(c.code), c.value) for c in CloseReason}
     assert "| 4429 | `duplicate_init` |" in channel["description"]
 
 
-@pytest.mark.parametrize("model", [*CLIENT_FRAME_TYPES, *SERVER_FRAME_TYPES], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("model", [*CLIENT_FRAME_MODELS, *SERVER_FRAME_MODELS], ids=lambda m: m.__name__)
 def test_every_example_validates_against_its_schema(model):
     schema = frame_schema(model)
     jsonschema.Draft202012Validator.check_schema(schema)

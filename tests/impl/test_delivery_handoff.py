@@ -20,13 +20,13 @@ import pytest
 from pipeproof.errors import StoreIntegrityError, StoreUnavailable
 from pipeproof.impl.audit import AuditWriter
 from pipeproof.impl.delivery import DeliveryMetrics, DeliveryService
-from pipeproof.impl.frames import EventFrame
 from pipeproof.impl.handlers import OutboundFrame
 from pipeproof.impl.metrics import Metrics
 from pipeproof.impl.sender import SendFailed
 from pipeproof.impl.settings import Settings
 from pipeproof.impl.store import EventState, Store, open_store
 from pipeproof.model.delivery import Delivery
+from pipeproof.protocol.frames import EventFrame
 
 SECRET = "handoff-test-secret-0123456789-abcdef"
 

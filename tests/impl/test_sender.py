@@ -31,11 +31,11 @@ from runs_harness import (  # noqa: F401 - fixtures
 from server_harness import ServerThread, expect_close, open_ws
 
 from pipeproof.impl.audit import AuditWriter, TracedMachine
-from pipeproof.impl.frames import ErrorFrame
 from pipeproof.impl.sender import Sender, SendFailed
 from pipeproof.impl.session import connection_machine
 from pipeproof.model.connection import CONNECTION
 from pipeproof.model.delivery import delivery_machine
+from pipeproof.protocol.frames import ErrorFrame
 
 
 class BreakableLog:

@@ -15,37 +15,20 @@ frame: bad JSON, an unknown ``type`` or a schema violation raise :class:`Invalid
 return ``None``. Each model carries a ``json_example()`` used in the docs and validated against the
 model's JSON Schema by the tests.
 
-:data:`CLOSE_CODES` lists every (close code, reason) pair of the "Close codes at a glance" table.
+The close table lives in :mod:`pipeproof.protocol.closes`, the vocabularies in :mod:`pipeproof.protocol.names`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pipeproof.errors import ProtocolError
 
-EventKind = Literal[
-    "agent_started",
-    "agent_thinking",
-    "tool_executing",
-    "tool_completed",
-    "agent_completed",
-    "agent_failed",
-]
-"""The agent event kinds of section 4, in the order a run may emit them."""
-
-EVENT_KINDS: Final[tuple[str, ...]] = (
-    "agent_started",
-    "agent_thinking",
-    "tool_executing",
-    "tool_completed",
-    "agent_completed",
-    "agent_failed",
-)
+from .closes import CloseReason
+from .names import CLIENT_FRAME_TYPES, ErrorCode, EventKind
 
 
 class _Frame(BaseModel):
@@ -76,7 +59,7 @@ class Resume(_Frame):
 
 class ConnectionInit(_Frame):
     """The first frame of every socket (section 1). ``token`` is a JWT (section 2); a missing token
-    is not a schema violation but the auth failure ``token_missing`` (close 4401)."""
+    is not a schema violation but the auth failure ``token_missing``."""
 
     type: Literal["connection_init"] = "connection_init"
     token: str | None = None
@@ -126,7 +109,7 @@ class RunCancel(_Frame):
 ClientFrame = Annotated[ConnectionInit | Ack | RunStart | RunCancel, Field(discriminator="type")]
 """Any frame a client may send (discriminated on ``type``)."""
 
-CLIENT_FRAME_TYPES: Final[tuple[type[_Frame], ...]] = (ConnectionInit, Ack, RunStart, RunCancel)
+CLIENT_FRAME_MODELS: Final[tuple[type[_Frame], ...]] = (ConnectionInit, Ack, RunStart, RunCancel)
 
 # -- server -> client ---------------------------------------------------------------------------
 
@@ -203,7 +186,7 @@ class ErrorFrame(_Frame):
 ServerFrame = Annotated[ConnectionAck | EventFrame | RunAccepted | ErrorFrame, Field(discriminator="type")]
 """Any frame the server sends (discriminated on ``type``)."""
 
-SERVER_FRAME_TYPES: Final[tuple[type[_Frame], ...]] = (ConnectionAck, EventFrame, RunAccepted, ErrorFrame)
+SERVER_FRAME_MODELS: Final[tuple[type[_Frame], ...]] = (ConnectionAck, EventFrame, RunAccepted, ErrorFrame)
 
 CLIENT_FRAME_ADAPTER: Final[TypeAdapter[ConnectionInit | Ack | RunStart | RunCancel]] = TypeAdapter(
     ClientFrame
@@ -212,79 +195,30 @@ SERVER_FRAME_ADAPTER: Final[TypeAdapter[ConnectionAck | EventFrame | RunAccepted
     ServerFrame
 )
 
-# -- close codes ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CloseCode:
-    """One row of the close-code table: what the server sends, what it means, what a client does."""
-
-    code: int
-    reason: str
-    meaning: str
-    client_should: str
-
-
-_REAUTH, _BACKOFF, _RESUME = "re-authenticate", "back off", "reconnect and resume"
-
-CLOSE_CODES: Final[tuple[CloseCode, ...]] = (
-    CloseCode(1000, "normal", "the session ended normally", "stop"),
-    CloseCode(1001, "going_away", "the server is shutting down (section 6)", _RESUME),
-    CloseCode(
-        1013, "try_again_later", "overload: memory guard, capacity, or store not ready (section 6)",
-        "reconnect with backoff",
-    ),
-    CloseCode(4400, "invalid_message", "malformed frames past error_budget (section 1)", "fix the client"),
-    CloseCode(4401, "init_required", "the first frame was not connection_init (section 1)", _REAUTH),
-    CloseCode(4401, "token_missing", "connection_init carried no token (section 2)", _REAUTH),
-    CloseCode(4401, "token_malformed", "the token is not a well-formed JWT (section 2)", _REAUTH),
-    CloseCode(4401, "token_bad_signature", "the token's signature does not verify (section 2)", _REAUTH),
-    CloseCode(4401, "token_expired", "the token has expired (section 2)", _REAUTH),
-    CloseCode(4401, "token_not_yet_valid", "the token's nbf/iat is in the future (section 2)", _REAUTH),
-    CloseCode(4401, "token_bad_audience", "the token's audience is not this server's (section 2)", _REAUTH),
-    CloseCode(4401, "user_unknown", "the token names no known user (section 2)", _REAUTH),
-    CloseCode(4403, "user_disabled", "the user is known but disabled (section 2)", "stop"),
-    CloseCode(4403, "forbidden", "the user may not use this resource (section 2)", "stop"),
-    CloseCode(4408, "init_timeout", "no connection_init within init_timeout (section 1)", _RESUME),
-    CloseCode(4408, "heartbeat_timeout", "peer silent for two heartbeat intervals (section 6)", _RESUME),
-    CloseCode(4429, "duplicate_init", "a second connection_init on one socket (section 1)", _BACKOFF),
-    CloseCode(4429, "preready_buffer_full", "too many frames or bytes before READY (section 1)", _BACKOFF),
-    CloseCode(4429, "connection_limit", "over the per-user or per-account limit (section 3)", _BACKOFF),
-)
-
-_BY_REASON: Final[dict[str, CloseCode]] = {c.reason: c for c in CLOSE_CODES}
-
-
-def close_code_for(reason: str) -> CloseCode:
-    """The table row for ``reason``; KeyError for a reason the protocol does not define."""
-    return _BY_REASON[reason]
-
-
 class CloseRequested(ProtocolError):
-    """The server closes the socket with a documented (code, reason) from :data:`CLOSE_CODES`."""
+    """The server closes the socket with ``close``, a row of the close table (protocol/closes.py)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        row = close_code_for(reason)
-        super().__init__(row.code, row.reason, detail)
+    def __init__(self, close: CloseReason, detail: str = "") -> None:
+        super().__init__(close, detail)
 
 
 class InvalidMessage(ProtocolError):
     """A client frame is not valid JSON, has an unknown ``type`` or violates its schema (section 1).
 
     ``code`` is the error-frame code (``invalid_message``); ``close_code``/``reason`` are what the
-    socket is closed with once the error budget is exhausted (4400). ``frame_type`` is the frame's
+    socket is closed with once the error budget is exhausted. ``frame_type`` is the frame's
     ``type`` when it was a string (so a broken ``connection_init`` can be told apart), else None.
     ``detail`` is safe to send to the peer: it never echoes the frame's values.
     """
 
-    code: Final = "invalid_message"
+    code: Final = ErrorCode.INVALID_MESSAGE
 
     def __init__(self, detail: str, frame_type: str | None = None) -> None:
         self.frame_type = frame_type
-        super().__init__(4400, "invalid_message", detail)
+        super().__init__(CloseReason.INVALID_MESSAGE, detail)
 
 
-_KNOWN_TYPES: Final = frozenset({"connection_init", "ack", "run.start", "run.cancel"})
+_KNOWN_TYPES: Final = frozenset(t.value for t in CLIENT_FRAME_TYPES)
 
 
 def parse_client_frame(text: str | bytes) -> ConnectionInit | Ack | RunStart | RunCancel:
@@ -330,27 +264,22 @@ def parse_server_frame(text: str | bytes) -> ConnectionAck | EventFrame | RunAcc
 
 __all__ = [
     "CLIENT_FRAME_ADAPTER",
-    "CLIENT_FRAME_TYPES",
-    "CLOSE_CODES",
-    "EVENT_KINDS",
+    "CLIENT_FRAME_MODELS",
     "SERVER_FRAME_ADAPTER",
-    "SERVER_FRAME_TYPES",
+    "SERVER_FRAME_MODELS",
     "Ack",
     "ClientFrame",
-    "CloseCode",
     "CloseRequested",
     "ConnectionAck",
     "ConnectionInit",
     "ErrorFrame",
     "EventFrame",
-    "EventKind",
     "InvalidMessage",
     "Resume",
     "RunAccepted",
     "RunCancel",
     "RunStart",
     "ServerFrame",
-    "close_code_for",
     "parse_client_frame",
     "parse_server_frame",
 ]

@@ -177,7 +177,7 @@ def trace_from_path(system: System, prop: str, message: str, scenario: str, path
             firings.append(FiringData(
                 family=f.family, index=list(f.index), machine=FAMILY_MACHINE[f.family], key=f.transition.key,
                 event=f.transition.event, source=f.transition.source.name, target=f.transition.target.name,
-                kind=f.transition.kind.value, emits=f.transition.emits,
+                kind=f.transition.kind.value, emits=str(f.transition.emits or ""),
                 before=m.describe(f.before), after=m.describe(f.after),
             ))
         steps.append(StepData(step.actor, step.action, list(step.args), system.describe_step(step), firings))

@@ -1,17 +1,29 @@
-"""The error tree: one root, two branches a caller can catch whole.
+"""The error tree: one root, a branch per kind of failure a caller can catch whole.
 
 ``PipeproofError``
-    ``ModelError``: the model itself is wrong (raised at definition time or by a checker)
-        ``ModelDefinitionError``: a machine declaration breaks a structural rule
-        ``IllegalTransition``: an event fired in a state (or with variables) its machine forbids
-    ``ProtocolError``: a peer broke the wire contract (docs/protocol.md); carries a close code
+    ``ModelError``: the model itself is wrong (a declaration, or an encoding that disagrees with it)
+        ``ModelDefinitionError``: a machine declaration breaks a structural rule (raised when defined)
+    ``ProtocolError``: a runtime refusal; ``close`` is the close it implies (like h11's
+    ``error_status_hint``), a member of :class:`pipeproof.protocol.CloseReason`
+        ``IllegalTransition``: one of our machines refused an event: the server's own bug, so its
+        close is ``internal_error`` unless the caller says otherwise
+        peer violations, raised where the wire is read: ``InvalidMessage``, ``AuthError``,
+        ``ConnectionLimitExceeded``, ``CloseRequested`` (protocol/frames.py, impl/)
     ``StoreError``: the durable store failed; each subclass says how (docs/protocol.md section 3)
     ``AuditWriteFailed``: the audit log could not be written; its lines are kept for a retry
+    ``ConfigError``: a setting is invalid or unsafe
+    ``RunRejected``: a run.start failed a prerequisite (section 4); ``code`` is the error frame's
 
-Messages name the machine, the state and the rule (or the store operation), never a secret.
+Messages name the machine, the state and the rule (or the store operation), never a secret. No
+function returns None to mean failure: it raises one of these.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeproof.protocol.closes import CloseReason
 
 
 class PipeproofError(Exception):
@@ -19,7 +31,7 @@ class PipeproofError(Exception):
 
 
 class ModelError(PipeproofError):
-    """The model (or a variant of it) is inconsistent."""
+    """The model (or a variant of it, or an encoding derived from it) is inconsistent."""
 
 
 class ModelDefinitionError(ModelError):
@@ -38,28 +50,44 @@ class ModelDefinitionError(ModelError):
         super().__init__(f"{where}: {detail} (rule: {rule})")
 
 
-class IllegalTransition(ModelError):
+class ProtocolError(PipeproofError):
+    """A runtime refusal. ``close`` is the close the socket gets for it (its ``code`` and reason)."""
+
+    def __init__(self, close: CloseReason, detail: str = "") -> None:
+        self.close = close
+        self.detail = detail
+        super().__init__(f"{close.describe()}" + (f": {detail}" if detail else ""))
+
+    @property
+    def close_code(self) -> int:
+        return int(self.close.code)
+
+    @property
+    def reason(self) -> str:
+        return self.close.value
+
+
+class IllegalTransition(ProtocolError):
     """An event was fired where the machine's declaration has no enabled transition.
 
-    The reference server turns this into a documented close code; it is never swallowed.
+    At runtime this is the server's own mistake (a peer's bad frame is a *declared* transition),
+    so the implied close is ``internal_error`` unless ``close`` says otherwise. It is never
+    swallowed: the server counts it, logs it and closes with that code.
     """
 
-    def __init__(self, machine: str, event: str, state: str, detail: str = "") -> None:
+    def __init__(self, machine: str, event: str, state: str, detail: str = "",
+                 close: CloseReason | None = None) -> None:
+        from pipeproof.protocol.closes import CloseReason
+
         self.machine = machine
         self.event = event
         self.state = state
         suffix = f": {detail}" if detail else ""
-        super().__init__(f"machine {machine!r}: event {event!r} is not allowed in state {state!r}{suffix}")
+        super().__init__(close or CloseReason.INTERNAL_ERROR, detail)
+        self.args = (f"machine {machine!r}: event {event!r} is not allowed in state {state!r}{suffix}",)
 
-
-class ProtocolError(PipeproofError):
-    """A peer broke the wire contract; ``close_code`` and ``reason`` are what the socket is closed with."""
-
-    def __init__(self, close_code: int, reason: str, detail: str = "") -> None:
-        self.close_code = close_code
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{close_code} {reason}" + (f": {detail}" if detail else ""))
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class StoreError(PipeproofError):
@@ -125,3 +153,12 @@ class ConfigError(PipeproofError):
         self.setting = setting
         self.detail = detail
         super().__init__(f"{setting}: {detail}")
+
+
+class RunRejected(PipeproofError):
+    """A ``run.start`` failed a prerequisite (section 4): answered with an error frame of ``code``."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}")

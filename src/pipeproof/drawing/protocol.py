@@ -12,7 +12,7 @@ AsyncAPI document are generated from it"). This module derives, deterministicall
   both in the channel description and as the ``x-close-codes`` extension.
 
 The document validates against the AsyncAPI 3.0.0 JSON Schema vendored in
-``pipeproof/drawing/schemas/`` (tests/drawing/test_protocol.py).
+``src/pipeproof/drawing/schemas/`` (tests/drawing/test_protocol.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from pipeproof.impl.frames import CLIENT_FRAME_TYPES, CLOSE_CODES, SERVER_FRAME_TYPES
+from pipeproof.protocol import CloseReason, close_table_markdown
+from pipeproof.protocol.frames import CLIENT_FRAME_MODELS, SERVER_FRAME_MODELS
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ASYNCAPI_PATH = "protocol/asyncapi.json"
@@ -65,7 +66,7 @@ def frame_schema(model: Any) -> dict[str, Any]:
 
 def frames() -> list[FrameInfo]:
     out = []
-    for direction, models in (("client -> server", CLIENT_FRAME_TYPES), ("server -> client", SERVER_FRAME_TYPES)):
+    for direction, models in (("client -> server", CLIENT_FRAME_MODELS), ("server -> client", SERVER_FRAME_MODELS)):
         for model in models:
             schema = frame_schema(model)
             props = schema.get("properties", {})
@@ -92,12 +93,6 @@ def _json_type(spec: dict[str, Any]) -> str:
     return str(spec.get("type", "any"))
 
 
-def close_code_table_markdown() -> str:
-    lines = ["| code | reason | meaning | client should |", "|---|---|---|---|"]
-    lines += [f"| {c.code} | `{c.reason}` | {c.meaning} | {c.client_should} |" for c in CLOSE_CODES]
-    return "\n".join(lines)
-
-
 def _message_key(frame_type: str) -> str:
     return frame_type.replace(".", "_")
 
@@ -110,7 +105,7 @@ REPLIES: dict[str, tuple[str, ...]] = {
 
 
 def asyncapi_document() -> dict[str, Any]:
-    models = [*CLIENT_FRAME_TYPES, *SERVER_FRAME_TYPES]
+    models = [*CLIENT_FRAME_MODELS, *SERVER_FRAME_MODELS]
     _, top = models_json_schema([(m, "validation") for m in models], by_alias=True,
                                 ref_template="#/components/schemas/{model}")
     schemas: dict[str, Any] = dict(top["$defs"])
@@ -129,7 +124,7 @@ def asyncapi_document() -> dict[str, Any]:
         }
     channel_messages = {k: {"$ref": f"#/components/messages/{k}"} for k in messages}
     operations: dict[str, Any] = {}
-    for direction, group in (("receive", CLIENT_FRAME_TYPES), ("send", SERVER_FRAME_TYPES)):
+    for direction, group in (("receive", CLIENT_FRAME_MODELS), ("send", SERVER_FRAME_MODELS)):
         for m in group:
             t = _frame_type(m)
             op: dict[str, Any] = {
@@ -173,13 +168,13 @@ def asyncapi_document() -> dict[str, Any]:
                     "One JSON object per text frame, with a string field `type`; unknown fields are ignored. "
                     "The first frame must be `connection_init`; frames sent before `connection_ack` are "
                     "buffered and handled once the socket is READY. The server closes the socket with one "
-                    "of these codes:\n\n" + close_code_table_markdown()
+                    "of these codes:\n\n" + close_table_markdown()
                 ),
                 "servers": [{"$ref": "#/servers/local"}],
                 "messages": channel_messages,
                 "x-close-codes": [
-                    {"code": c.code, "reason": c.reason, "meaning": c.meaning, "client_should": c.client_should}
-                    for c in CLOSE_CODES
+                    {"code": int(c.code), "reason": c.value, "meaning": c.meaning, "client_should": c.reaction.value}
+                    for c in CloseReason
                 ],
             },
         },
@@ -196,6 +191,6 @@ def dump(data: object) -> bytes:
 def protocol_files() -> dict[str, bytes]:
     files = {ASYNCAPI_PATH: dump(asyncapi_document())}
     for f in frames():
-        model = next(m for m in (*CLIENT_FRAME_TYPES, *SERVER_FRAME_TYPES) if _frame_type(m) == f.type)
+        model = next(m for m in (*CLIENT_FRAME_MODELS, *SERVER_FRAME_MODELS) if _frame_type(m) == f.type)
         files[f.schema_path] = dump(frame_schema(model))
     return files

@@ -72,7 +72,7 @@ def _edge_label(t: Transition, *, fired: bool, invariants: bool, note: str = "")
         # Updates are lifted to Expr when the Transition is built (model/spec.py __post_init__).
         lines.append("/ " + _esc(", ".join(f"{n} := {e.render()}" for n, e in t.updates)))  # type: ignore[union-attr]
     if t.emits:
-        lines.append(f"<I>sends {_esc(t.emits)}</I>")
+        lines.append(f"<I>sends {_esc(str(t.emits))}</I>")
     if invariants and t.invariants:
         lines.append(f'<FONT POINT-SIZE="8">checks: {_esc(", ".join(t.invariants))}</FONT>')
     if not fired:

@@ -21,8 +21,8 @@ from pipeproof.drawing.machines import KIND_COLOURS, KIND_WORDS, UNCOVERED
 from pipeproof.drawing.protocol import ASYNCAPI_PATH, FrameInfo
 from pipeproof.drawing.record import CHECKER_ORDER, CheckRow, MatrixCell, Record, TraceData
 from pipeproof.drawing.source import Source
-from pipeproof.impl.frames import CLOSE_CODES
 from pipeproof.model.spec import Kind, Machine
+from pipeproof.protocol import CloseReason
 
 CSS = """
 body { font-family: Helvetica, Arial, sans-serif; color: #2c3e50; margin: 0 auto; max-width: 1500px;
@@ -239,7 +239,7 @@ def _protocol_section(frames: Sequence[FrameInfo]) -> list[str]:
     out = [
         '<h2 id="protocol">Protocol</h2>',
         f'<p>One WebSocket endpoint, <code>/v1/ws</code>; one JSON object per text frame. Published from '
-        f'pipeproof/impl/frames.py as JSON Schemas and an <a href="{ASYNCAPI_PATH}">AsyncAPI 3 document</a>.</p>',
+        f'pipeproof/protocol/frames.py as JSON Schemas and an <a href="{ASYNCAPI_PATH}">AsyncAPI 3 document</a>.</p>',
         "<h3>Message types</h3>",
         '<table id="message-types"><tr><th>direction</th><th>type</th><th>fields</th><th>meaning</th>'
         "<th>example</th></tr>",
@@ -252,8 +252,8 @@ def _protocol_section(frames: Sequence[FrameInfo]) -> list[str]:
     out.append("</table>")
     out += ["<h3>Close codes</h3>", '<table id="close-codes"><tr><th>code</th><th>reason</th><th>meaning</th>'
             "<th>client should</th></tr>"]
-    out += [f"<tr><td>{c.code}</td><td><code>{_e(c.reason)}</code></td><td>{_e(c.meaning)}</td>"
-            f"<td>{_e(c.client_should)}</td></tr>" for c in CLOSE_CODES]
+    out += [f"<tr><td>{int(c.code)}</td><td><code>{_e(c.value)}</code></td><td>{_e(c.meaning)}</td>"
+            f"<td>{_e(c.reaction.value)}</td></tr>" for c in CloseReason]
     out.append("</table>")
     return out
 
