@@ -41,7 +41,8 @@ def main() -> None:
           f"{checks / result.seconds:.0f} checks/s ({'ok' if result.ok else 'VIOLATION ' + result.violation.prop})")
     t = time.perf_counter()
     report = check_file(log, ModelParams(SMALL.preready_buffer_frames, SMALL.max_attempts,
-                                         SMALL.max_connections_per_user, SMALL.run_max_steps))
+                                         SMALL.max_connections_per_user, SMALL.run_max_steps,
+                                         SMALL.error_budget))
     dt = time.perf_counter() - t
     print(f"trace-check: {report.lines} lines in {dt:.3f}s -> {report.lines / dt:.0f} lines/s "
           f"({'ok' if report.ok else 'VIOLATION'})")

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeproof.model.connection import CONNECTION, Conn
+from pipeproof.model.connection import CONNECTION, SERVER_CLOSE_EVENTS
 from pipeproof.model.context import Ctx, context_machine
 from pipeproof.model.delivery import Delivery, delivery_machine
 from pipeproof.model.invariants import well_ordered
@@ -45,6 +45,8 @@ from .timing import Timing
 from .wire import Obs, Socket
 
 AUTH_REASONS: frozenset[str] = frozenset(AuthCode)
+# The server's closes for overload or a failing dependency: allowed only when the run tolerates them.
+_OVERLOAD_EVENTS = frozenset({"unavailable", "slow_consumer"})
 _CLOSE_BOUND = 20_000  # belief elements; far above what the kit's bounded actions produce
 
 
@@ -174,8 +176,10 @@ class SockView:
         for _, after in m.fire_all(cfg, "auth_ok"):
             yield (after, rcv, hnd)
         if hnd < len(self.frames):
-            for _, after in m.fire_all(cfg, "handle_frame"):
-                yield (after, rcv, hnd + 1)
+            event = "handle_invalid" if self.frames[hnd].kind == "garbage" else "handle_frame"
+            for t, after in m.fire_all(cfg, event):
+                if t.close is None:
+                    yield (after, rcv, hnd + 1)
 
     def closure(self) -> set[Elem]:
         seen = set(self.elems)
@@ -320,21 +324,26 @@ class SockView:
         after: set[Elem] = set()
         via: set[str] = set()
         for cfg, rcv, hnd in closure:
-            for event in ("recv_frame", "recv_init", "auth_reject", "limit_reject", "init_timeout",
-                          "heartbeat_timeout", "drain_close"):
-                nxt = rcv
+            # Every close is a declared edge (model/connection.py): one consuming the next sent
+            # frame, the next handled frame, or none (the server's own decision).
+            for event in ("recv_frame", "recv_init", *SERVER_CLOSE_EVENTS):
+                nxt, nhnd = rcv, hnd
                 if event in ("recv_frame", "recv_init"):
                     if rcv >= len(self.sent) or (self.sent[rcv].kind == "init") != (event == "recv_init"):
                         continue
                     nxt = rcv + 1
-                for t, a in self.machine.fire_all(cfg, event):
-                    if t.close is not None and t.close.allows(code, reason):
-                        after.add((a, nxt, hnd))
-                        via.add(event)
-            if self._peer_close_allowed(cfg, hnd, code, reason):
-                for _, a in self.machine.fire_all(cfg, "peer_close"):
-                    after.add((a, rcv, hnd))
-                    via.add("peer_close")
+                if event == "handle_invalid":
+                    if hnd >= len(self.frames) or self.frames[hnd].kind != "garbage":
+                        continue
+                    nhnd = hnd + 1
+                if event in _OVERLOAD_EVENTS and not self.kit.tolerate_overload:
+                    continue
+                # The byte budget is a fact the kit does not track: either value may hold.
+                for inputs in ({"over_bytes": False}, {"over_bytes": True}) if event == "recv_frame" else ({},):
+                    for t, a in self.machine.fire_all(cfg, event, inputs):
+                        if t.close is not None and t.close.allows(code, reason):
+                            after.add((a, nxt, nhnd))
+                            via.add(event)
         if not after:
             raise self.fail(_close_property(code, reason), f"close {code} {reason}")
         self._close_timing(o, code, reason, via)
@@ -351,15 +360,6 @@ class SockView:
             if self.attached:
                 self.user.detach(self)
         self.attached = False
-
-    def _peer_close_allowed(self, cfg: Config, hnd: int, code: int, reason: str) -> bool:
-        """The documented closes without a model event of their own (docs/protocol.md section 1)."""
-        if CloseReason.INVALID_MESSAGE.describe() == f"{code} {reason}":
-            garbage = sum(1 for s in self.frames[:hnd] if s.kind == "garbage")
-            return cfg[0] is Conn.READY and garbage > self.kit.timing.error_budget
-        if code in (CloseCode.TRY_AGAIN_LATER, CloseCode.GOING_AWAY):
-            return self.kit.tolerate_overload
-        return False
 
     def _close_timing(self, o: Obs, code: int, reason: str, via: set[str]) -> None:
         tm = self.kit.timing
@@ -807,7 +807,8 @@ class Oracle:
     def __init__(self, timing: Timing, *, tolerate_overload: bool = False) -> None:
         self.timing = timing
         self.tolerate_overload = tolerate_overload
-        self.conn_machine = CONNECTION.with_params(buffer_max=timing.preready_buffer_frames)
+        self.conn_machine = CONNECTION.with_params(buffer_max=timing.preready_buffer_frames,
+                                                   error_budget=timing.error_budget)
         self.ctx_machine = context_machine(timing.max_connections_per_user)
         self.del_machine = delivery_machine(timing.max_attempts, 1, 1)
         self.run_machine = run_machine(timing.run_max_steps)

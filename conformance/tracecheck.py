@@ -51,12 +51,13 @@ class ModelParams:
     max_attempts: int = 5
     max_connections_per_user: int = 8
     max_steps: int = 64
+    error_budget: int = 10
 
     def machines(self) -> dict[str, Machine]:
         # Delivery runs at ack_timeout=1, resume_window=1: one model tick is "the deadline at hand
         # passed" (impl/delivery.py), which is how any server maps wall-clock time onto the model.
         return {
-            "connection": CONNECTION.with_params(buffer_max=self.buffer_max),
+            "connection": CONNECTION.with_params(buffer_max=self.buffer_max, error_budget=self.error_budget),
             "context": context_machine(self.max_connections_per_user),
             "delivery": delivery_machine(self.max_attempts, 1, 1),
             "run": run_machine(self.max_steps),
@@ -372,7 +373,7 @@ class TraceChecker:
                 raise self._fail("every_event_acked_or_escalated", since, inst,
                                  f"event {key[1]} reached its deadline ({shown})"
                                  f" and nothing happened for {line.ts - since.ts:.2f}s (until line {line.no})",
-                                 allowed_from(inst.machine, inst.machine.states[line.raw["from"]], None, {}))
+                                 allowed_from(inst.machine, inst.state, inst.values, {}))
 
     def finish(self) -> TraceReport:
         if self.report.violation is not None:

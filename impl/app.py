@@ -158,32 +158,20 @@ def create_app(
     @app.websocket("/v1/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
         state = state_box["state"]
-        refusal = _refusal(state)
-        if refusal is not None:
-            await _refuse(state, ws, refusal)
-            return
-        await ConnectionShell(state, ws).run()
+        # A refused socket still runs its lifecycle: the refusal is a declared edge of the
+        # connection machine (shutdown or unavailable), audited and drawn like any close.
+        await ConnectionShell(state, ws).run(refuse=_refusal(state))
 
     return app
 
 
-def _refusal(state: ServerState) -> str | None:
-    """Why a new socket is refused before its lifecycle starts, or None to accept it."""
+def _refusal(state: ServerState) -> CloseReason | None:
+    """Why a new socket is refused as soon as it is accepted; None (no refusal) to serve it."""
     if state.draining:
-        return "going_away"
-    if not state.readiness.ready or state.contexts is None:
-        return "try_again_later"
-    if state.memory_exceeded():
-        return "try_again_later"
+        return CloseReason.GOING_AWAY
+    if not state.readiness.ready or state.contexts is None or state.memory_exceeded():
+        return CloseReason.TRY_AGAIN_LATER
     return None
-
-
-async def _refuse(state: ServerState, ws: WebSocket, reason: str) -> None:
-    row = CloseReason.of(reason)
-    await ws.accept()
-    state.metrics.closes.labels(code=str(int(row.code)), reason=row.value).inc()
-    log.info("socket refused before init: %s", row.describe())
-    await ws.close(int(row.code), row.value)
 
 
 async def _monitor(readiness: Readiness) -> None:

@@ -8,10 +8,11 @@ sampled without a violation), ``proved`` (Z3, unbounded), ``violated`` (with a t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeproof.model.connection import CONNECTION, Conn
 from pipeproof.model.explorer import ExploreResult, explore
 from pipeproof.model.hypothesis_check import run_machine, run_system
 from pipeproof.model.invariants import INVARIANTS
@@ -66,6 +67,9 @@ def explorer_rows(options: CheckOptions) -> list[Row]:
         r = explore(System(sc.bounds, _model_for(options, sc)), max_states=options.max_states)
         options.log(f"explorer  {sc.name:<10} {r.summary()}")
         results.append((sc, r))
+        covered = options.extra.setdefault("covered", {})
+        for machine, keys in r.covered.items():
+            covered.setdefault(machine, set()).update(keys)
     states = sum(r.states for _, r in results)
     seconds = sum(r.seconds for _, r in results)
     rows = []
@@ -134,6 +138,24 @@ def run_checks(options: CheckOptions | None = None) -> list[Row]:
     if opts.z3:
         rows += z3_rows(opts)
     return rows
+
+
+def render_closes(covered: Mapping[str, set[str]] | None = None) -> str:
+    """Every edge into CLOSED of the connection machine with the close it sends (section 1,
+    "Close codes"), and whether the explorer fired it: the server's own closes are declared
+    transitions, so the checkers see each of them."""
+    rows = [("event", "from", "close", "explorer")]
+    fired = (covered or {}).get(CONNECTION.name, set())
+    for t in CONNECTION.transitions:
+        if t.target is not Conn.CLOSED:
+            continue
+        sends = str(t.close) if t.close is not None else "(none: the peer is gone)"
+        seen = "-" if covered is None else ("fired" if t.key in fired else "never")
+        rows.append((t.event, t.source.name, sends, seen))
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "connection edges into CLOSED (every close the server makes)\n" + "\n".join(lines)
 
 
 def render_table(rows: Sequence[Row]) -> str:

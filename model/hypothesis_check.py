@@ -39,7 +39,17 @@ from hypothesis.stateful import (
 from pipeproof.errors import IllegalTransition
 from pipeproof.model.invariants import INVARIANTS, Invariant, quiescent_violations
 from pipeproof.model.spec import Kind, Machine, Runner
-from pipeproof.model.system import Bounds, Firing, State, Step, System, SystemModel, reference_model
+from pipeproof.model.system import (
+    CLIENT_CONN_ACTIONS,
+    SERVER_CONN_ACTIONS,
+    Bounds,
+    Firing,
+    State,
+    Step,
+    System,
+    SystemModel,
+    reference_model,
+)
 
 
 class PropertyViolation(AssertionError):
@@ -82,9 +92,8 @@ def _settings(max_examples: int, steps: int, seed: int | None) -> settings:
 # -- the composed system ----------------------------------------------------------------------
 
 SESSION_ACTIONS = frozenset({
-    "client_init", "client_init_resume", "client_frame", "client_drop", "client_cancel",
-    "server_auth_reject", "server_resolve", "server_send_ack", "server_handle", "server_init_timeout",
-    "server_heartbeat_timeout", "server_drain", "server_drain_close",
+    *(a.action for a in (*CLIENT_CONN_ACTIONS, *SERVER_CONN_ACTIONS)),
+    "client_init_resume", "client_cancel", "server_resolve",
 })
 EVENT_ACTIONS = frozenset({"server_send", "server_send_failed", "client_ack", "server_ack_timeout",
                            "server_no_session_timeout"})

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeproof.model.connection import ATTACHED, Conn
+from pipeproof.model.connection import ATTACHED, HANDLE_EVENTS, Conn
 from pipeproof.model.context import Ctx
 from pipeproof.model.delivery import RANK, Delivery
 from pipeproof.model.run import TERMINAL_EVENTS
@@ -39,7 +39,7 @@ def _no_message_before_ready_step(system: System, step: Step, before: State) -> 
     return [
         f"session s{f.index[0]} handled a frame in {f.before[0].name} (ack_sent={f.before[1][1]})"
         for f in step.firings
-        if f.family == "conn" and f.transition.event == "handle_frame"
+        if f.family == "conn" and f.transition.event in HANDLE_EVENTS
         and not (f.before[0] is Conn.READY and f.before[1][1])
     ]
 

@@ -108,6 +108,9 @@ class Machine:
     variables: tuple[VarDecl, ...] = ()
     params: Mapping[str, Value] = field(default_factory=dict)
     inputs: Mapping[str, type] = field(default_factory=dict)
+    # The value an input takes when the caller does not supply it (the ordinary case: a frame
+    # fits its budget). Checkers that must consider both values pass each explicitly.
+    input_defaults: Mapping[str, Value] = field(default_factory=dict)
     doc: str = ""
     section: str = ""
 
@@ -167,14 +170,19 @@ class Machine:
         return replace(self, params={**self.params, **params})
 
     # -- firing --------------------------------------------------------------------------------
+    def with_defaults(self, inputs: Mapping[str, Value] | None) -> Mapping[str, Value]:
+        if not self.input_defaults:
+            return inputs or _NO_INPUTS
+        return {**self.input_defaults, **(inputs or {})}
+
     def env(self, config: Config, inputs: Mapping[str, Value] | None = None) -> Env:
-        return Env(dict(zip(self.var_names, config[1], strict=True)), self.params, inputs or {})
+        return Env(dict(zip(self.var_names, config[1], strict=True)), self.params, self.with_defaults(inputs))
 
     def enabled(
         self, config: Config, event: str, inputs: Mapping[str, Value] | None = None
     ) -> tuple[Transition, ...]:
         """Every transition for ``event`` whose guard holds in ``config`` (usually zero or one)."""
-        i = inputs or _NO_INPUTS
+        i = self.with_defaults(inputs)
         v = config[1]
         return tuple(c.transition for c in self._compiled.get((config[0], event), ()) if c.guard(v, i))
 
@@ -182,7 +190,7 @@ class Machine:
         self, config: Config, event: str | None, inputs: Mapping[str, Value] | None = None
     ) -> list[tuple[Transition, Config]]:
         """(transition, next config) for every enabled transition of ``event`` (``None``: any event)."""
-        i = inputs or _NO_INPUTS
+        i = self.with_defaults(inputs)
         v = config[1]
         return [
             (c.transition, (c.transition.target, c.update(v, i)))
@@ -336,7 +344,7 @@ def build_statemachine(machine: Machine) -> type[Any]:
 
 def _guard_callable(machine: Machine, t: Transition) -> Any:
     def guard(model: _Model, inputs: Mapping[str, Value] | None = None) -> bool:
-        return bool(t.guard.evaluate(Env(model.values, machine.params, inputs or {})))
+        return bool(t.guard.evaluate(Env(model.values, machine.params, machine.with_defaults(inputs))))
 
     guard.__name__ = f"guard_{t.key}"
     return guard
@@ -344,7 +352,7 @@ def _guard_callable(machine: Machine, t: Transition) -> Any:
 
 def _update_callable(machine: Machine, t: Transition) -> Any:
     def update(model: _Model, inputs: Mapping[str, Value] | None = None) -> None:
-        env = Env(dict(model.values), machine.params, inputs or {})
+        env = Env(dict(model.values), machine.params, machine.with_defaults(inputs))
         for name, expr in t.assignments:
             model.values[name] = expr.evaluate(env)
         model.last = t

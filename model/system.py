@@ -30,6 +30,62 @@ from pipeproof.model.spec import Config, Machine, Transition
 FAMILIES = ("conn", "ctx", "run", "event")
 
 
+class ConnAction(NamedTuple):
+    """A system action that fires one connection event alone (plus the detach it implies).
+
+    Declared once here and read by both the explorer (:class:`System`) and the Z3 encoding
+    (model/z3system.py), so a new connection edge is seen by every checker. ``flag`` names the
+    :class:`Bounds` switch that turns the action off (``frames``, ``drain``), or is empty.
+    """
+
+    event: str
+    action: str
+    actor: str
+    flag: str = ""
+
+
+CLIENT_CONN_ACTIONS: tuple[ConnAction, ...] = (
+    ConnAction("recv_init", "client_init", "client"),
+    ConnAction("recv_frame", "client_frame", "client", "frames"),
+    ConnAction("peer_close", "client_drop", "client"),
+)
+"""The client's connection actions (``client_init_resume`` and acks need glue of their own)."""
+
+SERVER_CONN_ACTIONS: tuple[ConnAction, ...] = (
+    ConnAction("auth_reject", "server_auth_reject", "server"),
+    ConnAction("send_ack", "server_send_ack", "server"),
+    ConnAction("handle_frame", "server_handle", "server", "frames"),
+    ConnAction("handle_invalid", "server_handle_invalid", "server", "frames"),
+    ConnAction("init_timeout", "server_init_timeout", "server"),
+    ConnAction("heartbeat_timeout", "server_heartbeat_timeout", "server"),
+    ConnAction("drain", "server_drain", "server", "drain"),
+    ConnAction("drain_close", "server_drain_close", "server", "drain"),
+    ConnAction("shutdown", "server_shutdown", "server", "drain"),
+    ConnAction("slow_consumer", "server_slow_consumer", "server"),
+    ConnAction("unavailable", "server_unavailable", "server"),
+    ConnAction("internal_error", "server_internal_error", "server"),
+)
+"""The server's own connection actions; the context resolution (``server_resolve``) and sends
+fire several machines and have glue of their own below."""
+
+CONN_INPUTS: dict[str, tuple[dict[str, bool], ...]] = {
+    "recv_frame": ({"over_bytes": False}, {"over_bytes": True}),
+}
+"""The input choices a connection event is explored with (the shell supplies the real fact)."""
+
+
+def input_choices(machine: Machine, event: str) -> tuple[dict[str, bool], ...]:
+    """The inputs ``event`` is fired with; ``({},)`` when it reads none."""
+    return CONN_INPUTS.get(event, ({},)) if machine.name == "connection" else ({},)
+
+
+def reads_inputs(t: Transition, inputs: dict[str, bool]) -> bool:
+    """Whether ``t``'s guard reads one of ``inputs`` set to True: a True choice that the
+    transition ignores would only repeat the all-False successor."""
+    read = {n for kind, n in t.guard.names() if kind == "input"}
+    return not any(v for k, v in inputs.items() if k not in read)
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The finite instance the explorer and Hypothesis check (docs/model.md, "bounds")."""
@@ -39,6 +95,7 @@ class Bounds:
     events_per_user: int = 2
     max_attempts: int = 2
     buffer_max: int = 1
+    error_budget: int = 1  # malformed frames answered before the next one closes invalid_message
     # Ticks of model time. 0 and 0 is the untimed abstraction: a timeout may fire at any moment
     # after its trigger (racing the ack), the clock never ticks, and no horizon is checked.
     ack_timeout: int = 1
@@ -133,7 +190,7 @@ class SystemModel:
 def reference_model(bounds: Bounds) -> SystemModel:
     """The model the protocol describes, at ``bounds``."""
     return SystemModel(
-        connection=CONNECTION.with_params(buffer_max=bounds.buffer_max),
+        connection=CONNECTION.with_params(buffer_max=bounds.buffer_max, error_budget=bounds.error_budget),
         context=context_machine(bounds.max_connections_per_user),
         delivery=delivery_machine(bounds.max_attempts, bounds.ack_timeout, bounds.resume_window),
         run=run_machine(bounds.max_steps),
@@ -216,7 +273,9 @@ class System:
         m = self.model
         if event not in m.connection.events_from[state.conns[s][0]]:
             return
-        for t, after in m.connection.fire_all(state.conns[s], event):
+        fired = [(t, after) for inputs in input_choices(m.connection, event)
+                 for t, after in m.connection.fire_all(state.conns[s], event, inputs) if reads_inputs(t, inputs)]
+        for t, after in fired:
             firings = [Firing("conn", (s,), t, state.conns[s], after)]
             ctxs = state.ctxs
             if state.conns[s][0] in ATTACHED and t.target not in ATTACHED:
@@ -234,15 +293,14 @@ class System:
         for s in range(self.bounds.sessions):
             if not self.model.connection.events_from[state.conns[s][0]]:
                 continue  # a closed socket does nothing
-            yield from self._conn_steps(state, s, "recv_init", "client_init", "client")
-            if state.conns[s][0] is Conn.OPEN:
-                prefix = self.delivered_prefix(state, self.owner(s))
-                if prefix > 0:
-                    for step in self._conn_steps(state, s, "recv_init", "client_init_resume", "client"):
-                        yield step._replace(after=step.after._replace(resume=_set(state.resume, s, prefix)))
-            if self.bounds.frames:
-                yield from self._conn_steps(state, s, "recv_frame", "client_frame", "client")
-            yield from self._conn_steps(state, s, "peer_close", "client_drop", "client")
+            for ca in CLIENT_CONN_ACTIONS:
+                if not ca.flag or getattr(self.bounds, ca.flag):
+                    yield from self._conn_steps(state, s, ca.event, ca.action, ca.actor)
+                if ca.action == "client_init" and state.conns[s][0] is Conn.OPEN:
+                    prefix = self.delivered_prefix(state, self.owner(s))
+                    if prefix > 0:
+                        for step in self._conn_steps(state, s, "recv_init", "client_init_resume", "client"):
+                            yield step._replace(after=step.after._replace(resume=_set(state.resume, s, prefix)))
             if self.live_session(state, s):
                 yield from self._ack_steps(state, s)
                 u = self.owner(s)
@@ -287,16 +345,10 @@ class System:
         for s in range(self.bounds.sessions):
             if not m.connection.events_from[state.conns[s][0]]:
                 continue
-            yield from self._conn_steps(state, s, "auth_reject", "server_auth_reject", "server")
             yield from self._resolve_steps(state, s)
-            yield from self._conn_steps(state, s, "send_ack", "server_send_ack", "server")
-            if self.bounds.frames:
-                yield from self._conn_steps(state, s, "handle_frame", "server_handle", "server")
-            yield from self._conn_steps(state, s, "init_timeout", "server_init_timeout", "server")
-            yield from self._conn_steps(state, s, "heartbeat_timeout", "server_heartbeat_timeout", "server")
-            if self.bounds.drain:
-                yield from self._conn_steps(state, s, "drain", "server_drain", "server")
-                yield from self._conn_steps(state, s, "drain_close", "server_drain_close", "server")
+            for ca in SERVER_CONN_ACTIONS:
+                if not ca.flag or getattr(self.bounds, ca.flag):
+                    yield from self._conn_steps(state, s, ca.event, ca.action, ca.actor)
             yield from self._send_steps(state, s)
         for u in range(self.bounds.users):
             for t, after in self._fire(m.context, state.ctxs[u], "expire"):
@@ -460,4 +512,7 @@ def with_model(system: System, model: SystemModel) -> System:
     return replace(system, model=model)
 
 
-__all__ = ["Bounds", "Ctx", "Firing", "Run", "State", "Step", "System", "SystemModel", "reference_model"]
+__all__ = [
+    "CLIENT_CONN_ACTIONS", "SERVER_CONN_ACTIONS", "Bounds", "ConnAction", "Ctx", "Firing", "Run", "State", "Step",
+    "System", "SystemModel", "reference_model",
+]

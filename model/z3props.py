@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import z3
 
-from pipeproof.model.connection import Conn
+from pipeproof.model.connection import HANDLE_EVENTS, Conn
 from pipeproof.model.context import Ctx
 from pipeproof.model.delivery import RANK, Delivery
 from pipeproof.model.run import Run
@@ -274,7 +274,7 @@ StepBody = Callable[[SysEnc, Case], Term]
 def _handle_only_when_ready(e: SysEnc, c: Case) -> Term:
     conn = e.encs["conn"]
     return z3.And([z3.And(f.pre.state == conn.states[Conn.READY], f.pre["ack_sent"])
-                   for f in c.firings if f.family == "conn" and f.transition.event == "handle_frame"
+                   for f in c.firings if f.family == "conn" and f.transition.event in HANDLE_EVENTS
                    and f.pre is not None])
 
 
@@ -349,7 +349,8 @@ class ZProperty:
 
 PROPERTIES: tuple[ZProperty, ...] = (
     ZProperty("no_message_before_ready", None, _handle_only_when_ready, (),
-              "handle_frame is declared only from READY with guard ack_sent: every case of Next that fires it "
+              "handle_frame and handle_invalid are declared only from READY with guard ack_sent: every case of "
+              "Next that fires one "
               "starts from READY with the ack sent. Inductive without lemmas."),
     ZProperty("ready_before_ack", _ack_only_when_ready, _ack_from_ready, ("ack_only_when_ready",),
               "send_ack is declared only from READY; the state part (ack_sent only in READY/DRAINING/CLOSED) "

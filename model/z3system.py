@@ -40,7 +40,16 @@ from pipeproof.model.connection import ATTACHED, Conn
 from pipeproof.model.context import Ctx
 from pipeproof.model.run import AGENT_EVENTS, TERMINAL_EVENTS
 from pipeproof.model.spec import Config, Transition
-from pipeproof.model.system import Bounds, State, SystemModel, same_user
+from pipeproof.model.system import (
+    CLIENT_CONN_ACTIONS,
+    SERVER_CONN_ACTIONS,
+    Bounds,
+    State,
+    SystemModel,
+    input_choices,
+    reads_inputs,
+    same_user,
+)
 from pipeproof.model.z3enc import MachineEnc, Term, ZCfg, enum_sort, value_term
 
 FAMILY_MACHINE = {"conn": "connection", "ctx": "context", "run": "run", "event": "delivery"}
@@ -102,11 +111,11 @@ class Universe:
     def symbolic_universe(cls) -> Universe:
         """Any number of users, sessions and events; bounds unconstrained except positivity."""
         S, U = z3.DeclareSort("Session"), z3.DeclareSort("User")
-        p = {n: z3.Int(n) for n in ("buffer_max", "max_connections_per_user", "max_attempts", "ack_timeout",
-                                    "resume_window", "horizon", "max_steps")}
+        p = {n: z3.Int(n) for n in ("buffer_max", "error_budget", "max_connections_per_user", "max_attempts",
+                                    "ack_timeout", "resume_window", "horizon", "max_steps")}
         K, acct = z3.Int("events_per_user"), z3.Int("max_connections_per_account")
         assumptions = [
-            p["buffer_max"] >= 0, p["max_connections_per_user"] >= 1, p["max_attempts"] >= 1,
+            p["buffer_max"] >= 0, p["error_budget"] >= 0, p["max_connections_per_user"] >= 1, p["max_attempts"] >= 1,
             p["ack_timeout"] >= 0, p["resume_window"] >= 0, p["max_steps"] >= 0, K >= 2, acct >= 0,
             # Section 5's liveness horizon, derived exactly as delivery_machine derives it.
             p["horizon"] == p["max_attempts"] * p["ack_timeout"] + p["resume_window"],
@@ -407,6 +416,9 @@ class SysEnc:
 
     def _client_session_cases(self, pre: St, s: Term, tag: str) -> Iterator[Case]:
         conn = self.encs["conn"]
+        for ca in CLIENT_CONN_ACTIONS:
+            if ca.event != "recv_init" and (not ca.flag or getattr(self, ca.flag)):
+                yield from self._conn_cases(pre, s, ca.event, ca.action, ca.actor)
         yield from self._conn_cases(pre, s, "recv_init", "client_init", "client")
         user = self.u.owner(s)
         # client_init_resume: a plain init that carries the client's delivered prefix.
@@ -424,9 +436,6 @@ class SysEnc:
             case.post["resume"] = z3.Store(case.post["resume"], s, p)
             case.args = (s, *extra)
             yield case
-        if self.frames:
-            yield from self._conn_cases(pre, s, "recv_frame", "client_frame", "client")
-        yield from self._conn_cases(pre, s, "peer_close", "client_drop", "client")
         for t in self.encs["run"].transitions("cancel"):
             draft = _Draft(self, pre, (s,))
             draft.guard(self.live_session(pre, s))
@@ -435,11 +444,13 @@ class SysEnc:
 
     def _conn_cases(self, pre: St, s: Term, event: str, action: str, actor: str) -> Iterator[Case]:
         """A connection event alone, detaching from the context when an attached socket closes."""
-        for t in self.encs["conn"].transitions(event):
+        conn = self.encs["conn"]
+        for t, inputs in ((t, i) for i in input_choices(conn.machine, event) for t in conn.transitions(event)
+                          if reads_inputs(t, i)):
             detaching = t.source in ATTACHED and t.target not in ATTACHED
             for dt in (self.encs["ctx"].transitions("detach") if detaching else (None,)):
                 draft = _Draft(self, pre, (s,))
-                draft.fire("conn", (s,), t)
+                draft.fire("conn", (s,), t, dict(inputs))
                 if dt is not None:
                     draft.fire("ctx", (self.u.owner(s),), dt, first=True)
                     if self.u.symbolic:
@@ -463,16 +474,10 @@ class SysEnc:
             yield from self._send_cases(pre, s, user, i)
 
     def _server_one_session(self, pre: St, s: Term) -> Iterator[Case]:
-        yield from self._conn_cases(pre, s, "auth_reject", "server_auth_reject", "server")
         yield from self._resolve_cases(pre, s)
-        yield from self._conn_cases(pre, s, "send_ack", "server_send_ack", "server")
-        if self.frames:
-            yield from self._conn_cases(pre, s, "handle_frame", "server_handle", "server")
-        yield from self._conn_cases(pre, s, "init_timeout", "server_init_timeout", "server")
-        yield from self._conn_cases(pre, s, "heartbeat_timeout", "server_heartbeat_timeout", "server")
-        if self.drain:
-            yield from self._conn_cases(pre, s, "drain", "server_drain", "server")
-            yield from self._conn_cases(pre, s, "drain_close", "server_drain_close", "server")
+        for ca in SERVER_CONN_ACTIONS:
+            if not ca.flag or getattr(self, ca.flag):
+                yield from self._conn_cases(pre, s, ca.event, ca.action, ca.actor)
 
     def _resolve_cases(self, pre: St, s: Term) -> Iterator[Case]:
         """Atomic get-or-create of the owner's context, then READY (or a limit rejection)."""

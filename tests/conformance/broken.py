@@ -22,8 +22,8 @@ from server_harness import ServerThread, make_settings
 
 from pipeproof.conformance.serve import DISABLED_USER
 from pipeproof.conformance.timing import SMALL, Timing
+from pipeproof.core.session import BeginHandshake, Command
 from pipeproof.impl import app as app_module
-from pipeproof.impl.audit import TracedMachine
 from pipeproof.impl.contexts import ContextRegistry
 from pipeproof.impl.delivery import DeliveryService, _Stream, _Tracked
 from pipeproof.impl.runs import AgentRuntime, _Run
@@ -36,12 +36,14 @@ from pipeproof.model.mutants import BY_NAME
 from pipeproof.model.run import Run
 from pipeproof.model.spec import Machine, Transition, build_statemachine
 from pipeproof.model.system import Bounds, SystemModel
-from pipeproof.protocol.frames import ConnectionAck, ConnectionInit, InvalidMessage
+from pipeproof.protocol import CloseCode
+from pipeproof.protocol.frames import ConnectionAck
 
 
 def mutant_model(name: str, s: Settings) -> SystemModel:
     bounds = Bounds(max_attempts=s.max_attempts, buffer_max=s.preready_buffer_frames,
-                    max_connections_per_user=s.max_connections_per_user, max_steps=s.run_max_steps)
+                    max_connections_per_user=s.max_connections_per_user, max_steps=s.run_max_steps,
+                    error_budget=s.error_budget)
     return BY_NAME[name].model(bounds)
 
 
@@ -57,10 +59,7 @@ class _MutantShell(ConnectionShell):
     mutant = ""
 
     def __init__(self, state: Any, ws: Any) -> None:
-        super().__init__(state, ws)
-        machine: Machine = mutant_model(self.mutant, self.settings).connection
-        self.conn = TracedMachine(machine, "connection", self.session_id, state.audit,
-                                  listener=lambda _m, t: state.metrics.on_connection_transition(t))
+        super().__init__(state, ws, machine=mutant_model(self.mutant, state.settings).connection)
 
 
 class HandleBeforeReadyShell(_MutantShell):
@@ -75,9 +74,10 @@ class AckBeforeReadyShell(_MutantShell):
 
     mutant = "ack_before_ready"
 
-    def _on_init(self, frame: ConnectionInit | InvalidMessage) -> None:
-        super()._on_init(frame)
-        if self.closed or self.sender is None or self.conn.state is not Conn.INITIALISING:
+    def apply(self, commands: list[Command]) -> None:
+        super().apply(commands)
+        started = any(isinstance(c, BeginHandshake) for c in commands)
+        if not started or self.closed or self.sender is None or self.conn.state is not Conn.INITIALISING:
             return
         self.sender.send(ConnectionAck(session_id=self.session_id, context_id="pending", epoch=1,
                                        heartbeat_ms=self.settings.heartbeat_ms, recovered=False, last_seq=0))
@@ -94,14 +94,15 @@ class AckBeforeReadyShell(_MutantShell):
 class Race1011Shell(ConnectionShell):
     """The seed's symptom: a frame racing the handshake gets the socket closed with 1011."""
 
-    def _on_payload(self, payload: str | bytes) -> None:
+    def on_payload(self, payload: str | bytes) -> None:
         if self.conn.state is Conn.INITIALISING and not self.closed:
-            self.conn.fire("peer_close", {"code": 1011, "reason": "internal error"})
+            # The seed's handler crashes on a frame before READY and the ASGI server answers 1011.
+            self.conn.fire("peer_close", {"code": int(CloseCode.INTERNAL_ERROR), "reason": "internal error"})
             self._closed.set()
             if self.sender is not None:
-                self.sender.close(1011, "internal error")
+                self.sender.close(int(CloseCode.INTERNAL_ERROR), "internal error")
             return
-        super()._on_payload(payload)
+        super().on_payload(payload)
 
 
 # -- contexts (section 3) ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "race_1011": ({"no_1011"}, {"no_1011"}),
 }
 PARAMS = ModelParams(FAST.preready_buffer_frames, FAST.max_attempts, FAST.max_connections_per_user,
-                     FAST.run_max_steps)
+                     FAST.run_max_steps, FAST.error_budget)
 
 
 @pytest.mark.slow

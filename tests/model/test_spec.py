@@ -157,7 +157,7 @@ def test_runner_walks_the_happy_path() -> None:
     r = Runner(CONNECTION)
     for ev in ("recv_init", "recv_frame", "auth_ok", "send_ack", "handle_frame"):
         r.fire(ev)
-    assert r.state is Conn.READY and r.values == {"queued": 0, "ack_sent": True}
+    assert r.state is Conn.READY and r.values == {"queued": 0, "ack_sent": True, "errors": 0}
 
 
 def test_with_params_rejects_unknown_parameters() -> None:

@@ -101,7 +101,7 @@ def _mutants(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pipeproof.errors import ModelError
-    from pipeproof.model.checks import CheckOptions, render_table, run_checks
+    from pipeproof.model.checks import CheckOptions, render_closes, render_table, run_checks
 
     if args.explain:
         return _explain(args.explain)
@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_json() for r in rows], indent=2))
     else:
         print(render_table(rows))
+        if not args.quiet:
+            print()
+            print(render_closes(opts.extra.get("covered") if opts.explorer else None))
         for r in rows:
             if r.verdict == "violated" and r.trace:
                 print(f"\n{r.property} ({r.method}) violated, {r.detail}:")

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.copyfile(server.audit_log, args.keep_audit)
             report = check_file(args.keep_audit, ModelParams(
                 timing.preready_buffer_frames, timing.max_attempts, timing.max_connections_per_user,
-                timing.run_max_steps))
+                timing.run_max_steps, timing.error_budget))
             verdict = "ok" if report.ok else f"VIOLATION at line {report.line_no}"
             print(f"trace-check {args.keep_audit}: {verdict} ({report.lines} lines)")
             if report.violation is not None:

@@ -23,6 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections-per-user", type=int, default=8,
                         help="the server's max_connections_per_user (8)")
     parser.add_argument("--max-steps", type=int, default=64, help="the server's run_max_steps (64)")
+    parser.add_argument("--error-budget", type=int, default=10, help="the server's error_budget (10)")
     parser.add_argument("--urgency", type=float, default=2.0,
                         help="seconds a due delivery deadline may stay unhandled in the log (2.0)")
 
@@ -31,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeproof.conformance.errors import TraceUnreadable
     from pipeproof.conformance.tracecheck import ModelParams, check_file, check_lines, read_lines
 
-    params = ModelParams(args.buffer_max, args.max_attempts, args.max_connections_per_user, args.max_steps)
+    params = ModelParams(args.buffer_max, args.max_attempts, args.max_connections_per_user, args.max_steps,
+                         args.error_budget)
     try:
         if str(args.file) == "-":
             report = check_lines(read_lines(sys.stdin), params, window=args.window, urgency=args.urgency)
