@@ -34,6 +34,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from pipeproof.protocol import CloseReason
+
 from .errors import KitError, Violation
 from .oracle import Oracle, Sent, SockView, UserView
 from .properties import PROPERTIES
@@ -63,7 +65,7 @@ class Target:
     timing: Timing
     tolerate_overload: bool = False
     runs: bool = True  # the server implements sections 4-5 (runs and delivery)
-    disabled_user: str | None = None  # a user the server refuses with 4403 user_disabled
+    disabled_user: str | None = None  # a user the server refuses with user_disabled
 
     @property
     def ws_url(self) -> str:
@@ -248,7 +250,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         }
         frame = frames[kind]
         view.send("garbage" if kind == "garbage" else kind, frame)
-        self._wait(view, lambda: False, "close 4401 init_required")
+        self._wait(view, lambda: False, f"close {CloseReason.INIT_REQUIRED.describe()}")
 
     @precondition(lambda self: self.tm.init_timeout <= 5.0)
     @rule()
@@ -256,7 +258,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     def no_init(self) -> None:
         view = self._open(None, "good")
         self._act(f"connect {view.label}, send nothing")
-        self._wait(view, lambda: False, "close 4408 init_timeout",
+        self._wait(view, lambda: False, f"close {CloseReason.INIT_TIMEOUT.describe()}",
                    self.tm.late(self.tm.init_timeout) + self.tm.late(self.tm.reply_timeout))
 
     @rule(user=st.integers(0, USERS_PER_EXAMPLE - 1),
@@ -301,7 +303,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             return
         self._act(f"second connection_init on {view.label}")
         self._init(view, self.target.tokens.good(view.user.name))
-        self._wait(view, lambda: False, "close 4429 duplicate_init")
+        self._wait(view, lambda: False, f"close {CloseReason.DUPLICATE_INIT.describe()}")
 
     @rule(index=st.integers(0, 50), n=st.integers(1, 3))
     @_budgeted
@@ -366,7 +368,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     @rule()
     @_budgeted
     def limit_probe(self) -> None:
-        """A fresh user opens max_connections_per_user sockets, then one more: close 4429 connection_limit."""
+        """A fresh user opens max_connections_per_user sockets, then one more: close connection_limit."""
         if not self.target.tokens.can_mint:
             return  # a fresh user needs a minted token
         name = f"{self.names[0]}-limit-{self.seq}"
@@ -377,11 +379,11 @@ class ConformanceMachine(RuleBasedStateMachine):
         self._init_at_once(opened)
         extra = self._open(user, "good")
         self._init(extra, self.target.tokens.good(name))
-        self._wait(extra, lambda: extra.acked is not None, "close 4429 connection_limit")
+        self._wait(extra, lambda: extra.acked is not None, f"close {CloseReason.CONNECTION_LIMIT.describe()}")
         if extra.closed is None and all(v.live for v in opened):
             raise extra.fail("connection_limits_respected",
                              f"socket {self.tm.max_connections_per_user + 1} of {name} was acked",
-                             ["close 4429 connection_limit"])
+                             [f"close {CloseReason.CONNECTION_LIMIT.describe()}"])
         for v in [*opened, extra]:
             if v.closed is None:
                 v.sock.drop(True)

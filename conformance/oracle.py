@@ -20,7 +20,7 @@ Observation -> model events (section numbers of docs/protocol.md):
 * ``GET /v1/events`` states     -> delivery reaches that state (ACKED only after a client ack;
                                    ESCALATED through the transition emitting its reason)     (5)
 * event kinds in seq order      -> the run machine's transition of that name; well_ordered   (4)
-* ack's context_id / epoch      -> context ``create`` / ``attach``; close 4429 connection_limit
+* ack's context_id / epoch      -> context ``create`` / ``attach``; close connection_limit
                                    -> ``reject_limit``; a kit drop -> ``detach``              (3)
 """
 
@@ -47,6 +47,8 @@ from .wire import Obs, Socket
 AUTH_REASONS: frozenset[str] = frozenset(AuthCode)
 # The server's closes for overload or a failing dependency: allowed only when the run tolerates them.
 _OVERLOAD_EVENTS = frozenset({"unavailable", "slow_consumer"})
+_INIT_TIMEOUT, _HEARTBEAT, _LIMIT = (r.describe() for r in (
+    CloseReason.INIT_TIMEOUT, CloseReason.HEARTBEAT_TIMEOUT, CloseReason.CONNECTION_LIMIT))
 _CLOSE_BOUND = 20_000  # belief elements; far above what the kit's bounded actions produce
 
 
@@ -368,11 +370,11 @@ class SockView:
             waited = o.t - self.sock.opened
             if waited < tm.early(tm.init_timeout):
                 raise self.fail("timeouts_honoured",
-                                f"close 4408 init_timeout after {waited:.2f}s; init_timeout is {tm.init_timeout}s",
+                                f"close {_INIT_TIMEOUT} after {waited:.2f}s; init_timeout is {tm.init_timeout}s",
                                 [f"not before {tm.early(tm.init_timeout):.2f}s"])
         if reason == "heartbeat_timeout":
             self.kit.count("timeouts_honoured")
-            raise self.fail("timeouts_honoured", "close 4408 heartbeat_timeout although the client answers "
+            raise self.fail("timeouts_honoured", f"close {_HEARTBEAT} although the client answers "
                             "every ping (section 6)", ["keep the socket open"])
 
 
@@ -531,7 +533,7 @@ class UserView:
         if self.ctx[1][1] + pending >= self.kit.timing.max_connections_per_user:
             return
         raise self.kit.violation("connection_limits_respected",
-                                 f"user {self.name}: close 4429 connection_limit with {self.ctx[1][1]} socket(s) "
+                                 f"user {self.name}: close {_LIMIT} with {self.ctx[1][1]} socket(s) "
                                  f"attached, limit {self.kit.timing.max_connections_per_user}",
                                  _allowed(self.kit.ctx_machine, [self.ctx], [{"account_full": False}]))
 

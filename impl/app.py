@@ -3,7 +3,7 @@
 :func:`create_app` builds one app with its own settings, metrics registry, audit writer, limiter
 and store. Routes are thin: ``/v1/ws`` hands the socket to a
 :class:`~pipeproof.impl.session.ConnectionShell` (or refuses it before the lifecycle starts with
-1013 ``try_again_later`` when the server is not ready or over its memory limit, 1001 when it is
+``try_again_later`` when the server is not ready or over its memory limit, ``going_away`` when it is
 shutting down); ``/healthz``, ``/readyz`` and ``/metrics`` report. :func:`uvicorn_config` is how
 the server must be run: this repo's WebSocket protocol class and uvicorn's own pings disabled.
 """
@@ -81,7 +81,7 @@ def create_app(
     ``store_opener`` replaces :func:`~pipeproof.impl.store.open_store` (tests: a PostgreSQL schema).
 
     Startup (lifespan) runs :func:`validate_for_startup` (a ConfigError stops the server), opens
-    the audit log, then the readiness checks; until they pass, sockets are refused with 1013 and
+    the audit log, then the readiness checks; until they pass, sockets are refused with ``try_again_later`` and
     ``/readyz`` says which check fails, retried every second in the background.
     """
     s = settings if settings is not None else load_settings()

@@ -240,7 +240,7 @@ async def authenticate(
 ) -> Principal:
     """:func:`verify_token`, then ask ``directory`` (default: :func:`default_directory`) about the user.
 
-    ``"unknown"`` raises ``user_unknown`` (4401), ``"disabled"`` raises ``user_disabled`` (4403).
+    ``"unknown"`` raises ``user_unknown``, ``"disabled"`` raises ``user_disabled`` (their codes: protocol/closes.py).
     """
     principal = verify_token(settings, token, now=now)
     lookup = directory if directory is not None else default_directory(settings)

@@ -111,7 +111,7 @@ class ContextRegistry:
             )
         except IllegalTransition as exc:
             # The limiter (which may count other nodes) and this node's mirror disagree: the close
-            # still happens with 4429; the disagreement is counted and logged, not hidden.
+            # still happens with connection_limit; the disagreement is counted and logged, not hidden.
             self.metrics.illegal_transitions.labels(machine="context", event="reject_limit").inc()
             log.warning("context mirror disagrees with the limiter: %s", exc)
 

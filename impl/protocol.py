@@ -6,10 +6,10 @@ this protocol class, which publishes two hooks in ``scope["extensions"]["pipepro
 
 * ``"ping"``: a callable sending one WebSocket ping and returning a future resolved (with the
   round-trip seconds) when the matching pong arrives; it raises ``ConnectionError`` when the
-  socket is already closing. The app runs the heartbeat loop and decides the 4408 close itself.
+  socket is already closing. The app runs the heartbeat loop and decides the ``heartbeat_timeout`` close itself.
 * ``"on_shutdown"``: register ``(callback, grace_seconds)``. On server shutdown uvicorn would send
   1012 to every socket directly; instead the callback is run so the app closes the socket through
-  its machine (``drain``, ``drain_close``: 1001 ``going_away``). If the socket is still open after
+  its machine (``drain``, ``drain_close``: ``going_away``). If the socket is still open after
   the grace period, uvicorn's own shutdown runs as a last resort.
 
 Without these hooks (another ASGI server, Starlette's TestClient) the app logs and counts that

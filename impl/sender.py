@@ -15,7 +15,7 @@ Every JSON frame and the close frame of a socket go through one :class:`Sender`:
   :class:`~pipeproof.errors.AuditWriteFailed`, no data frame is written: the queued data frames
   are dropped (their events stay in the store and are resent or redelivered on resume), a queued
   close frame is kept, ``on_failure`` hears ``SendFailed("audit")`` once (the session closes
-  1013 ``try_again_later``, PROTOCOL section 6), and the writer keeps running to write that
+  ``try_again_later``, PROTOCOL section 6), and the writer keeps running to write that
   close frame: a close frame is preceded by a flush too, but goes out even if that flush fails
   (the socket must close either way).
 """
@@ -186,7 +186,7 @@ class Sender:
         are resent on this context's next socket (resume) or when their ack wait ends; a frame a
         client never saw costs a resend, a frame whose line is missing would break the log. A
         queued close frame is kept and written without a flush (the socket must close either way).
-        The session is told once; it queues its close frame (1013) and the loop goes on to write
+        The session is told once; it queues its close frame (``try_again_later``) and the loop goes on to write
         it (PROTOCOL sections 5 and 6)."""
         kept = [item for item in self._items if isinstance(item, _Close)]
         dropped = 1 + len(self._items) - len(kept)

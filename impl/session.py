@@ -136,7 +136,7 @@ class ConnectionShell:
             await self.sender.wait_room(timeout)
 
     async def send(self, frame: OutboundFrame) -> None:
-        """Queue ``frame`` through the choke point; a full queue closes the socket (1013)."""
+        """Queue ``frame`` through the choke point; a full queue closes the socket (``slow_consumer``)."""
         if self.sender is None:
             raise SendFailed("closed", "socket not accepted")
         try:
@@ -378,7 +378,7 @@ class ConnectionShell:
             await self._reply(ErrorFrame(code=ErrorCode.INTERNAL, request_id=request_id, detail=type(exc).__name__))
 
     async def _heartbeat(self) -> None:
-        """Section 6: ping every interval; a peer silent for two intervals is closed 4408."""
+        """Section 6: ping every interval; a peer silent for two intervals is closed ``heartbeat_timeout``."""
         interval = self.settings.heartbeat_interval
         ping = self._extension("ping")
         metrics = self.state.metrics
@@ -474,7 +474,7 @@ class ConnectionShell:
             return
         if exc.why == "audit":
             # The audit log cannot be written, so the sender dropped this socket's data frames
-            # (their events stay in the store). The socket itself is fine: close it 1013 like a
+            # (their events stay in the store). The socket itself is fine: close it ``try_again_later`` like a
             # store failure (section 6), so the client reconnects with backoff and resumes once
             # /readyz is back (new sockets are refused while the log fails).
             self.apply(self.core.server_close("unavailable", {"send_failed": "audit"}))

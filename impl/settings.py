@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     init_timeout: PositiveSeconds = 3.0
     preready_buffer_frames: int = Field(default=32, ge=1)
     preready_buffer_bytes: int = Field(default=262_144, ge=1)
-    error_budget: int = Field(default=10, ge=1, description="malformed frames tolerated before 4400")
+    error_budget: int = Field(default=10, ge=1, description="malformed frames answered before invalid_message")
     send_queue_max: int = Field(default=256, ge=1)
 
     # Section 3: contexts and limits.
