@@ -106,3 +106,12 @@ def test_close_code_table_covers_the_protocol() -> None:
     assert by_code[1011] == {"internal_error"}
     assert CloseReason.of("user_disabled").code == 4403
     assert CloseReason.documented(4403, "user_disabled") and not CloseReason.documented(4401, "user_disabled")
+
+
+def test_docs_close_table_is_rendered_from_the_enum() -> None:
+    from pathlib import Path
+
+    from pipeproof.protocol import close_table_markdown
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    assert close_table_markdown() in doc
