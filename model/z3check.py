@@ -42,7 +42,8 @@ from pipeproof.model.z3props import (
     closure,
     invariant,
 )
-from pipeproof.model.z3system import Case, St, SysEnc, Universe
+from pipeproof.model.z3system import Case, St, SysEnc
+from pipeproof.model.z3universe import Universe
 
 if TYPE_CHECKING:
     from pipeproof.model.checks import CheckOptions, Row

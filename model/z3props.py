@@ -23,7 +23,8 @@ from pipeproof.model.context import Ctx
 from pipeproof.model.delivery import RANK, Delivery
 from pipeproof.model.run import Run
 from pipeproof.model.z3enc import Term
-from pipeproof.model.z3system import WO, Case, St, SysEnc
+from pipeproof.model.z3system import Case, St, SysEnc
+from pipeproof.model.z3wo import WO
 
 Body = Callable[[SysEnc, St], Term]
 

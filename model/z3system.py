@@ -21,7 +21,7 @@ Two universes share this code:
 
 Ghost state, used only by proofs, never restricting a real step (each ghost update is a total
 function of the pre-state): ``wo`` (User -> the well-ordering automaton's state after reading the
-stream, :func:`wo_step`), ``total`` (the sum of ``ctx.conns`` over users, kept by adding each
+stream, :func:`pipeproof.model.z3wo.wo_step`), ``total`` (the sum of ``ctx.conns`` over users, kept by adding each
 step's delta: a step changes at most one user's count), ``slot``/``holder`` (a bijection between a
 user's attached sessions and ``0 .. conns-1``: the first-order way to say "conns counts the
 attached sockets", which FOL cannot count directly).
@@ -31,129 +31,31 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import z3
 
 from pipeproof.errors import ModelDefinitionError
 from pipeproof.model.connection import ATTACHED, Conn
 from pipeproof.model.context import Ctx
-from pipeproof.model.run import AGENT_EVENTS, TERMINAL_EVENTS
+from pipeproof.model.run import AGENT_EVENTS
 from pipeproof.model.spec import Config, Transition
 from pipeproof.model.system import (
     CLIENT_CONN_ACTIONS,
     SERVER_CONN_ACTIONS,
-    Bounds,
     State,
     SystemModel,
     input_choices,
     reads_inputs,
     same_user,
 )
-from pipeproof.model.z3enc import MachineEnc, Term, ZCfg, enum_sort, value_term
+from pipeproof.model.z3enc import MachineEnc, Term, ZCfg, value_term
+from pipeproof.model.z3universe import Universe
+from pipeproof.model.z3wo import KIND, WO, wo_run
+from pipeproof.model.z3wo import wo_next as _wo_next
 
 FAMILY_MACHINE = {"conn": "connection", "ctx": "context", "run": "run", "event": "delivery"}
 INDEX = {"conn": "S", "ctx": "U", "run": "U", "event": "UI"}
-
-# -- the well-ordering automaton (docs/protocol.md section 4) -------------------------------------
-WO_STATES = ("EMPTY", "IN", "TOOL", "DONE", "BAD")
-"""EMPTY: nothing emitted; IN: started, no tool open; TOOL: a tool is executing; DONE: a terminal
-event was emitted; BAD: the stream broke section 4's ordering (``invariants.well_ordered``)."""
-
-
-def wo_step(q: str, kind: str) -> str:
-    """The automaton reading one more agent event; ``wo_run(kinds) == 'BAD'`` exactly when
-    ``invariants.well_ordered(kinds)`` names a problem (tests/model/test_z3system.py checks it)."""
-    if q in ("BAD", "DONE"):
-        return "BAD"  # nothing follows a terminal event
-    if q == "EMPTY":
-        return {"agent_started": "IN", "agent_failed": "DONE"}.get(kind, "BAD")
-    if kind == "agent_started":
-        return "BAD"
-    if q == "IN":
-        return {"agent_thinking": "IN", "tool_executing": "TOOL", "agent_completed": "DONE",
-                "agent_failed": "DONE"}.get(kind, "BAD")
-    # TOOL: thinking may interleave; the tool must complete before anything terminal.
-    return {"agent_thinking": "TOOL", "tool_completed": "IN"}.get(kind, "BAD")
-
-
-def wo_run(kinds: Sequence[str]) -> str:
-    q = "EMPTY"
-    for k in kinds:
-        q = wo_step(q, k)
-    return q
-
-
-KIND = enum_sort("Kind", AGENT_EVENTS)
-WO = enum_sort("WellOrder", WO_STATES)
-
-
-# -- universes ------------------------------------------------------------------------------------
-@dataclass
-class Universe:
-    """Who the sessions and users are, and the bounds, as Z3 terms (see module docstring)."""
-
-    symbolic: bool
-    S: Term
-    U: Term
-    sessions: tuple[Term, ...] = ()
-    users: tuple[Term, ...] = ()
-    owner_fn: Term = None
-    K: Term = None  # events per user's stream
-    max_account: Term = None
-    params: dict[str, Term] = field(default_factory=dict)  # symbolic machine parameters
-    assumptions: list[Term] = field(default_factory=list)
-    bounds: Bounds | None = None
-    k_int: int = 0
-    _owner_of: tuple[int, ...] = ()
-
-    @classmethod
-    def symbolic_universe(cls) -> Universe:
-        """Any number of users, sessions and events; bounds unconstrained except positivity."""
-        S, U = z3.DeclareSort("Session"), z3.DeclareSort("User")
-        p = {n: z3.Int(n) for n in ("buffer_max", "error_budget", "max_connections_per_user", "max_attempts",
-                                    "ack_timeout", "resume_window", "horizon", "max_steps")}
-        K, acct = z3.Int("events_per_user"), z3.Int("max_connections_per_account")
-        assumptions = [
-            p["buffer_max"] >= 0, p["error_budget"] >= 0, p["max_connections_per_user"] >= 1, p["max_attempts"] >= 1,
-            p["ack_timeout"] >= 0, p["resume_window"] >= 0, p["max_steps"] >= 0, K >= 2, acct >= 0,
-            # Section 5's liveness horizon, derived exactly as delivery_machine derives it.
-            p["horizon"] == p["max_attempts"] * p["ack_timeout"] + p["resume_window"],
-        ]
-        return cls(True, S, U, owner_fn=z3.Function("owner", S, U), K=K, max_account=acct, params=p,
-                   assumptions=assumptions)
-
-    @classmethod
-    def finite_universe(cls, bounds: Bounds) -> Universe:
-        """The scenario's instance: ``bounds.users`` users, ``sessions_per_user`` sessions each."""
-        su = enum_sort(f"User{bounds.users}", [f"u{k}" for k in range(bounds.users)])
-        ss = enum_sort(f"Session{bounds.users}x{bounds.sessions_per_user}",
-                       [f"s{k}" for k in range(bounds.sessions)])
-        owner_of = tuple(k // bounds.sessions_per_user for k in range(bounds.sessions))
-        return cls(False, ss.sort, su.sort, sessions=ss.consts, users=su.consts, K=z3.IntVal(bounds.events_per_user),
-                   max_account=z3.IntVal(bounds.max_connections_per_account), bounds=bounds,
-                   k_int=bounds.events_per_user, _owner_of=owner_of)
-
-    def owner(self, s: Term) -> Term:
-        if self.symbolic:
-            return self.owner_fn(s)
-        out = self.users[self._owner_of[-1]]
-        for k in range(len(self.sessions) - 2, -1, -1):
-            out = z3.If(s == self.sessions[k], self.users[self._owner_of[k]], out)
-        return out
-
-    def forall(self, sort: str, body: Callable[..., Term], name: str = "x") -> Term:
-        """``forall x: sort. body(x)``; ``sort`` is "S", "U" or "Int" (seq; finite: 1..K only,
-        callers always guard seqs by ``1 <= i <= len``)."""
-        if self.symbolic:
-            v = z3.Const(f"{name}!{sort}", {"S": self.S, "U": self.U, "Int": z3.IntSort()}[sort])
-            return z3.ForAll([v], body(v))
-        dom = {"S": self.sessions, "U": self.users, "Int": [z3.IntVal(i) for i in range(1, self.k_int + 1)]}[sort]
-        return z3.And([body(x) for x in dom])
-
-    def exists(self, sort: str, body: Callable[..., Term], name: str = "x") -> Term:
-        return z3.Not(self.forall(sort, lambda x: z3.Not(body(x)), name))
-
 
 # -- the state ------------------------------------------------------------------------------------
 St = dict[str, Term]
@@ -647,13 +549,6 @@ class SysEnc:
         )
 
 
-def _wo_next(wo: Term, kind: str) -> Term:
-    out = WO[wo_step("BAD", kind)]
-    for q in WO_STATES:
-        out = z3.If(wo == WO[q], WO[wo_step(q, kind)], out)
-    return out
-
-
 class _Draft:
     """Builds one case: guards accumulate, component results are stored into the post-state."""
 
@@ -741,5 +636,3 @@ class _Draft:
         return Case(action, actor, self.args, z3.And(self.guards) if self.guards else z3.BoolVal(True),
                     self.post, self.firings, list(sessions))
 
-
-TERMINAL_KINDS = frozenset(TERMINAL_EVENTS)

@@ -13,7 +13,8 @@ from pipeproof.model.mutants import BY_NAME as MUTANTS
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import State, System
 from pipeproof.model.z3props import LEMMAS, PROPERTIES, closure
-from pipeproof.model.z3system import SysEnc, Universe
+from pipeproof.model.z3system import SysEnc
+from pipeproof.model.z3universe import Universe
 
 
 def _reached(system: System, limit: int) -> list[State]:

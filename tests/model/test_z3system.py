@@ -19,7 +19,9 @@ from pipeproof.model.mutants import BY_NAME as MUTANTS
 from pipeproof.model.run import AGENT_EVENTS
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import State, System
-from pipeproof.model.z3system import SysEnc, Universe, wo_run
+from pipeproof.model.z3system import SysEnc
+from pipeproof.model.z3universe import Universe
+from pipeproof.model.z3wo import wo_run
 
 
 def test_well_ordering_automaton_matches_the_predicate() -> None:
