@@ -45,9 +45,9 @@ class AuthError(ProtocolError):
     for logs only and never holds the token or the key.
     """
 
-    def __init__(self, code: AuthCode, detail: str = "") -> None:
-        self.code: AuthCode = code
-        close = CloseReason.for_auth(code)
+    def __init__(self, code: AuthCode | str, detail: str = "") -> None:
+        self.code: AuthCode = AuthCode(code)  # ValueError for a code section 2 does not define
+        close = CloseReason.for_auth(self.code)
         status = close.code.http_status
         if status is None:
             raise ValueError(f"{code} has no HTTP status")

@@ -46,7 +46,7 @@ def test_every_fire_writes_one_line(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["event"] for line in lines] == ["recv_init", "recv_frame", "auth_ok", "create"]
     assert all(set(line) == KEYS for line in lines)
-    assert lines[1]["vars"] == {"queued": 1, "ack_sent": False} and lines[1]["detail"] == {"type": "ack"}
+    assert lines[1]["vars"] == {"queued": 1, "ack_sent": False, "errors": 0} and lines[1]["detail"] == {"type": "ack"}
     assert (lines[0]["user"], lines[2]["user"], lines[2]["context_id"]) == (None, "alice", "c1")
     assert (lines[2]["from"], lines[2]["to"]) == ("INITIALISING", "READY")
     assert lines[3]["detail"] == {"inputs": {"account_full": False}}
