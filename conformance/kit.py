@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from hypothesis import HealthCheck, Phase, settings
@@ -38,9 +37,8 @@ from pipeproof.protocol import CloseReason
 
 from .errors import KitError, Violation
 from .oracle import Oracle, Sent, SockView, UserView
-from .properties import PROPERTIES
-from .timing import Timing
-from .wire import Http, Socket, Tokens, urls
+from .results import KitResult, Target, summary
+from .wire import Http, Socket
 
 USERS_PER_EXAMPLE = 3
 RUN_INPUTS = (
@@ -54,40 +52,6 @@ RUN_INPUTS = (
 QUEUE_BEHIND = '/sleep {"seconds": 0.3}\n6*7'  # a run long enough for a second one to queue behind it
 TTL_PROBES = 1  # context-expiry probes per kit run: each waits context_ttl
 GARBAGE = ("{not json", '{"type": "run.stop"}', '{"type": "ack", "seq": -1}', "[1, 2]", '{"type": 7}')
-
-
-@dataclass
-class Target:
-    """The server under test and what it declared."""
-
-    url: str
-    tokens: Tokens
-    timing: Timing
-    tolerate_overload: bool = False
-    runs: bool = True  # the server implements sections 4-5 (runs and delivery)
-    disabled_user: str | None = None  # a user the server refuses with user_disabled
-
-    @property
-    def ws_url(self) -> str:
-        return urls(self.url)[0]
-
-    @property
-    def http_url(self) -> str:
-        return urls(self.url)[1]
-
-
-@dataclass
-class KitResult:
-    examples: int = 0
-    actions: int = 0
-    seconds: float = 0.0
-    checks: dict[str, int] = field(default_factory=dict)
-    violation: Violation | None = None
-    ttl_probes: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.violation is None
 
 
 _counter = iter(range(1, 10**9))
@@ -701,18 +665,6 @@ def _first_violation(exc: BaseException) -> Violation | None:
         seen.extend(x for x in (e.__cause__, e.__context__) if x is not None)
         seen.extend(getattr(e, "exceptions", ()))
     return None
-
-
-def summary(result: KitResult) -> list[tuple[str, str, int]]:
-    """(property, "pass" | "FAIL" | "not exercised", checks) per property."""
-    rows = []
-    for name in PROPERTIES:
-        n = result.checks.get(name, 0)
-        if result.violation is not None and result.violation.prop == name:
-            rows.append((name, "FAIL", n))
-        else:
-            rows.append((name, "pass" if n else "not exercised", n))
-    return rows
 
 
 __all__ = ["ConformanceMachine", "KitResult", "Target", "run_kit", "summary"]

@@ -1,0 +1,59 @@
+"""What the kit runs against and what it reports (docs/conformance.md, "Running the kit")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import Violation
+from .properties import PROPERTIES
+from .timing import Timing
+from .wire import Tokens, urls
+
+
+@dataclass
+class Target:
+    """The server under test and what it declared."""
+
+    url: str
+    tokens: Tokens
+    timing: Timing
+    tolerate_overload: bool = False
+    runs: bool = True  # the server implements sections 4-5 (runs and delivery)
+    disabled_user: str | None = None  # a user the server refuses with user_disabled
+
+    @property
+    def ws_url(self) -> str:
+        return urls(self.url)[0]
+
+    @property
+    def http_url(self) -> str:
+        return urls(self.url)[1]
+
+
+@dataclass
+class KitResult:
+    examples: int = 0
+    actions: int = 0
+    seconds: float = 0.0
+    checks: dict[str, int] = field(default_factory=dict)
+    violation: Violation | None = None
+    ttl_probes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.violation is None
+
+
+def summary(result: KitResult) -> list[tuple[str, str, int]]:
+    """(property, "pass" | "FAIL" | "not exercised", checks) per property."""
+    rows = []
+    for name in PROPERTIES:
+        n = result.checks.get(name, 0)
+        if result.violation is not None and result.violation.prop == name:
+            rows.append((name, "FAIL", n))
+        else:
+            rows.append((name, "pass" if n else "not exercised", n))
+    return rows
+
+
+__all__ = ["KitResult", "Target", "summary"]
