@@ -1,13 +1,14 @@
 """Guaranteed event delivery, the asyncio shell: every event ends ACKED or ESCALATED (PROTOCOL section 5).
 
 The decisions are :class:`~pipeproof.core.delivery.DeliveryCore`'s (src/pipeproof/core/delivery.py):
-per context, :class:`DeliveryService` keeps a :class:`_Stream` holding the core of that stream
-(the delivery machine of every unfinished event, audit id ``"<context_id>:<seq>"``, fired
-through :class:`~pipeproof.impl.audit.TracedMachine`), the READY sessions of the context on this
-node, and the asyncio parts the core has none of: a lock, the producers' outbox and its appender
-task, the clock task. This module feeds the core what happened, with ``time.monotonic()``, and
-carries out the commands it returns, in order: it writes frames through each session's sender
-(the choke point), awaits the store writes, and sleeps until ``core.next_deadline()``.
+per context, :class:`DeliveryService` keeps a :class:`~pipeproof.impl.delivery_stream.Stream`
+holding the core of that stream (the delivery machine of every unfinished event, audit id
+``"<context_id>:<seq>"``, fired through :class:`~pipeproof.impl.audit.TracedMachine`), the READY
+sessions of the context on this node, and the asyncio parts the core has none of: a lock, the
+producers' outbox and its appender task, the clock task. This module feeds the core what
+happened, with ``time.monotonic()``, and carries out the commands it returns, in order: it writes
+frames through each session's sender (the choke point), awaits the store writes, and sleeps until
+``core.next_deadline()``.
 
 * :meth:`DeliveryService.publish` queues the event; the stream's appender commits the queue as
   one append (the store allocates ``seq`` atomically) *before* anything is sent, then hands the
@@ -47,11 +48,9 @@ import logging
 import random
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from pipeproof.core.delivery import (
-    NEVER,
     Acked,
     AckThrough,
     CatchUp,
@@ -62,7 +61,6 @@ from pipeproof.core.delivery import (
     MarkSent,
     SendEvent,
     Timings,
-    Tracked,
     Transmit,
     ack_wait,
     restored_runner,
@@ -71,10 +69,10 @@ from pipeproof.errors import StoreError
 from pipeproof.model.delivery import delivery_machine
 from pipeproof.model.spec import Runner
 from pipeproof.protocol import DeliveryState
-from pipeproof.protocol.frames import EventFrame
 
 from .audit import AuditWriter, TracedMachine
 from .delivery_metrics import DeliveryMetrics
+from .delivery_stream import Outgoing, Stream, event_frame
 from .handlers import Session
 from .sender import SendFailed
 from .settings import Settings
@@ -83,59 +81,14 @@ from .store import EventRecord, Store, encode_event_data
 log = logging.getLogger("pipeproof.delivery")
 
 
-def _frame(record: EventRecord, attempt: int) -> EventFrame:
-    return EventFrame(
-        seq=record.seq,
-        event_id=record.event_id,
-        run_id=record.run_id,
-        event=record.kind,  # type: ignore[arg-type]
-        data=dict(record.data),
-        attempt=attempt,
-    )
-
-
-@dataclass
-class _Outgoing:
-    """An event a producer queued: appended by the stream's appender, then sent."""
-
-    run_id: str
-    kind: str
-    payload: str  # the data, encoded as the store keeps it
-    user: str
-    done: asyncio.Future[EventRecord] | None = None  # publish(durable=True) waits on it
-
-
-@dataclass(eq=False)
-class _Stream:
-    """One context's stream on this node: its core, and the asyncio parts around it."""
-
-    context_id: str
-    user: str
-    core: DeliveryCore[EventRecord]
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    sessions: dict[str, Session] = field(default_factory=dict)  # the core's READY sessions, by id
-    changed: asyncio.Event = field(default_factory=asyncio.Event)  # wakes the clock (see _wake)
-    room: asyncio.Event = field(default_factory=asyncio.Event)
-    clock: asyncio.Task[None] | None = None
-    users: int = 0  # publishes and session registrations in progress: the stream must not be dropped
-    appending: int = 0  # events in the append being committed: they count against the window
-    outbox: list[_Outgoing] = field(default_factory=list)  # queued, not yet handed to the store
-    appender: asyncio.Task[None] | None = None  # commits the outbox batch by batch (publish)
-    refused: dict[str, StoreError] = field(default_factory=dict)  # run_id -> why its events were dropped
-    due: float = -NEVER  # what the clock sleeps until; -inf while it is awake and will recompute
-
-    @property
-    def live(self) -> Mapping[int, Tracked[EventRecord]]:
-        """The unfinished events, in seq order (the core's)."""
-        return self.core.live
-
-    @property
-    def acking(self) -> bool:
-        return self.core.acking
-
-
 class DeliveryService:
-    """Delivery for every context with sessions or unfinished events on this node (section 5)."""
+    """Delivery for every context with sessions or unfinished events on this node (section 5).
+
+    ``core_class`` is the core each stream gets; a variant of the server (the seeded defects of
+    tests/conformance) replaces it, and ``machine``, with a broken one.
+    """
+
+    core_class: type[DeliveryCore[EventRecord]] = DeliveryCore
 
     def __init__(
         self,
@@ -153,7 +106,7 @@ class DeliveryService:
         self.machine = delivery_machine(settings.max_attempts, 1, 1)
         self.timings = Timings.of(settings)
         self._rng = rng or random.Random()
-        self.streams: dict[str, _Stream] = {}
+        self.streams: dict[str, Stream] = {}
         self.recovered = asyncio.Event()
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()  # hand-offs of cancelled callers (_hand_off)
@@ -164,10 +117,10 @@ class DeliveryService:
 
     # -- streams -------------------------------------------------------------------------------
 
-    def _stream(self, context_id: str, user: str) -> _Stream:
+    def _stream(self, context_id: str, user: str) -> Stream:
         stream = self.streams.get(context_id)
         if stream is None:
-            stream = _Stream(context_id, user, self._core(context_id, user))
+            stream = Stream(context_id, user, self._core(context_id, user))
             self.streams[context_id] = stream
         return stream
 
@@ -181,10 +134,10 @@ class DeliveryService:
                 machine, "delivery", f"{context_id}:{seq}", audit, user=user, context_id=context_id, runner=runner
             )
 
-        return DeliveryCore(machine, self.timings, self._rng.random, traced)
+        return self.core_class(machine, self.timings, self._rng.random, traced)
 
     @contextlib.contextmanager
-    def _using(self, context_id: str, user: str) -> Iterator[_Stream]:
+    def _using(self, context_id: str, user: str) -> Iterator[Stream]:
         """The context's stream, kept registered while the caller awaits on it. (A plain context
         manager: an async one would cost publish, the hot path, an extra coroutine per event.)"""
         stream = self._stream(context_id, user)
@@ -195,28 +148,21 @@ class DeliveryService:
             stream.users -= 1
             self._maybe_forget(stream)
 
-    def _tracked(self, stream: _Stream, count: int) -> None:
+    def _tracked(self, stream: Stream, count: int) -> None:
         """``count`` events were handed to the stream's core: count them, run its clock."""
         self.metrics.live.inc(count)
-        self._ensure_clock(stream)
-        self._wake(stream)
+        stream.start_clock(self._fire_due, lambda: self._closed)
+        stream.wake()
 
-    def _released(self, stream: _Stream, count: int) -> None:
+    def _released(self, stream: Stream, count: int) -> None:
         """The core let ``count`` events go (acked or escalated)."""
         self.metrics.live.dec(count)
         if len(stream.core) < self.settings.max_inflight_events:
             stream.room.set()
 
-    def _maybe_forget(self, stream: _Stream) -> None:
+    def _maybe_forget(self, stream: Stream) -> None:
         # Memory stays proportional to what is live: an idle stream is dropped.
-        if (
-            not stream.core.live
-            and not stream.sessions
-            and stream.users == 0
-            and not stream.outbox
-            and not stream.refused  # a run has yet to hear why its events were dropped
-            and self.streams.get(stream.context_id) is stream
-        ):
+        if stream.idle() and self.streams.get(stream.context_id) is stream:
             del self.streams[stream.context_id]
             stream.changed.set()  # its clock, if any, sees nothing live and ends
 
@@ -277,7 +223,7 @@ class DeliveryService:
                 stream.room.clear()
                 await stream.room.wait()
                 self.check_run(context_id, run_id)
-            item = _Outgoing(run_id, kind, encode_event_data(data), user)
+            item = Outgoing(run_id, kind, encode_event_data(data), user)
             if durable:
                 item.done = asyncio.get_running_loop().create_future()
             stream.outbox.append(item)
@@ -302,9 +248,9 @@ class DeliveryService:
             self._maybe_forget(stream)
             raise exc
 
-    async def _append_loop(self, stream: _Stream) -> None:
+    async def _append_loop(self, stream: Stream) -> None:
         """The stream's appender: commit a batch, hand it to the core and send it, repeat."""
-        batch: list[_Outgoing] = []
+        batch: list[Outgoing] = []
         try:
             while stream.outbox:
                 batch, stream.outbox = stream.outbox, []
@@ -344,7 +290,7 @@ class DeliveryService:
             stream.users -= 1
             self._maybe_forget(stream)
 
-    async def _deliver_batch(self, stream: _Stream, batch: list[_Outgoing], records: list[EventRecord]) -> None:
+    async def _deliver_batch(self, stream: Stream, batch: list[Outgoing], records: list[EventRecord]) -> None:
         """Hand a committed batch to the core, send what it offers (seq order), then answer its
         durable producers."""
         for record in records:
@@ -359,7 +305,7 @@ class DeliveryService:
                 item.done.set_result(record)
 
     @staticmethod
-    def _tell(stream: _Stream, items: list[_Outgoing], exc: StoreError) -> None:
+    def _tell(stream: Stream, items: list[Outgoing], exc: StoreError) -> None:
         """Each producer of ``items`` hears of ``exc``: a durable one at once, the others on their
         run's next publish (check_run)."""
         for item in items:
@@ -369,7 +315,7 @@ class DeliveryService:
             else:
                 stream.refused.setdefault(item.run_id, exc)
 
-    def _refuse(self, stream: _Stream, batch: list[_Outgoing], exc: StoreError) -> None:
+    def _refuse(self, stream: Stream, batch: list[Outgoing], exc: StoreError) -> None:
         """A batch was not stored: it and everything queued behind it are dropped (sending the
         later ones would leave a gap in their runs), and each producer hears of it."""
         dropped = batch + stream.outbox
@@ -381,7 +327,7 @@ class DeliveryService:
         self._tell(stream, dropped, exc)
         stream.room.set()
 
-    def _hand_off(self, stream: _Stream, work: Coroutine[Any, Any, None], what: str) -> None:
+    def _hand_off(self, stream: Stream, work: Coroutine[Any, Any, None], what: str) -> None:
         """Run ``work`` (the rest of a cancelled caller's delivery step) in a task of its own,
         keeping the stream registered until it is done."""
         stream.users += 1
@@ -407,7 +353,7 @@ class DeliveryService:
 
     # -- carrying out the core's commands --------------------------------------------------------
 
-    async def _run(self, stream: _Stream, commands: Sequence[Command]) -> None:
+    async def _run(self, stream: Stream, commands: Sequence[Command]) -> None:
         """Carry out ``commands`` in order, under the stream's lock; a StoreError stops them and
         propagates (what is left stays as the core has it: resent or escalated later)."""
         for command in commands:
@@ -422,7 +368,7 @@ class DeliveryService:
             else:
                 await self._catch_up(stream, command)
 
-    async def _send(self, stream: _Stream, seq: int) -> None:
+    async def _send(self, stream: Stream, seq: int) -> None:
         """Offer event ``seq`` to every session the core names; it fires send or send_failed."""
         core = stream.core
         plan = core.transmit(seq)
@@ -444,13 +390,13 @@ class DeliveryService:
             (self.metrics.first_sends if plan.attempt == 1 else self.metrics.resends).inc()
         else:
             self.metrics.send_failures.inc()
-        self._wake(stream)
+        stream.wake()
         if commands:
             await self._run(stream, commands)
 
-    async def _write(self, stream: _Stream, plan: Transmit[EventRecord]) -> int:
+    async def _write(self, stream: Stream, plan: Transmit[EventRecord]) -> int:
         """Queue the event frame of ``plan`` on each of its sessions; returns how many took it."""
-        frame = _frame(plan.record, plan.attempt)
+        frame = event_frame(plan.record, plan.attempt)
         written = 0
         for session_id in plan.sessions:
             session = stream.sessions.get(session_id)
@@ -464,7 +410,7 @@ class DeliveryService:
                 log.info("event %s:%d not queued on %s: %s", stream.context_id, plan.seq, session_id, exc.why)
         return written
 
-    async def _catch_up(self, stream: _Stream, command: CatchUp) -> bool:
+    async def _catch_up(self, stream: Stream, command: CatchUp) -> bool:
         """Write the attempt in flight of an event to a joining session (no transition); False
         when the session refused the frame (it is closing)."""
         session = stream.sessions.get(command.session_id)
@@ -474,12 +420,12 @@ class DeliveryService:
             await session.wait_room(self.settings.ack_timeout)
             plan = stream.core.in_flight(command.seq, command.session_id)
             if plan is not None:  # else acked while we waited for room: never written again
-                await session.send(_frame(plan.record, plan.attempt))
+                await session.send(event_frame(plan.record, plan.attempt))
         except SendFailed:
             return False
         return True
 
-    async def _escalate(self, stream: _Stream, command: EscalateEvent) -> None:
+    async def _escalate(self, stream: Stream, command: EscalateEvent) -> None:
         """Record an escalation the core made: the store, the metric and the log (section 5)."""
         self._released(stream, 1)
         try:
@@ -506,7 +452,7 @@ class DeliveryService:
             # Shielded: a socket closing under us must not cut a store write from its transitions.
             await asyncio.shield(self._register(stream, session, resume_last_seq))
 
-    async def _register(self, stream: _Stream, session: Session, resume_last_seq: int | None) -> None:
+    async def _register(self, stream: Stream, session: Session, resume_last_seq: int | None) -> None:
         if resume_last_seq is not None:
             await self._ack(stream, resume_last_seq, session.session_id, resume=True)
         async with stream.lock:
@@ -522,7 +468,7 @@ class DeliveryService:
                         break
                 else:
                     await self._run(stream, (command,))
-            self._wake(stream)
+            stream.wake()
 
     def session_closed(self, session: Session) -> None:
         """A socket left: if it was the context's last one, PENDING events start spending their
@@ -535,7 +481,7 @@ class DeliveryService:
         if stream is None or stream.sessions.pop(session.session_id, None) is None:
             return
         stream.core.session_left(session.session_id, time.monotonic())
-        self._wake(stream)
+        stream.wake()
         self._maybe_forget(stream)
 
     # -- acks ----------------------------------------------------------------------------------
@@ -548,7 +494,7 @@ class DeliveryService:
             return []
         return await self._ack(stream, seq, session.session_id)
 
-    async def _ack(self, stream: _Stream, seq: int, session_id: str, *, resume: bool = False) -> list[int]:
+    async def _ack(self, stream: Stream, seq: int, session_id: str, *, resume: bool = False) -> list[int]:
         """Record a cumulative ack: the store write outside the lock, the machines after it.
 
         The core clamps the ack to the delivered prefix and coalesces the acks of the stream
@@ -563,7 +509,7 @@ class DeliveryService:
         return await self._ack_rounds(stream, write, None)
 
     async def _ack_rounds(
-        self, stream: _Stream, write: AckThrough | None, inflight: asyncio.Future[list[int]] | None
+        self, stream: Stream, write: AckThrough | None, inflight: asyncio.Future[list[int]] | None
     ) -> list[int]:
         """Write acks until the core has none left to ask for.
 
@@ -597,15 +543,15 @@ class DeliveryService:
                     stream.core.ack_failed()  # abandoned by a bug: the events keep their deadlines
                 # Events the store did not ack have their deadlines back, maybe earlier than the
                 # one the clock sleeps until.
-                self._wake(stream)
+                stream.wake()
         return done
 
     async def _ack_rest(
-        self, stream: _Stream, write: AckThrough, inflight: asyncio.Future[list[int]]
+        self, stream: Stream, write: AckThrough, inflight: asyncio.Future[list[int]]
     ) -> None:
         await self._ack_rounds(stream, write, inflight)
 
-    def _count_acks(self, stream: _Stream, result: Acked) -> None:
+    def _count_acks(self, stream: Stream, result: Acked) -> None:
         if not result.seqs:
             return
         self.metrics.acked.inc(len(result.seqs))
@@ -616,40 +562,8 @@ class DeliveryService:
 
     # -- the clock -----------------------------------------------------------------------------
 
-    def _ensure_clock(self, stream: _Stream) -> None:
-        if stream.clock is None or stream.clock.done():
-            stream.due = -NEVER
-            stream.clock = asyncio.get_running_loop().create_task(
-                self._run_clock(stream), name=f"delivery-clock-{stream.context_id}"
-            )
-
-    @staticmethod
-    def _wake(stream: _Stream) -> None:
-        """Wake the stream's clock if the core now has a deadline before what it sleeps until.
-        Most changes only add later deadlines (a send's ack wait) or remove some (an ack): waking
-        the clock for those would cost a wake-up and a scan per event."""
-        if stream.core.earliest < stream.due:
-            stream.changed.set()
-
-    async def _run_clock(self, stream: _Stream) -> None:
-        """Fire every due deadline of the stream; exits when the stream has nothing unfinished."""
-        core = stream.core
-        while core.live and not self._closed:
-            stream.changed.clear()
-            due = core.next_deadline()
-            wait = due - time.monotonic()
-            if wait > 0:
-                stream.due = due
-                try:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(None if due == NEVER else wait):
-                            await stream.changed.wait()
-                finally:
-                    stream.due = -NEVER
-                continue
-            await asyncio.shield(self._fire_due(stream))
-
-    async def _fire_due(self, stream: _Stream) -> None:
+    async def _fire_due(self, stream: Stream) -> None:
+        """The stream's clock found a deadline due: the core fires it, under the lock."""
         async with stream.lock:
             await self._run(stream, stream.core.tick(time.monotonic()))
 
