@@ -4,85 +4,41 @@ on loopback, SQLite or PostgreSQL), an event-reading client, and audit-log repla
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from server_harness import ServerThread, init_frame, make_settings, open_ws
-from sqlalchemy.ext.asyncio import create_async_engine
+from pg import BACKENDS
+from server_harness import ServerPool, ServerThread, init_frame, open_ws
 from websockets.asyncio.client import ClientConnection
 
 from pipeproof.impl.auth import mint_token
 from pipeproof.impl.runs import AgentRuntime
-from pipeproof.impl.store import open_store
 from pipeproof.model.spec import Machine
 
-PG_URL = os.environ.get("PIPEPROOF_TEST_POSTGRES_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="set PIPEPROOF_TEST_POSTGRES_URL to run PostgreSQL tests")
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, needs_pg])]
 TERMINAL = ("agent_completed", "agent_failed")
 
 Factory = Callable[..., ServerThread]
 
 
-def _drop_schema(schema: str) -> None:
-    async def drop() -> None:
-        from sqlalchemy import text
-
-        assert PG_URL is not None
-        engine = create_async_engine(PG_URL)
-        async with engine.begin() as conn:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        await engine.dispose()
-
-    asyncio.run(drop())
-
-
-@pytest.fixture(params=["sqlite"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def start_runtime(tmp_path: Path, backend: str) -> Iterator[Factory]:
     """Start servers with an AgentRuntime (or ``runtime=``); check their metrics at teardown."""
-    servers: list[ServerThread] = []
-    schemas: list[str] = []
+    pool = ServerPool(tmp_path, backend, "pp_run")
 
     def start(runtime: AgentRuntime | None = None, app_kwargs: dict[str, Any] | None = None,
               **overrides: Any) -> ServerThread:
         kwargs = dict(app_kwargs or {})
         kwargs["handler"] = runtime if runtime is not None else AgentRuntime()
-        if backend == "postgresql":
-            assert PG_URL is not None
-            schema = f"pp_run_{uuid.uuid4().hex[:12]}"
-            schemas.append(schema)
-            overrides.setdefault("database_url", PG_URL)
-            kwargs.setdefault("store_opener", functools.partial(open_store, pg_schema=schema))
         overrides.setdefault("ack_timeout", 1.0)
         overrides.setdefault("ack_jitter", 0.0)
-        settings = make_settings(tmp_path / f"srv{len(servers)}", **overrides)
-        server = ServerThread(settings, kwargs).start()
-        servers.append(server)
-        return server
+        return pool.start(kwargs, **overrides)
 
     yield start
-    for server in servers:
-        alive = server.thread is not None and server.thread.is_alive()
-        text = server.metrics() if alive else ""
-        server.stop()
-        assert 'code="1011"' not in text
-        for line in text.splitlines():
-            if line.startswith("pipeproof_illegal_transitions_total{"):
-                raise AssertionError(f"the server fired an event its model refused: {line}")
-    for schema in schemas:
-        _drop_schema(schema)
+    pool.close()
 
 
 def token(server: ServerThread, user: str = "alice", **kwargs: Any) -> str:
@@ -189,7 +145,6 @@ __all__ = [
     "TERMINAL",
     "Client",
     "Factory",
-    "backend",
     "chains",
     "http_get",
     "metric",

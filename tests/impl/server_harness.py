@@ -6,9 +6,12 @@ Used by tests/impl/test_server.py; the conformance tests may reuse it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 import websockets
+from pg import PG_URL, drop_schema_now
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
@@ -24,8 +28,48 @@ from websockets.uri import parse_uri
 
 from pipeproof.impl.app import create_app, uvicorn_config
 from pipeproof.impl.settings import Settings
+from pipeproof.impl.store import open_store
 
 SECRET = "q7Vn-2xLp9!Rz4@Wm8#Tb3$Kc6%Hd1^Fg5&"
+
+
+Factory = Callable[..., "ServerThread"]
+
+
+class ServerPool:
+    """The servers one test starts, on SQLite or on a fresh PostgreSQL schema each; ``close``
+    stops them, fails the test if one closed a socket 1011 or fired an event its model refused,
+    and drops the schemas (the teardown every server fixture shares)."""
+
+    def __init__(self, tmp_path: Path, backend: str, prefix: str) -> None:
+        self.tmp_path, self.backend, self.prefix = tmp_path, backend, prefix
+        self.servers: list[ServerThread] = []
+        self.schemas: list[str] = []
+
+    def start(self, app_kwargs: dict[str, Any] | None = None, **overrides: Any) -> ServerThread:
+        kwargs = dict(app_kwargs or {})
+        if self.backend == "postgresql":
+            assert PG_URL is not None
+            schema = f"{self.prefix}_{uuid.uuid4().hex[:12]}"
+            self.schemas.append(schema)
+            overrides.setdefault("database_url", PG_URL)
+            kwargs.setdefault("store_opener", functools.partial(open_store, pg_schema=schema))
+        settings = make_settings(self.tmp_path / f"srv{len(self.servers)}", **overrides)
+        server = ServerThread(settings, kwargs).start()
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            alive = server.thread is not None and server.thread.is_alive()
+            text = server.metrics() if alive else ""
+            server.stop()
+            assert 'code="1011"' not in text
+            for line in text.splitlines():
+                if line.startswith("pipeproof_illegal_transitions_total{"):
+                    raise AssertionError(f"the server fired an event its model refused: {line}")
+        for schema in self.schemas:
+            drop_schema_now(schema)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

@@ -6,23 +6,10 @@ use :func:`drop_schema` to remove each PostgreSQL test's schema.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-
 from pipeproof.impl.store import EventRecord, Store
-
-PG_URL = os.environ.get("PIPEPROOF_TEST_POSTGRES_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="set PIPEPROOF_TEST_POSTGRES_URL to run PostgreSQL tests")
-
-BACKENDS = [
-    "sqlite",
-    pytest.param("postgresql", marks=[pytest.mark.postgres, needs_pg]),
-]
 
 # Two clocks. The contexts/events/runs tests use small round numbers, so their TTL arithmetic
 # reads plainly; the hot-write tests use a time.time()-sized stamp, whose binary fraction digits
@@ -33,15 +20,6 @@ TTL_LONG = 3600.0
 T_WALL = 1_700_000_000.0
 
 Opener = Callable[..., Awaitable[Store]]
-
-
-async def drop_schema(schema: str) -> None:
-    """Drop a test's PostgreSQL schema and everything in it."""
-    assert PG_URL is not None
-    engine = create_async_engine(PG_URL)
-    async with engine.begin() as conn:
-        await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    await engine.dispose()
 
 
 async def new_context(store: Store, user: str = "alice", now: float = T0) -> str:

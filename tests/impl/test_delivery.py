@@ -13,7 +13,6 @@ from runs_harness import (  # noqa: F401 - fixtures
     BACKENDS,
     Client,
     Factory,
-    backend,
     chains,
     http_get,
     metric,

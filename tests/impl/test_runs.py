@@ -14,7 +14,6 @@ from runs_harness import (  # noqa: F401 - fixtures
     BACKENDS,
     Client,
     Factory,
-    backend,
     chains,
     metric,
     replay,

@@ -23,7 +23,6 @@ from runs_harness import (  # noqa: F401 - fixtures
     TERMINAL,
     Client,
     Factory,
-    backend,
     metric,
     replay,
     start_runtime,

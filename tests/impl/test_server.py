@@ -10,38 +10,31 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+from pg import BACKENDS, PG_URL, needs_pg
 from server_harness import (
     RawClient,
+    ServerPool,
     ServerThread,
     expect_close,
     init_frame,
-    make_settings,
     open_ws,
     recv_json,
 )
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from pipeproof.impl.auth import UserStatus, mint_token
-from pipeproof.impl.store import open_store
 from pipeproof.model.connection import CONNECTION
 from pipeproof.model.context import context_machine
 from pipeproof.model.spec import Machine
 
-PG_URL = os.environ.get("PIPEPROOF_TEST_POSTGRES_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="set PIPEPROOF_TEST_POSTGRES_URL to run PostgreSQL tests")
 OTHER_SECRET = "a1B2-c3D4!e5F6@g7H8#i9J0$k1L2%m3N4^"
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, needs_pg])]
-
 Factory = Callable[..., ServerThread]
 
 
@@ -58,54 +51,12 @@ class SlowDirectory:
         return "disabled" if user in self.disabled else "active"
 
 
-def _drop_schema(schema: str) -> None:
-    async def drop() -> None:
-        assert PG_URL is not None
-        engine = create_async_engine(PG_URL)
-        async with engine.begin() as conn:
-            from sqlalchemy import text
-
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        await engine.dispose()
-
-    asyncio.run(drop())
-
-
-@pytest.fixture(params=["sqlite"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def start_server(tmp_path: Path, backend: str) -> Iterator[Factory]:
     """Start servers with settings overrides; stop them and check their metrics afterwards."""
-    servers: list[ServerThread] = []
-    schemas: list[str] = []
-
-    def start(app_kwargs: dict[str, Any] | None = None, **overrides: Any) -> ServerThread:
-        kwargs = dict(app_kwargs or {})
-        if backend == "postgresql":
-            assert PG_URL is not None
-            schema = f"pp_srv_{uuid.uuid4().hex[:12]}"
-            schemas.append(schema)
-            overrides.setdefault("database_url", PG_URL)
-            kwargs.setdefault("store_opener", functools.partial(open_store, pg_schema=schema))
-        settings = make_settings(tmp_path / f"srv{len(servers)}", **overrides)
-        server = ServerThread(settings, kwargs).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        alive = server.thread is not None and server.thread.is_alive()
-        text = server.metrics() if alive else ""
-        server.stop()
-        assert 'code="1011"' not in text
-        for line in text.splitlines():
-            if line.startswith("pipeproof_illegal_transitions_total{"):
-                raise AssertionError(f"the server fired an event its model refused: {line}")
-    for schema in schemas:
-        _drop_schema(schema)
+    pool = ServerPool(tmp_path, backend, "pp_srv")
+    yield pool.start
+    pool.close()
 
 
 def token(server: ServerThread, user: str = "alice", **kwargs: Any) -> str:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_harness import BACKENDS, PG_URL, Opener, drop_schema
+from pg import BACKENDS, PG_URL, drop_schema
+from store_harness import Opener
 
 from pipeproof.impl.store import Store, open_store
 

@@ -11,8 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from pg import PG_URL, needs_pg
 from sqlalchemy import text
-from store_harness import PG_URL, T0, T_WALL, Opener, contexts_for, needs_pg, new_context
+from store_harness import T0, T_WALL, Opener, contexts_for, new_context
 
 from pipeproof.errors import (
     StoreAuthFailed,
