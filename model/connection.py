@@ -156,6 +156,10 @@ CONNECTION = Machine(
     section="1",
 )
 
+# Positions of the variables in a configuration, derived from the declaration (hot-path readers
+# index with these instead of numbers).
+QUEUED, ACK_SENT, ERRORS = (CONNECTION.slot(n) for n in ("queued", "ack_sent", "errors"))
+
 HANDLE_EVENTS: frozenset[str] = frozenset({"handle_frame", "handle_invalid"})
 """Events that handle a client frame: no_message_before_ready constrains every one of them."""
 

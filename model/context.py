@@ -72,3 +72,6 @@ def context_machine(max_connections_per_user: int = 8) -> Machine:
 
 
 CONTEXT = context_machine()
+
+# Positions of the variables in a configuration, derived from the declaration.
+EPOCH, CONNS, INSTANCES = (CONTEXT.slot(n) for n in ("epoch", "conns", "instances"))

@@ -120,3 +120,7 @@ def delivery_machine(max_attempts: int = 2, ack_timeout: int = 1, resume_window:
 
 
 DELIVERY = delivery_machine()
+
+# Positions of the variables in a configuration, derived from the declaration.
+ATTEMPT, WAITED, IDLE, AGE, DELIVERED = (
+    DELIVERY.slot(n) for n in ("attempt", "waited", "idle", "age", "delivered"))

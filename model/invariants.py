@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeproof.model.connection import ATTACHED, HANDLE_EVENTS, Conn
-from pipeproof.model.context import Ctx
-from pipeproof.model.delivery import RANK, Delivery
-from pipeproof.model.run import TERMINAL_EVENTS
+from pipeproof.model.connection import ACK_SENT, ATTACHED, HANDLE_EVENTS, Conn
+from pipeproof.model.context import CONNS, EPOCH, Ctx
+from pipeproof.model.delivery import ATTEMPT, RANK, Delivery
+from pipeproof.model.run import CANCEL_REQUESTED, TERMINAL_EVENTS
 from pipeproof.model.system import State, Step, System
 
 
@@ -37,10 +37,10 @@ class Invariant:
 
 def _no_message_before_ready_step(system: System, step: Step, before: State) -> list[str]:
     return [
-        f"session s{f.index[0]} handled a frame in {f.before[0].name} (ack_sent={f.before[1][1]})"
+        f"session s{f.index[0]} handled a frame in {f.before[0].name} (ack_sent={f.before[1][ACK_SENT]})"
         for f in step.firings
         if f.family == "conn" and f.transition.event in HANDLE_EVENTS
-        and not (f.before[0] is Conn.READY and f.before[1][1])
+        and not (f.before[0] is Conn.READY and f.before[1][ACK_SENT])
     ]
 
 
@@ -48,7 +48,7 @@ def _ready_before_ack_state(system: System, state: State) -> list[str]:
     return [
         f"session s{s} sent connection_ack while {cfg[0].name}"
         for s, cfg in enumerate(state.conns)
-        if cfg[1][1] and cfg[0] not in (Conn.READY, Conn.DRAINING, Conn.CLOSED)
+        if cfg[1][ACK_SENT] and cfg[0] not in (Conn.READY, Conn.DRAINING, Conn.CLOSED)
     ]
 
 
@@ -121,9 +121,9 @@ def _monotonic_event_state_step(system: System, step: Step, before: State) -> li
 def _attempts_bounded_state(system: System, state: State) -> list[str]:
     cap = int(system.model.delivery.params["max_attempts"])
     return [
-        f"event u{u}#{seq} has attempt {cfg[1][0]} > max_attempts {cap}"
+        f"event u{u}#{seq} has attempt {cfg[1][ATTEMPT]} > max_attempts {cap}"
         for u, seq, cfg in _events(system, state)
-        if cfg[1][0] > cap
+        if cfg[1][ATTEMPT] > cap
     ]
 
 
@@ -148,7 +148,7 @@ def _expired_context_never_reused_step(system: System, step: Step, before: State
             continue
         if f.before[0] is Ctx.LIVE and f.transition.event == "attach":
             continue
-        if f.after[1][0] <= f.before[1][0]:
+        if f.after[1][EPOCH] <= f.before[1][EPOCH]:
             out.append(f"user u{f.index[0]}: context handed out from {f.before[0].name} without a new epoch")
     return out
 
@@ -158,7 +158,7 @@ def _connection_limits_state(system: System, state: State) -> list[str]:
     out = []
     total = 0
     for u, ctx in enumerate(state.ctxs):
-        conns = ctx[1][1]
+        conns = ctx[1][CONNS]
         total += conns
         attached = sum(1 for s in system.sessions_of(u) if state.conns[s][0] in ATTACHED)
         if conns > b.max_connections_per_user:
@@ -225,7 +225,7 @@ def _cancel_before_start_wins_step(system: System, step: Step, before: State) ->
     return [
         f"user u{f.index[0]}'s run started although a cancel had arrived"
         for f in step.firings
-        if f.family == "run" and f.transition.event == "agent_started" and f.before[1][0]
+        if f.family == "run" and f.transition.event == "agent_started" and f.before[1][CANCEL_REQUESTED]
     ]
 
 

@@ -81,3 +81,6 @@ def run_machine(max_steps: int = 2) -> Machine:
 
 
 RUN = run_machine()
+
+# Positions of the variables in a configuration, derived from the declaration.
+CANCEL_REQUESTED, STEPS = (RUN.slot(n) for n in ("cancel_requested", "steps"))

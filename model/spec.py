@@ -129,6 +129,18 @@ class Machine:
     def var_names(self) -> tuple[str, ...]:
         return tuple(v.name for v in self.variables)
 
+    def slot(self, name: str) -> int:
+        """Where variable ``name`` sits in a configuration's values (derived from the declaration,
+        so readers name the variable instead of hard-coding a position)."""
+        try:
+            return self.var_names.index(name)
+        except ValueError:
+            raise ModelDefinitionError(self.name, "declared_vars", f"no variable {name!r}") from None
+
+    def value(self, config: Config, name: str) -> Value:
+        """The value of variable ``name`` in ``config``."""
+        return config[1][self.slot(name)]
+
     def transitions_from(self, state: enum.Enum, event: str | None = None) -> tuple[Transition, ...]:
         return tuple(
             t for t in self.transitions if t.source is state and (event is None or t.event == event)

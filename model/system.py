@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from pipeproof.errors import ModelDefinitionError
-from pipeproof.model.connection import ATTACHED, CONNECTION, Conn
-from pipeproof.model.context import Ctx, context_machine
-from pipeproof.model.delivery import Delivery, delivery_machine
+from pipeproof.model.connection import ACK_SENT, ATTACHED, CONNECTION, Conn
+from pipeproof.model.context import CONNS, EPOCH, Ctx, context_machine
+from pipeproof.model.delivery import DELIVERED, Delivery, delivery_machine
 from pipeproof.model.run import AGENT_EVENTS, Run, run_machine
 from pipeproof.model.spec import Config, Machine, Transition
 
@@ -232,7 +232,7 @@ class System:
     # -- derived facts (inputs to guards) ------------------------------------------------------
     def live_session(self, state: State, session: int) -> bool:
         conn = state.conns[session]
-        return conn[0] is Conn.READY and bool(conn[1][1])
+        return conn[0] is Conn.READY and bool(conn[1][ACK_SENT])
 
     def has_session(self, state: State, user: int) -> bool:
         """Some session routed to ``user``'s stream is READY and acked: it can take an event now."""
@@ -243,14 +243,14 @@ class System:
 
     def account_full(self, state: State) -> bool:
         # One account holds every user in the finite instance: the per-account limit is global.
-        total = sum(int(c[1][1]) for c in state.ctxs)
+        total = sum(int(c[1][CONNS]) for c in state.ctxs)
         return total >= self.bounds.max_connections_per_account
 
     def delivered_prefix(self, state: State, user: int) -> int:
         """Highest seq N such that the client has received every event 1..N of ``user``'s stream."""
         n = 0
         for cfg in state.events[user]:
-            if not cfg[1][4]:
+            if not cfg[1][DELIVERED]:
                 break
             n += 1
         return n
@@ -381,7 +381,7 @@ class System:
                     nxt = state._replace(
                         conns=_set(state.conns, s, after),
                         ctxs=_set(state.ctxs, u, cafter),
-                        epoch_seen=_set(state.epoch_seen, s, int(cafter[1][0]) if conn_event == "auth_ok" else 0),
+                        epoch_seen=_set(state.epoch_seen, s, int(cafter[1][EPOCH]) if conn_event == "auth_ok" else 0),
                     )
                     if conn_event == "auth_ok" and state.resume[s] > 0:
                         # Resume acks everything through last_seq (section 5).

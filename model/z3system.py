@@ -37,7 +37,7 @@ import z3
 
 from pipeproof.errors import ModelDefinitionError
 from pipeproof.model.connection import ATTACHED, Conn
-from pipeproof.model.context import Ctx
+from pipeproof.model.context import CONNS, Ctx
 from pipeproof.model.run import AGENT_EVENTS
 from pipeproof.model.spec import Config, Transition
 from pipeproof.model.system import (
@@ -518,7 +518,7 @@ class SysEnc:
             for i, c in enumerate(stream):
                 cfg_eq("event", (u.users[k], z3.IntVal(i + 1)), c)
                 parts.append(z3.Select(st["kinds"], u.users[k], i + 1) == KIND[state.kinds[k][i]])
-        parts.append(st["total"] == sum(int(c[1][1]) for c in state.ctxs))
+        parts.append(st["total"] == sum(int(c[1][CONNS]) for c in state.ctxs))
         return z3.And(parts)
 
     def decode(self, model: Term, st: St) -> State:

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeproof.model.delivery import Delivery
+from pipeproof.model.context import CONNS
+from pipeproof.model.delivery import ATTEMPT, Delivery
 from pipeproof.model.invariants import well_ordered
 from pipeproof.model.spec import Config
 from pipeproof.protocol import Escalate
@@ -102,7 +103,7 @@ class UserView:
             self._expired(sock, cid, epoch)
             self._fire_ctx("create", "one_context_per_user",
                            f"a second context {cid} (epoch {epoch}) while context {self.context_id} "
-                           f"(epoch {self.epoch}) is live with {self.ctx[1][1]} socket(s)")
+                           f"(epoch {self.epoch}) is live with {self.ctx[1][CONNS]} socket(s)")
             self.kit.count("expired_context_never_reused")
             if not isinstance(epoch, int) or epoch <= self.epoch:
                 raise self.kit.violation("expired_context_never_reused",
@@ -157,10 +158,10 @@ class UserView:
         # The server counts a dropped socket until it has processed the drop (docs/conformance.md).
         window = self.kit.timing.late(self.kit.timing.reply_timeout)
         pending = sum(1 for t in self.recent_drops if time.monotonic() - t < window)
-        if self.ctx[1][1] + pending >= self.kit.timing.max_connections_per_user:
+        if self.ctx[1][CONNS] + pending >= self.kit.timing.max_connections_per_user:
             return
         raise self.kit.violation("connection_limits_respected",
-                                 f"user {self.name}: close {_LIMIT} with {self.ctx[1][1]} socket(s) "
+                                 f"user {self.name}: close {_LIMIT} with {self.ctx[1][CONNS]} socket(s) "
                                  f"attached, limit {self.kit.timing.max_connections_per_user}",
                                  _allowed(self.kit.ctx_machine, [self.ctx], [{"account_full": False}]))
 
@@ -216,7 +217,7 @@ class UserView:
             # socket (the order across sockets is not observable): no transition.
             return
         self.kit.count("attempts_bounded")
-        after = b.fire("send", lambda c: c[1][0] == attempt)
+        after = b.fire("send", lambda c: c[1][ATTEMPT] == attempt)
         if not after:
             prop = ("acked_never_resent" if all(c[0] in (Delivery.ACKED, Delivery.ESCALATED) for c in closure)
                     else "attempts_bounded" if attempt > self.kit.timing.max_attempts else "model_transition")
