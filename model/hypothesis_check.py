@@ -37,11 +37,10 @@ from hypothesis.stateful import (
 )
 
 from pipeproof.errors import IllegalTransition
+from pipeproof.model.composition import EVENT_ACTIONS, SESSION_ACTIONS
 from pipeproof.model.invariants import INVARIANTS, Invariant, quiescent_violations
 from pipeproof.model.spec import Kind, Machine, Runner
 from pipeproof.model.system import (
-    CLIENT_CONN_ACTIONS,
-    SERVER_CONN_ACTIONS,
     Bounds,
     Firing,
     State,
@@ -90,14 +89,6 @@ def _settings(max_examples: int, steps: int, seed: int | None) -> settings:
 
 
 # -- the composed system ----------------------------------------------------------------------
-
-SESSION_ACTIONS = frozenset({
-    *(a.action for a in (*CLIENT_CONN_ACTIONS, *SERVER_CONN_ACTIONS)),
-    "client_init_resume", "client_cancel", "server_resolve",
-})
-EVENT_ACTIONS = frozenset({"server_send", "server_send_failed", "client_ack", "server_ack_timeout",
-                           "server_no_session_timeout"})
-
 
 def _is_fault(step: Step) -> bool:
     """A step that ends or sets back something: its transitions are declared ERROR or TIMEOUT."""

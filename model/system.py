@@ -16,11 +16,21 @@ steps. Nothing here reads a clock or does I/O.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from pipeproof.errors import ModelDefinitionError
+from pipeproof.model.composition import (
+    APPEND,
+    BY_NAME,
+    CLIENT_CONN_ACTIONS,
+    SERVER_CONN_ACTIONS,
+    Action,
+    Fires,
+    describe_args,
+)
 from pipeproof.model.connection import ACK_SENT, ATTACHED, CONNECTION, Conn
 from pipeproof.model.context import CONNS, EPOCH, Ctx, context_machine
 from pipeproof.model.delivery import DELIVERED, Delivery, delivery_machine
@@ -30,53 +40,11 @@ from pipeproof.model.spec import Config, Machine, Transition
 FAMILIES = ("conn", "ctx", "run", "event")
 
 
-class ConnAction(NamedTuple):
-    """A system action that fires one connection event alone (plus the detach it implies).
-
-    Declared once here and read by both the explorer (:class:`System`) and the Z3 encoding
-    (model/z3system.py), so a new connection edge is seen by every checker. ``flag`` names the
-    :class:`Bounds` switch that turns the action off (``frames``, ``drain``), or is empty.
-    """
-
-    event: str
-    action: str
-    actor: str
-    flag: str = ""
-
-
-CLIENT_CONN_ACTIONS: tuple[ConnAction, ...] = (
-    ConnAction("recv_init", "client_init", "client"),
-    ConnAction("recv_frame", "client_frame", "client", "frames"),
-    ConnAction("peer_close", "client_drop", "client"),
-)
-"""The client's connection actions (``client_init_resume`` and acks need glue of their own)."""
-
-SERVER_CONN_ACTIONS: tuple[ConnAction, ...] = (
-    ConnAction("auth_reject", "server_auth_reject", "server"),
-    ConnAction("send_ack", "server_send_ack", "server"),
-    ConnAction("handle_frame", "server_handle", "server", "frames"),
-    ConnAction("handle_invalid", "server_handle_invalid", "server", "frames"),
-    ConnAction("init_timeout", "server_init_timeout", "server"),
-    ConnAction("heartbeat_timeout", "server_heartbeat_timeout", "server"),
-    ConnAction("drain", "server_drain", "server", "drain"),
-    ConnAction("drain_close", "server_drain_close", "server", "drain"),
-    ConnAction("shutdown", "server_shutdown", "server", "drain"),
-    ConnAction("slow_consumer", "server_slow_consumer", "server"),
-    ConnAction("unavailable", "server_unavailable", "server"),
-    ConnAction("internal_error", "server_internal_error", "server"),
-)
-"""The server's own connection actions; the context resolution (``server_resolve``) and sends
-fire several machines and have glue of their own below."""
-
-CONN_INPUTS: dict[str, tuple[dict[str, bool], ...]] = {
-    "recv_frame": ({"over_bytes": False}, {"over_bytes": True}),
-}
-"""The input choices a connection event is explored with (the shell supplies the real fact)."""
-
-
-def input_choices(machine: Machine, event: str) -> tuple[dict[str, bool], ...]:
-    """The inputs ``event`` is fired with; ``({},)`` when it reads none."""
-    return CONN_INPUTS.get(event, ({},)) if machine.name == "connection" else ({},)
+def input_choices(action: Action) -> tuple[dict[str, bool], ...]:
+    """Every combination of the boolean inputs a ``conn`` action declares (``({},)`` for none):
+    the explorer and Z3 try each, the shell supplies the real fact."""
+    return tuple(dict(zip(action.inputs, combo, strict=True))
+                 for combo in itertools.product((False, True), repeat=len(action.inputs)))
 
 
 def reads_inputs(t: Transition, inputs: dict[str, bool]) -> bool:
@@ -268,12 +236,14 @@ class System:
             return []
         return machine.fire_all(cfg, event, inputs)
 
-    def _conn_steps(self, state: State, s: int, event: str, action: str, actor: str) -> Iterator[Step]:
-        """Fire a connection event alone, detaching from the context when an attached socket closes."""
+    def _conn_steps(self, state: State, s: int, ca: Action, name: str | None = None) -> Iterator[Step]:
+        """Fire a ``conn`` action's connection event alone, detaching from the context when an
+        attached socket closes (model/composition.py)."""
         m = self.model
+        event, action, actor = ca.event, name or ca.name, ca.actor
         if event not in m.connection.events_from[state.conns[s][0]]:
             return
-        fired = [(t, after) for inputs in input_choices(m.connection, event)
+        fired = [(t, after) for inputs in input_choices(ca)
                  for t, after in m.connection.fire_all(state.conns[s], event, inputs) if reads_inputs(t, inputs)]
         for t, after in fired:
             firings = [Firing("conn", (s,), t, state.conns[s], after)]
@@ -295,11 +265,11 @@ class System:
                 continue  # a closed socket does nothing
             for ca in CLIENT_CONN_ACTIONS:
                 if not ca.flag or getattr(self.bounds, ca.flag):
-                    yield from self._conn_steps(state, s, ca.event, ca.action, ca.actor)
-                if ca.action == "client_init" and state.conns[s][0] is Conn.OPEN:
+                    yield from self._conn_steps(state, s, ca)
+                if ca.name == "client_init" and state.conns[s][0] is Conn.OPEN:
                     prefix = self.delivered_prefix(state, self.owner(s))
                     if prefix > 0:
-                        for step in self._conn_steps(state, s, "recv_init", "client_init_resume", "client"):
+                        for step in self._conn_steps(state, s, ca, "client_init_resume"):
                             yield step._replace(after=step.after._replace(resume=_set(state.resume, s, prefix)))
             if self.live_session(state, s):
                 yield from self._ack_steps(state, s)
@@ -348,7 +318,7 @@ class System:
             yield from self._resolve_steps(state, s)
             for ca in SERVER_CONN_ACTIONS:
                 if not ca.flag or getattr(self.bounds, ca.flag):
-                    yield from self._conn_steps(state, s, ca.event, ca.action, ca.actor)
+                    yield from self._conn_steps(state, s, ca)
             yield from self._send_steps(state, s)
         for u in range(self.bounds.users):
             for t, after in self._fire(m.context, state.ctxs[u], "expire"):
@@ -409,7 +379,7 @@ class System:
                                    state._replace(conns=_set(state.conns, s, cafter),
                                                   events=_set(state.events, u, _set(state.events[u], i, after))))
                     for ft, fafter in self._fire(m.delivery, cfg, "send_failed"):
-                        for step in self._conn_steps(state, s, "send_error", "server_send_failed", "server"):
+                        for step in self._conn_steps(state, s, SEND_ERROR, "server_send_failed"):
                             nxt = step.after._replace(
                                 events=_set(step.after.events, u, _set(state.events[u], i, fafter)))
                             yield Step("server_send_failed", "server", (s, u, i + 1),
@@ -468,23 +438,9 @@ class System:
     # -- rendering -----------------------------------------------------------------------------
     def describe_step(self, step: Step) -> str:
         who = {"client": "client", "server": "server", "clock": "clock"}[step.actor]
-        args: list[str] = []
-        if step.action in ("tick",):
-            args = []
-        elif step.args:
-            names = {
-                "client_ack": lambda a: [f"session s{a[0]}", f"stream u{a[1]}", f"through seq {a[2]}"],
-                "server_send": lambda a: [f"session s{a[0]}", f"event u{a[1]}#{a[2]}"],
-                "server_send_failed": lambda a: [f"session s{a[0]}", f"event u{a[1]}#{a[2]}"],
-            }
-            if step.action in names:
-                args = names[step.action](step.args)
-            elif step.action.startswith(("server_run_", "server_expire")):
-                args = [f"user u{step.args[0]}"]
-            elif step.action in ("server_ack_timeout", "server_no_session_timeout"):
-                args = [f"event u{step.args[0]}#{step.args[1]}"]
-            else:
-                args = [f"session s{step.args[0]} (user u{self.owner(step.args[0])})"]
+        owner = self.owner(step.args[0]) if BY_NAME.get(step.action, _NO_ACTION).args == ("session",) \
+            and step.args else None
+        args = describe_args(step.action, step.args, owner)
         changes = "; ".join(
             f"{f.family}[{','.join(map(str, f.index))}] {f.transition.event}: {_show(self, f.family, f.before)}"
             f" -> {_show(self, f.family, f.after)}"
@@ -501,7 +457,12 @@ def _show(system: System, family: str, cfg: Config) -> str:
     return system.machine(family).describe(cfg)
 
 
-_APPEND = Transition("append", Delivery.PENDING, Delivery.PENDING, doc="appended to the durable stream")
+# The connection half of server_send_failed (its event half is the delivery machine's send_failed).
+SEND_ERROR = Action("server_send_failed", "server", "conn", (Fires("conn", ("send_error",)),),
+                     doc="the connection half of server_send_failed")
+_NO_ACTION = Action("", "server", "", ())
+
+_APPEND = Transition(APPEND, Delivery.PENDING, Delivery.PENDING, doc="appended to the durable stream")
 
 
 def _set(tup: tuple, index: int, value: object) -> tuple:  # type: ignore[type-arg]
@@ -513,6 +474,6 @@ def with_model(system: System, model: SystemModel) -> System:
 
 
 __all__ = [
-    "CLIENT_CONN_ACTIONS", "SERVER_CONN_ACTIONS", "Bounds", "ConnAction", "Ctx", "Firing", "Run", "State", "Step",
+    "CLIENT_CONN_ACTIONS", "SERVER_CONN_ACTIONS", "Bounds", "Ctx", "Firing", "Run", "State", "Step",
     "System", "SystemModel", "reference_model",
 ]

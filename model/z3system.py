@@ -36,13 +36,13 @@ from dataclasses import dataclass
 import z3
 
 from pipeproof.errors import ModelDefinitionError
+from pipeproof.model.composition import BY_NAME, CLIENT_CONN_ACTIONS, SERVER_CONN_ACTIONS, Action
 from pipeproof.model.connection import ATTACHED, Conn
 from pipeproof.model.context import CONNS, Ctx
 from pipeproof.model.run import AGENT_EVENTS
 from pipeproof.model.spec import Config, Transition
 from pipeproof.model.system import (
-    CLIENT_CONN_ACTIONS,
-    SERVER_CONN_ACTIONS,
+    SEND_ERROR,
     State,
     SystemModel,
     input_choices,
@@ -319,9 +319,8 @@ class SysEnc:
     def _client_session_cases(self, pre: St, s: Term, tag: str) -> Iterator[Case]:
         conn = self.encs["conn"]
         for ca in CLIENT_CONN_ACTIONS:
-            if ca.event != "recv_init" and (not ca.flag or getattr(self, ca.flag)):
-                yield from self._conn_cases(pre, s, ca.event, ca.action, ca.actor)
-        yield from self._conn_cases(pre, s, "recv_init", "client_init", "client")
+            if not ca.flag or getattr(self, ca.flag):
+                yield from self._conn_cases(pre, s, ca)
         user = self.u.owner(s)
         # client_init_resume: a plain init that carries the client's delivered prefix.
         if self.u.symbolic:
@@ -332,7 +331,7 @@ class SysEnc:
         else:
             p = z3.Sum([z3.If(self.prefix_at_least(pre, user, z3.IntVal(n)), 1, 0) for n in range(1, self.u.k_int + 1)])
             prefix_def, extra = z3.BoolVal(True), ()
-        for case in self._conn_cases(pre, s, "recv_init", "client_init_resume", "client"):
+        for case in self._conn_cases(pre, s, BY_NAME["client_init"], "client_init_resume"):
             is_open = z3.Select(pre["conn.state"], s) == conn.states[Conn.OPEN]
             case.guard = z3.And(case.guard, is_open, p > 0, prefix_def)
             case.post["resume"] = z3.Store(case.post["resume"], s, p)
@@ -344,10 +343,12 @@ class SysEnc:
             draft.fire("run", (user,), t)
             yield draft.case("client_cancel", "client")
 
-    def _conn_cases(self, pre: St, s: Term, event: str, action: str, actor: str) -> Iterator[Case]:
-        """A connection event alone, detaching from the context when an attached socket closes."""
+    def _conn_cases(self, pre: St, s: Term, ca: Action, name: str | None = None) -> Iterator[Case]:
+        """A ``conn`` action's connection event alone, detaching from the context when an attached
+        socket closes (model/composition.py)."""
         conn = self.encs["conn"]
-        for t, inputs in ((t, i) for i in input_choices(conn.machine, event) for t in conn.transitions(event)
+        event, action, actor = ca.event, name or ca.name, ca.actor
+        for t, inputs in ((t, i) for i in input_choices(ca) for t in conn.transitions(event)
                           if reads_inputs(t, i)):
             detaching = t.source in ATTACHED and t.target not in ATTACHED
             for dt in (self.encs["ctx"].transitions("detach") if detaching else (None,)):
@@ -379,7 +380,7 @@ class SysEnc:
         yield from self._resolve_cases(pre, s)
         for ca in SERVER_CONN_ACTIONS:
             if not ca.flag or getattr(self, ca.flag):
-                yield from self._conn_cases(pre, s, ca.event, ca.action, ca.actor)
+                yield from self._conn_cases(pre, s, ca)
 
     def _resolve_cases(self, pre: St, s: Term) -> Iterator[Case]:
         """Atomic get-or-create of the owner's context, then READY (or a limit rejection)."""
@@ -424,7 +425,7 @@ class SysEnc:
                 yield draft.case("server_send", "server", sessions=[s])
         deliverable = conn.enabled("deliver", self.cfg(pre, "conn", (s,)))
         for ft in ev.transitions("send_failed"):
-            for case in self._conn_cases(pre, s, "send_error", "server_send_failed", "server"):
+            for case in self._conn_cases(pre, s, SEND_ERROR, "server_send_failed"):
                 draft = _Draft(self, pre, (s, user, i))
                 draft.post, draft.guards, draft.firings = case.post, [case.guard], list(case.firings)
                 draft.guard(oldest, deliverable)
