@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeproof.model.connection import CONNECTION
+from pipeproof.model.connection import CONNECTION, HANDLE_EVENTS
 from pipeproof.model.context import context_machine
 from pipeproof.model.delivery import delivery_machine
 from pipeproof.model.invariants import well_ordered
@@ -148,8 +148,9 @@ def _property(machine: Machine, event: str, source: str, target: str) -> str:
     the machine's main property (docs/conformance.md, "which property a line breaks")."""
     name = machine.name
     if name == "connection":
-        return {"handle_frame": "no_message_before_ready", "send_ack": "ready_before_ack",
-                "deliver": "ready_before_ack"}.get(event, "model_transition")
+        if event in HANDLE_EVENTS:
+            return "no_message_before_ready"
+        return {"send_ack": "ready_before_ack", "deliver": "ready_before_ack"}.get(event, "model_transition")
     if name == "delivery":
         if source in ("ACKED", "ESCALATED"):
             return "acked_never_resent" if event == "send" else "monotonic_event_state"

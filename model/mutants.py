@@ -99,9 +99,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "handle_before_ready",
         "1. WebSocket handshake race: a message handled before the handshake completes (users see 1011)",
-        "connection: add INITIALISING --handle_frame [queued > 0] / queued-1--> INITIALISING",
-        _on("connection", lambda m: add(m, Transition(
-            "handle_frame", Conn.INITIALISING, Conn.INITIALISING, guard=q > 0, updates=(("queued", q - 1),)))),
+        "connection: add INITIALISING --handle_frame|handle_invalid [queued > 0] / queued-1--> INITIALISING",
+        # Both ways of handling a frame (a valid one, a malformed one answered with an error).
+        _on("connection", lambda m: add(add(m, Transition(
+            "handle_frame", Conn.INITIALISING, Conn.INITIALISING, guard=q > 0, updates=(("queued", q - 1),))),
+            Transition("handle_invalid", Conn.INITIALISING, Conn.INITIALISING, guard=q > 0,
+                       updates=(("queued", q - 1),)))),
         "no_message_before_ready", "readiness",
     ),
     Mutant(

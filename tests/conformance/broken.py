@@ -11,9 +11,9 @@ returns the ``create_app`` keyword arguments.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import fields
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,21 @@ from server_harness import ServerThread, make_settings
 
 from pipeproof.conformance.serve import DISABLED_USER
 from pipeproof.conformance.timing import SMALL, Timing
+from pipeproof.core.delivery import NEVER, Acked, AckThrough, DeliveryCore, SendEvent, Tracked, Transmit
+from pipeproof.core.delivery import Command as DeliveryCommand
 from pipeproof.core.session import BeginHandshake, Command
 from pipeproof.impl import app as app_module
 from pipeproof.impl.contexts import ContextRegistry
-from pipeproof.impl.delivery import DeliveryService, _Stream, _Tracked
+from pipeproof.impl.delivery import DeliveryService
+from pipeproof.impl.delivery_stream import Stream, event_frame
 from pipeproof.impl.runs import AgentRuntime, _Run
 from pipeproof.impl.session import ConnectionShell
 from pipeproof.impl.settings import Settings
-from pipeproof.impl.store import ContextRecord
+from pipeproof.impl.store import ContextRecord, EventRecord
 from pipeproof.model.connection import Conn
-from pipeproof.model.delivery import Delivery
 from pipeproof.model.mutants import BY_NAME
 from pipeproof.model.run import Run
-from pipeproof.model.spec import Machine, Transition, build_statemachine
+from pipeproof.model.spec import Machine, Transition
 from pipeproof.model.system import Bounds, SystemModel
 from pipeproof.protocol import CloseCode
 from pipeproof.protocol.frames import ConnectionAck
@@ -140,7 +142,30 @@ class _MutantDelivery(DeliveryService):
     def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
         super().__init__(settings, *args, **kwargs)
         self.machine = mutant_model(self.mutant, settings).delivery
-        self._sm_class = build_statemachine(self.machine)
+
+
+@dataclass(frozen=True)
+class _MarkDone:
+    """Store: the event is ACKED (no client acked it)."""
+
+    seq: int
+
+
+class _SwallowingCore(DeliveryCore[EventRecord]):
+    """Offers every appended event at once, session or not; a send nobody took is 'handled' by the
+    mutant machine's send_failed -> ACKED, and the store is told the event is done."""
+
+    def appended(self, records: Iterable[EventRecord], now: float) -> tuple[DeliveryCommand, ...]:
+        records = list(records)
+        commands = super().appended(records, now)
+        offered = {c.seq for c in commands if isinstance(c, SendEvent)}
+        return commands + tuple(SendEvent(r.seq) for r in records if r.seq not in offered)
+
+    def sent(self, transmit: Transmit[EventRecord], written: int, now: float) -> tuple[Any, ...]:
+        commands = super().sent(transmit, written, now)
+        if not written and not commands and transmit.seq not in self.live:
+            return (_MarkDone(transmit.seq),)
+        return commands
 
 
 class SwallowingDelivery(_MutantDelivery):
@@ -148,43 +173,49 @@ class SwallowingDelivery(_MutantDelivery):
     the failure is 'handled' by marking the event done."""
 
     mutant = "swallow_send_failure"
+    core_class = _SwallowingCore
 
-    async def _append(self, stream: _Stream, context_id: str, user: str, run_id: str, kind: str,
-                      data: Mapping[str, Any]) -> Any:
-        async with stream.lock:
-            record = await self.store.append_event(context_id, run_id, kind, data, time.time())
-            tracked = _Tracked(record, self._machine(record, user))
-            self._track(stream, tracked, time.monotonic())
-            await self._send(stream, tracked)
-        return record
+    async def _run(self, stream: Stream, commands: Sequence[Any]) -> None:
+        for command in commands:
+            if isinstance(command, _MarkDone):
+                await self.store.ack_through(stream.context_id, command.seq)
+            else:
+                await super()._run(stream, (command,))
 
-    async def _send(self, stream: _Stream, tracked: _Tracked) -> None:
-        if stream.sessions or not tracked.machine.can("send_failed"):
-            await super()._send(stream, tracked)
-            return
-        t = tracked.machine.fire("send_failed", {"attempt": int(tracked.machine.values["attempt"]) + 1})
-        if t.target is Delivery.ACKED:
-            await self.store.ack_through(stream.context_id, tracked.seq)
-            self._untrack(stream, tracked.seq)
-        elif t.target is Delivery.ESCALATED:
-            await self._escalate(stream, tracked, "send_failed")
+
+class _NeverEscalatingCore(DeliveryCore[EventRecord]):
+    """At the last attempt's ack deadline nothing happens (the mutant has no edge for it): its tick
+    is fired if the machine allows it and the event stays in flight for ever."""
+
+    def tick(self, now: float) -> tuple[DeliveryCommand, ...]:
+        last = int(self.machine.params["max_attempts"])
+        has = bool(self.sessions)
+        for entry in list(self.live.values()):
+            m = entry.machine
+            if self.deadline(entry) <= now and entry.ack_due != NEVER and int(m.values["attempt"]) >= last:
+                if m.can("tick", has_session=has):
+                    m.fire("tick", {"deadline": "ack_timeout"}, has_session=has)
+                entry.ack_due = sys.float_info.max  # still awaiting its ack; the deadline never comes
+        return super().tick(now)
 
 
 class NeverEscalating(_MutantDelivery):
     """no_escalation: when the last attempt's ack times out, nothing happens; the event waits forever."""
 
     mutant = "no_escalation"
+    core_class = _NeverEscalatingCore
 
-    async def _fire_due(self, stream: _Stream, now: float) -> None:
-        for tracked in list(stream.live.values()):
-            m = tracked.machine
-            if (self._deadline(stream, tracked) <= now and m.state is Delivery.SENT
-                    and int(m.values["attempt"]) >= self.settings.max_attempts):
-                has = bool(stream.sessions)
-                if m.can("tick", has_session=has):
-                    m.fire("tick", {"deadline": "ack_timeout"}, has_session=has)
-                tracked.ack_deadline = float("inf")
-        await super()._fire_due(stream, now)
+
+class _KeepingAcked(DeliveryCore[EventRecord]):
+    """Remembers the events it acked (in a list the server hands it)."""
+
+    acked_entries: list[Tracked[EventRecord]]
+
+    def ack_stored(self, write: AckThrough, acked: Iterable[int], now: float) -> Acked:
+        before = dict(self.live)
+        result = super().ack_stored(write, acked, now)
+        self.acked_entries.extend(before[s] for s in result.seqs)
+        return result
 
 
 class ResendingAcked(DeliveryService):
@@ -192,39 +223,39 @@ class ResendingAcked(DeliveryService):
     mutant's edge ACKED --send--> ACKED is recorded as such (python-statemachine cannot even build a
     machine where a terminal state has an exit, so the broken component logs the edge it took)."""
 
+    core_class = _KeepingAcked
+
     def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
         super().__init__(settings, *args, **kwargs)
-        self.acked_events: dict[str, list[_Tracked]] = {}
+        self.acked_events: dict[str, list[Tracked[EventRecord]]] = {}  # outlives a forgotten stream
         self.edge = mutant_edge("resend_acked", settings, "delivery", "ACKED--send-->ACKED")
 
-    def _acked(self, stream: _Stream, acked: list[int], detail: Mapping[str, Any]) -> None:
-        before = dict(stream.live)
-        super()._acked(stream, acked, detail)
-        for s in acked:
-            if s in before:
-                self.acked_events.setdefault(stream.context_id, []).append(before[s])
+    def _core(self, context_id: str, user: str) -> DeliveryCore[EventRecord]:
+        core = super()._core(context_id, user)
+        core.acked_entries = self.acked_events.setdefault(context_id, [])  # type: ignore[attr-defined]
+        return core
 
-    async def _register(self, stream: _Stream, session: Any, resume_last_seq: int | None) -> None:
+    async def _register(self, stream: Stream, session: Any, resume_last_seq: int | None) -> None:
         await super()._register(stream, session, resume_last_seq)
-        for tracked in self.acked_events.get(stream.context_id, []):
-            m = tracked.machine
+        for entry in self.acked_events.get(stream.context_id, []):
+            m = entry.machine
             self.audit.record("delivery", m.instance_id, self.edge, m.values, user=m.user, context_id=m.context_id,
-                              detail={"attempt": tracked.frame_attempt, "resend_acked": True})
-            await session.send(tracked.frame(tracked.frame_attempt))
+                              detail={"attempt": entry.frame_attempt, "resend_acked": True})
+            await session.send(event_frame(entry.record, entry.frame_attempt))
 
 
 class LeakingDelivery(DeliveryService):
     """cross_user_resume / leaks another user's event: every write also goes to every other
     context's sessions."""
 
-    async def _send(self, stream: _Stream, tracked: _Tracked) -> None:
-        attempt = int(tracked.machine.values["attempt"]) + 1
-        await super()._send(stream, tracked)
+    async def _write(self, stream: Stream, plan: Transmit[EventRecord]) -> int:
+        written = await super()._write(stream, plan)
         for other in list(self.streams.values()):
             if other is stream:
                 continue
             for session in list(other.sessions.values()):
-                await session.send(tracked.frame(attempt))
+                await session.send(event_frame(plan.record, plan.attempt))
+        return written
 
 
 # -- runs (section 4) ---------------------------------------------------------------------------------------
