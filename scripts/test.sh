@@ -23,8 +23,13 @@ echo "== ruff" >&2
 echo "== mypy --strict" >&2
 .venv/bin/mypy
 mkdir -p .artifacts
-echo "== pytest" >&2
-.venv/bin/pytest -q -p no:cacheprovider "$@"
+# Two targets: the fast one (the model, the protocol, the sans-I/O cores, the drawings: no
+# sockets) first, so a broken unit fails in about a minute; then the slow one (servers, the
+# conformance kit, kill -9). tests/conftest.py marks tests/impl and tests/conformance slow.
+echo "== pytest (fast: -m 'not slow')" >&2
+.venv/bin/pytest -q -p no:cacheprovider -m "not slow" "$@"
+echo "== pytest (slow: -m slow)" >&2
+.venv/bin/pytest -q -p no:cacheprovider -m slow "$@"
 echo "== pipeproof check" >&2
 .venv/bin/pipeproof check --quiet
 echo "== pipeproof diagrams --check" >&2
