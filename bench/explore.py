@@ -14,7 +14,7 @@ import argparse
 import time
 from collections import deque
 
-from pipeproof.model.explorer import explore
+from pipeproof.model.check.explorer import explore
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import Bounds, System
 

@@ -14,10 +14,10 @@ import time
 
 import z3
 
+from pipeproof.model.check.z3check import EAE, LIVENESS_DEPTH, bmc, prove, verdicts
 from pipeproof.model.mutants import MUTANTS
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import System
-from pipeproof.model.z3check import EAE, LIVENESS_DEPTH, bmc, prove, verdicts
 
 
 def baseline(queries: int) -> float:

@@ -3,7 +3,7 @@ its arguments, inputs and routing (docs/model.md, "composition"; docs/protocol.m
 
 Rules:
 - an action is declared once, here; the explorer's successor function (model/system.py) and the
-  Z3 encoding (model/z3system.py) take their action names, actors and connection actions from this
+  Z3 encoding (model/check/z3system.py) take their action names, actors and connection actions from this
   table, and tests/model/test_composition.py holds every step either of them produces to its
   declaration: the step's action is declared, its actor is the declared one, and every component
   transition it fires is one of the declared (family, event) pairs;

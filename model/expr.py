@@ -90,7 +90,7 @@ class Env:
 
 @dataclass(frozen=True)
 class Ops:
-    """How to combine translated children; the Z3 encoding supplies its own (model/z3enc.py)."""
+    """How to combine translated children; the Z3 encoding supplies its own (model/check/z3enc.py)."""
 
     binop: Callable[[str, Any, Any], Any]
     neg: Callable[[Any], Any]

@@ -2,7 +2,7 @@
 
 Every other artifact is derived from a ``Machine``: the python-statemachine class
 (:func:`build_statemachine`), the explorer's successor function (model/system.py), the Hypothesis
-rules (model/hypothesis_check.py), the Z3 transition relation and the DOT diagram. A machine is
+rules (model/check/hypothesis_check.py), the Z3 transition relation and the DOT diagram. A machine is
 validated when it is constructed: undeclared states or names, unreachable states, dead ends and
 states from which no terminal (rest) state can be reached are rejected with a
 :class:`~pipeproof.errors.ModelDefinitionError` naming the machine, the state and the rule.

@@ -7,11 +7,11 @@ from collections import deque
 
 import pytest
 
+from pipeproof.model.check.z3system import SysEnc
+from pipeproof.model.check.z3universe import Universe
 from pipeproof.model.composition import ACTIONS, BY_NAME, step_problems
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import Bounds, System, reference_model
-from pipeproof.model.z3system import SysEnc
-from pipeproof.model.z3universe import Universe
 
 
 def _explore_actions(system: System, limit: int) -> tuple[set[str], list[str]]:

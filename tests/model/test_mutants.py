@@ -1,4 +1,4 @@
-"""The mutant matrix bites (model/matrix.py over model/mutants.py; docs/proofs.md, "the mutant matrix").
+"""The mutant matrix bites (model/check/matrix.py over model/mutants.py; docs/proofs.md, "the mutant matrix").
 
 Every mutant must be caught by the exhaustive explorer and by Z3 (a BMC trace from Init, replayed
 through System), and the mutants Hypothesis reliably catches with the fixed seed must stay caught:
@@ -12,7 +12,7 @@ import json
 import pytest
 
 from pipeproof.cli import main
-from pipeproof.model.matrix import MatrixOptions, mutant_matrix, render_matrix
+from pipeproof.model.check.matrix import MatrixOptions, mutant_matrix, render_matrix
 from pipeproof.model.mutants import BY_NAME, MUTANTS
 
 # Shortest traces (steps) the explorer finds; Z3's BMC stops at the first violating depth, so its

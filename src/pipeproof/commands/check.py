@@ -60,8 +60,8 @@ def _scenarios(args: argparse.Namespace) -> tuple[object, ...]:
 
 
 def _explain(prop: str) -> int:
-    from pipeproof.model.z3check import explain
-    from pipeproof.model.z3props import PROPERTY_BY_NAME
+    from pipeproof.model.check.z3check import explain
+    from pipeproof.model.check.z3props import PROPERTY_BY_NAME
 
     if prop not in PROPERTY_BY_NAME:
         print(f"pipeproof check: unknown property {prop!r}; one of: {', '.join(PROPERTY_BY_NAME)}", file=sys.stderr)
@@ -72,7 +72,7 @@ def _explain(prop: str) -> int:
 
 def _mutants(args: argparse.Namespace) -> int:
     """Exit 0 when every cell of the explorer and Z3 columns is caught (the guarantees), else 1."""
-    from pipeproof.model.matrix import MatrixOptions, mutant_matrix, render_matrix
+    from pipeproof.model.check.matrix import MatrixOptions, mutant_matrix, render_matrix
     from pipeproof.model.mutants import BY_NAME, MUTANTS
 
     unknown = sorted(set(args.only or ()) - set(BY_NAME))
@@ -101,7 +101,7 @@ def _mutants(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from pipeproof.errors import ModelError
-    from pipeproof.model.checks import CheckOptions, render_closes, render_table, run_checks
+    from pipeproof.model.check.checks import CheckOptions, render_closes, render_table, run_checks
 
     if args.explain:
         return _explain(args.explain)

@@ -28,7 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hypothesis", action="store_true", help="with --refresh: skip Hypothesis (the record says so)")
     p.add_argument("--no-z3", action="store_true", help="with --refresh: skip Z3 (the record says so)")
     p.add_argument("--no-matrix", action="store_true",
-                   help="with --refresh: explorer column only in the mutant matrix (skip model/matrix.py)")
+                   help="with --refresh: explorer column only in the mutant matrix (skip model/check/matrix.py)")
     p.add_argument("--quiet", action="store_true", help="only errors")
 
 

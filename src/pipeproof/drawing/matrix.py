@@ -1,6 +1,6 @@
 """The mutant matrix as data: mutant x checker -> caught or missed (docs/diagrams.md, "matrix").
 
-The matrix is computed by ``model/matrix.py`` (``mutant_matrix``), which runs every checker
+The matrix is computed by ``model/check/matrix.py`` (``mutant_matrix``), which runs every checker
 (explorer, Hypothesis, Z3) on every mutant. This module only adapts its cells to the record's
 plain :class:`~pipeproof.drawing.record.MatrixCell`, reading them by field name, so the drawing
 does not depend on that module's classes. When that module is not installed in this build, the
@@ -19,8 +19,8 @@ from typing import Any
 from pipeproof.drawing.record import MatrixCell, MutantEntry
 from pipeproof.drawing.source import Source
 
-MATRIX_MODULE = "pipeproof.model.matrix"
-FALLBACK_SOURCE = "explorer only (model/matrix.py not available when the record was refreshed)"
+MATRIX_MODULE = "pipeproof.model.check.matrix"
+FALLBACK_SOURCE = "explorer only (model/check/matrix.py not available when the record was refreshed)"
 
 
 def compute_matrix(
@@ -29,14 +29,14 @@ def compute_matrix(
     """(where the cells come from, cells in mutant order then checker order)."""
     if run_full and importlib.util.find_spec(MATRIX_MODULE) is not None:
         module = importlib.import_module(MATRIX_MODULE)
-        log("matrix    running model/matrix.py mutant_matrix() (every checker x every mutant)")
+        log("matrix    running model/check/matrix.py mutant_matrix() (every checker x every mutant)")
         fn = module.mutant_matrix
         # Pass the source's mutants when the function takes them (so a changed zoo is honoured).
         accepts = inspect.signature(fn).parameters
         raw = fn(mutants=source.mutants) if "mutants" in accepts else fn()
         order = {m.name: i for i, m in enumerate(source.mutants)}
         cells = sorted(adapt_cells(raw), key=lambda c: (order.get(c.mutant, len(order)), c.mutant, c.checker))
-        return "model/matrix.py mutant_matrix()", cells
+        return "model/check/matrix.py mutant_matrix()", cells
     return FALLBACK_SOURCE, [
         MatrixCell(m.name, "explorer", m.counterexample is not None,
                    len(m.counterexample.steps) if m.counterexample else None, m.prop)

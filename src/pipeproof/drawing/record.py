@@ -2,9 +2,9 @@
 
 Running every checker takes minutes (explorer, Hypothesis, Z3, the mutant matrix), far too long
 for a drift check in CI. So ``pipeproof diagrams --refresh`` runs them once and stores what the
-diagrams need as plain data: the verdict rows of ``model/checks.py`` without timings, the
+diagrams need as plain data: the verdict rows of ``model/check/checks.py`` without timings, the
 explorer's transition coverage, one shortest counterexample per mutant and per failing check
-(the structured steps of ``model/explorer.py``'s ``Counterexample.path``), the mutant matrix,
+(the structured steps of ``model/check/explorer.py``'s ``Counterexample.path``), the mutant matrix,
 and a :func:`fingerprint` of the model they were computed from. Rendering reads the record;
 ``--check`` fails when the fingerprint no longer matches the model, so a changed transition
 without a refresh is caught.
@@ -194,7 +194,7 @@ def trace_from_lines(prop: str, message: str, scenario: str, checker: str, lines
 
 @dataclass(frozen=True)
 class CheckRow:
-    """One row of ``model/checks.py`` ``run_checks`` without its timing."""
+    """One row of ``model/check/checks.py`` ``run_checks`` without its timing."""
 
     machine: str
     property: str
@@ -310,8 +310,8 @@ class RefreshOptions:
 def refresh(source: Source, options: RefreshOptions | None = None) -> Record:
     """Run every checker on ``source`` and return the record (slow: minutes with the full matrix)."""
     from pipeproof.drawing.matrix import compute_matrix
-    from pipeproof.model.checks import CheckOptions, run_checks
-    from pipeproof.model.explorer import explore
+    from pipeproof.model.check.checks import CheckOptions, run_checks
+    from pipeproof.model.check.explorer import explore
 
     opts = options or RefreshOptions()
     check_opts = CheckOptions(

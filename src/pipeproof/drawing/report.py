@@ -172,7 +172,7 @@ def _machine_section(m: Machine, source: Source, record: Record, by_prop: dict[s
         + (": never fired " + ", ".join(f"<code>{_e(k)}</code>" for k in never) if never else "") + ".</p>",
     ]
     rows = [(i.name, i.doc, by_prop.get(i.name, {})) for i in source.invariants if i.machine == m.name]
-    # Machine-level Hypothesis rows (model/checks.py: the python-statemachine class agrees with the declaration).
+    # Machine-level Hypothesis rows (model/check/checks.py: the python-statemachine class agrees with the declaration).
     rows += [(r.property, r.detail or "machine-level check", {r.method: r}) for r in record.checks
              if r.machine == m.name and r.property not in {i.name for i in source.invariants}]
     if rows:

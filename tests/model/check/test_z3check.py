@@ -1,14 +1,14 @@
-"""Z3 proofs, BMC and the verdict discipline (model/z3check.py; docs/proofs.md)."""
+"""Z3 proofs, BMC and the verdict discipline (model/check/z3check.py; docs/proofs.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeproof.model.checks import CheckOptions
+from pipeproof.model.check.checks import CheckOptions
+from pipeproof.model.check.z3check import EAE, bmc, explain, prove, verdicts, z3_rows
+from pipeproof.model.check.z3props import LEMMAS, PROPERTIES, PROPERTY_BY_NAME, closure
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import Bounds, System, reference_model
-from pipeproof.model.z3check import EAE, bmc, explain, prove, verdicts, z3_rows
-from pipeproof.model.z3props import LEMMAS, PROPERTIES, PROPERTY_BY_NAME, closure
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from pipeproof.model.check.hypothesis_check import replay, run_machine, run_system, shrink
 from pipeproof.model.connection import Conn
 from pipeproof.model.expr import Var
-from pipeproof.model.hypothesis_check import replay, run_machine, run_system, shrink
 from pipeproof.model.invariants import INVARIANTS
 from pipeproof.model.mutants import add, scenario
 from pipeproof.model.spec import Transition

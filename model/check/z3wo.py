@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import z3
 
+from pipeproof.model.check.z3enc import Term, enum_sort
 from pipeproof.model.run import AGENT_EVENTS
-from pipeproof.model.z3enc import Term, enum_sort
 
 WO_STATES = ("EMPTY", "IN", "TOOL", "DONE", "BAD")
 """EMPTY: nothing emitted; IN: started, no tool open; TOOL: a tool is executing; DONE: a terminal

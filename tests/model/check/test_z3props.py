@@ -1,4 +1,4 @@
-"""Each Z3 state property says what its Python predicate says (model/z3props.py vs model/invariants.py),
+"""Each Z3 state property says what its Python predicate says (model/check/z3props.py vs model/invariants.py),
 on the reference's reached states and on mutants' states that violate it."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from collections import deque
 import pytest
 import z3
 
+from pipeproof.model.check.z3props import LEMMAS, PROPERTIES, closure
+from pipeproof.model.check.z3system import SysEnc
+from pipeproof.model.check.z3universe import Universe
 from pipeproof.model.invariants import BY_NAME as PY
 from pipeproof.model.mutants import BY_NAME as MUTANTS
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import State, System
-from pipeproof.model.z3props import LEMMAS, PROPERTIES, closure
-from pipeproof.model.z3system import SysEnc
-from pipeproof.model.z3universe import Universe
 
 
 def _reached(system: System, limit: int) -> list[State]:

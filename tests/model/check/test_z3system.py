@@ -1,4 +1,4 @@
-"""The composed Z3 Next agrees with model/system.py (model/z3system.py; docs/proofs.md, "cross-check").
+"""The composed Z3 Next agrees with model/system.py (model/check/z3system.py; docs/proofs.md, "cross-check").
 
 On the states the explorer reaches at the default scenarios' bounds (and on mutants that change the
 glue or add transitions): every explorer step satisfies Next, and from sampled reached states Z3
@@ -14,14 +14,14 @@ from collections import deque
 import pytest
 import z3
 
+from pipeproof.model.check.z3system import SysEnc
+from pipeproof.model.check.z3universe import Universe
+from pipeproof.model.check.z3wo import wo_run
 from pipeproof.model.invariants import well_ordered
 from pipeproof.model.mutants import BY_NAME as MUTANTS
 from pipeproof.model.run import AGENT_EVENTS
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import State, System
-from pipeproof.model.z3system import SysEnc
-from pipeproof.model.z3universe import Universe
-from pipeproof.model.z3wo import wo_run
 
 
 def test_well_ordering_automaton_matches_the_predicate() -> None:

@@ -7,7 +7,7 @@ stream length ``len``, the agent event ``kinds`` (User x Int -> Kind), the clien
 claim and the context ``epoch_seen`` per session. Every system action is a disjunction of
 *cases*; a case fixes which declared transition each touched component takes (all known to Python,
 so the glue can branch on them exactly as model/system.py does), conjoins the components'
-relations built by :class:`~pipeproof.model.z3enc.MachineEnc` (guard + update from the declaration)
+relations built by :class:`~pipeproof.model.check.z3enc.MachineEnc` (guard + update from the declaration)
 and writes the results back with ``Store``: everything the case does not touch is framed.
 
 Two universes share this code:
@@ -21,7 +21,7 @@ Two universes share this code:
 
 Ghost state, used only by proofs, never restricting a real step (each ghost update is a total
 function of the pre-state): ``wo`` (User -> the well-ordering automaton's state after reading the
-stream, :func:`pipeproof.model.z3wo.wo_step`), ``total`` (the sum of ``ctx.conns`` over users, kept by adding each
+stream, :func:`pipeproof.model.check.z3wo.wo_step`), ``total`` (the sum of ``ctx.conns`` over users, kept by adding each
 step's delta: a step changes at most one user's count), ``slot``/``holder`` (a bijection between a
 user's attached sessions and ``0 .. conns-1``: the first-order way to say "conns counts the
 attached sockets", which FOL cannot count directly).
@@ -36,6 +36,10 @@ from dataclasses import dataclass
 import z3
 
 from pipeproof.errors import ModelDefinitionError
+from pipeproof.model.check.z3enc import MachineEnc, Term, ZCfg, value_term
+from pipeproof.model.check.z3universe import Universe
+from pipeproof.model.check.z3wo import KIND, WO, wo_run
+from pipeproof.model.check.z3wo import wo_next as _wo_next
 from pipeproof.model.composition import BY_NAME, CLIENT_CONN_ACTIONS, SERVER_CONN_ACTIONS, Action
 from pipeproof.model.connection import ATTACHED, Conn
 from pipeproof.model.context import CONNS, Ctx
@@ -49,10 +53,6 @@ from pipeproof.model.system import (
     reads_inputs,
     same_user,
 )
-from pipeproof.model.z3enc import MachineEnc, Term, ZCfg, value_term
-from pipeproof.model.z3universe import Universe
-from pipeproof.model.z3wo import KIND, WO, wo_run
-from pipeproof.model.z3wo import wo_next as _wo_next
 
 FAMILY_MACHINE = {"conn": "connection", "ctx": "context", "run": "run", "event": "delivery"}
 INDEX = {"conn": "S", "ctx": "U", "run": "U", "event": "UI"}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import z3
 
+from pipeproof.model.check.z3enc import Term, enum_sort
 from pipeproof.model.system import Bounds
-from pipeproof.model.z3enc import Term, enum_sort
 
 
 @dataclass

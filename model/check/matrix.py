@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeproof.model.explorer import explore
-from pipeproof.model.hypothesis_check import run_system
+from pipeproof.model.check.explorer import explore
+from pipeproof.model.check.hypothesis_check import run_system
+from pipeproof.model.check.z3check import BMC_DEPTH, bmc, prove, verdicts
+from pipeproof.model.check.z3props import PROPERTY_BY_NAME, closure
 from pipeproof.model.mutants import MUTANTS, Mutant
-from pipeproof.model.z3check import BMC_DEPTH, bmc, prove, verdicts
-from pipeproof.model.z3props import PROPERTY_BY_NAME, closure
 
 CHECKERS = ("explorer", "hypothesis", "z3")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from pipeproof.model.check.explorer import explore
 from pipeproof.model.connection import Conn
-from pipeproof.model.explorer import explore
 from pipeproof.model.expr import Var
 from pipeproof.model.invariants import INVARIANTS
 from pipeproof.model.mutants import BY_NAME, add, scenario

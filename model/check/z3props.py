@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import z3
 
+from pipeproof.model.check.z3enc import Term
+from pipeproof.model.check.z3system import Case, St, SysEnc
+from pipeproof.model.check.z3wo import WO
 from pipeproof.model.connection import HANDLE_EVENTS, Conn
 from pipeproof.model.context import Ctx
 from pipeproof.model.delivery import RANK, Delivery
 from pipeproof.model.run import Run
-from pipeproof.model.z3enc import Term
-from pipeproof.model.z3system import Case, St, SysEnc
-from pipeproof.model.z3wo import WO
 
 Body = Callable[[SysEnc, St], Term]
 
@@ -95,7 +95,7 @@ def _conns_within_limit(e: SysEnc, st: St) -> Term:
 
 def _total_within_account(e: SysEnc, st: St) -> Term:
     # Only the upper bound: "total >= 0" would need "total >= conns[u] for each u", a sum fact that
-    # is not first order (the ghost is the sum by construction; model/z3system.py).
+    # is not first order (the ghost is the sum by construction; model/check/z3system.py).
     return st["total"] <= e.u.max_account
 
 

@@ -1,5 +1,5 @@
 """The Z3 encoding of each machine agrees with the declaration and the python-statemachine class
-on every (state, event) pair (model/z3enc.py; docs/proofs.md, "encoding")."""
+on every (state, event) pair (model/check/z3enc.py; docs/proofs.md, "encoding")."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import z3
 
 from pipeproof.errors import IllegalTransition
+from pipeproof.model.check.z3enc import MachineEnc
 from pipeproof.model.connection import CONNECTION
 from pipeproof.model.context import CONTEXT
 from pipeproof.model.delivery import DELIVERY
 from pipeproof.model.run import RUN
 from pipeproof.model.spec import Config, Machine, Runner, build_statemachine
-from pipeproof.model.z3enc import MachineEnc
 
 MACHINES = [CONNECTION, CONTEXT, DELIVERY, RUN]
 

@@ -1,9 +1,9 @@
 """Checker 3: Z3. Unbounded proofs by induction and bounded model checking (docs/proofs.md).
 
 Proofs run over the *symbolic* universe (any number of users, sessions and events; bounds as
-``Int`` constants; model/z3system.py):
+``Int`` constants; model/check/z3system.py):
 
-1. ``Init => Inv``, where Inv is the conjunction of the lemmas (model/z3props.py);
+1. ``Init => Inv``, where Inv is the conjunction of the lemmas (model/check/z3props.py);
 2. ``Inv /\\ Next => Inv'``, one query per case of Next;
 3. per property: ``Inv => P`` (state properties) and ``Inv /\\ Next => P_step`` (step properties).
 
@@ -27,12 +27,8 @@ from typing import TYPE_CHECKING
 import z3
 
 from pipeproof.errors import ModelError
-from pipeproof.model.invariants import BY_NAME as PY_INVARIANTS
-from pipeproof.model.invariants import quiescent_violations
-from pipeproof.model.scenarios import DEFAULT_SCENARIOS
-from pipeproof.model.system import Bounds, State, Step, System, SystemModel, reference_model
-from pipeproof.model.z3enc import Term
-from pipeproof.model.z3props import (
+from pipeproof.model.check.z3enc import Term
+from pipeproof.model.check.z3props import (
     LEMMA_BY_NAME,
     LEMMAS,
     PROPERTIES,
@@ -42,11 +38,15 @@ from pipeproof.model.z3props import (
     closure,
     invariant,
 )
-from pipeproof.model.z3system import Case, St, SysEnc
-from pipeproof.model.z3universe import Universe
+from pipeproof.model.check.z3system import Case, St, SysEnc
+from pipeproof.model.check.z3universe import Universe
+from pipeproof.model.invariants import BY_NAME as PY_INVARIANTS
+from pipeproof.model.invariants import quiescent_violations
+from pipeproof.model.scenarios import DEFAULT_SCENARIOS
+from pipeproof.model.system import Bounds, State, Step, System, SystemModel, reference_model
 
 if TYPE_CHECKING:
-    from pipeproof.model.checks import CheckOptions, Row
+    from pipeproof.model.check.checks import CheckOptions, Row
 
 EAE = "every_event_acked_or_escalated"
 DEFAULT_TIMEOUT_MS = 20_000
@@ -366,7 +366,7 @@ def _message(system: System, prop: str, state: State, last: Step | None, before:
 def z3_rows(options: CheckOptions) -> list[Row]:
     """One row per property (method ``z3``): the induction verdict; for every_event_acked_or_escalated
     also the bounded liveness BMC on each scenario."""
-    from pipeproof.model.checks import Row
+    from pipeproof.model.check.checks import Row
 
     models = {sc.name: (options.model(sc) if options.model else reference_model(sc.bounds)) for sc in options.scenarios}
     base = next(iter(models.values()))

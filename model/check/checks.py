@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeproof.model.check.explorer import ExploreResult, explore
+from pipeproof.model.check.hypothesis_check import run_machine, run_system
 from pipeproof.model.connection import CONNECTION, Conn
-from pipeproof.model.explorer import ExploreResult, explore
-from pipeproof.model.hypothesis_check import run_machine, run_system
 from pipeproof.model.invariants import INVARIANTS
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS, Scenario
 from pipeproof.model.system import System, SystemModel, reference_model
@@ -122,8 +122,8 @@ def hypothesis_rows(options: CheckOptions) -> list[Row]:
 
 
 def z3_rows(options: CheckOptions) -> list[Row]:
-    """Z3 rows: induction proofs and the bounded-liveness BMC (model/z3check.py)."""
-    from pipeproof.model import z3check  # imported here: z3 loads only when its rows are asked for
+    """Z3 rows: induction proofs and the bounded-liveness BMC (model/check/z3check.py)."""
+    from pipeproof.model.check import z3check  # imported here: z3 loads only when its rows are asked for
 
     return z3check.z3_rows(options)
 

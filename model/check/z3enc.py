@@ -5,7 +5,7 @@ and derives, for every declared transition, its Z3 relation ``source /\\ guard /
 (guards and updates translated from the expression AST with :meth:`Expr.translate`, variables not
 updated framed to their old value). States become an ``EnumSort``; ``int`` variables ``Int``,
 ``bool`` variables ``Bool``. Parameters are either the machine's concrete values (a finite
-instance) or symbolic ``Int`` constants (the parametric proofs, model/z3system.py).
+instance) or symbolic ``Int`` constants (the parametric proofs, model/check/z3system.py).
 
 tests/model/test_z3enc.py cross-checks the relation against ``Machine.fire_all`` and the
 python-statemachine ``Runner`` on every (state, event) pair, so the encoding cannot drift.
