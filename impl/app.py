@@ -29,11 +29,11 @@ from .events_api import install_event_routes
 from .handlers import FrameHandler, LifecycleHandler, UnavailableRuns
 from .limits import ConnectionLimiter, InProcessLimiter
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import PipeproofWebSocketProtocol
 from .readiness import Readiness
 from .session import ConnectionShell
 from .settings import Settings, load_settings, validate_for_startup
 from .store import Store
+from .uvicorn_ws import PipeproofWebSocketProtocol
 
 log = logging.getLogger("pipeproof.app")
 

@@ -44,8 +44,8 @@ from .audit import TracedMachine
 from .auth import AuthError, authenticate
 from .handlers import OutboundFrame, SessionObserver
 from .limits import ConnectionLimitExceeded, Slot
-from .protocol import EXTENSION
 from .sender import Sender, SendFailed
+from .uvicorn_ws import EXTENSION
 
 if TYPE_CHECKING:
     from .app import ServerState

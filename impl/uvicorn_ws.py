@@ -1,4 +1,4 @@
-"""A uvicorn WebSocket protocol that lets the app ping and drain (PROTOCOL section 6).
+"""The uvicorn WebSocket protocol subclass that lets the app ping and drain (PROTOCOL section 6).
 
 ASGI has no message for WebSocket pings, and uvicorn's own keepalive closes a silent peer with
 1011, which the protocol forbids. So the server runs uvicorn with ``ws_ping_interval=None`` and
