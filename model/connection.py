@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pipeproof.model.expr import TRUE, Input, Param, Var
 from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
-from pipeproof.protocol import AUTH_CLOSES, Close, FastEnum, FrameType, Send
+from pipeproof.protocol import AUTH_CLOSES, Close, FastEnum, FrameType, Property, Send
 from pipeproof.protocol import CloseReason as CR
 
 
@@ -44,8 +44,8 @@ over_bytes = Input("over_bytes")
 
 O, I, R, D, C = Conn.OPEN, Conn.INITIALISING, Conn.READY, Conn.DRAINING, Conn.CLOSED  # noqa: E741 - short names keep the table readable
 
-NMBR = "no_message_before_ready"
-RBA = "ready_before_ack"
+NMBR = Property.NO_MESSAGE_BEFORE_READY
+RBA = Property.READY_BEFORE_ACK
 
 _DROP = (("queued", 0),)  # a socket that closes before READY discards its buffer unhandled
 _LIVE = (O, I, R, D)

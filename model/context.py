@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeproof.model.expr import Input, Param, Var
 from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
-from pipeproof.protocol import Close, FastEnum
+from pipeproof.protocol import Close, FastEnum, Property
 from pipeproof.protocol import CloseReason as CR
 
 
@@ -26,9 +26,9 @@ max_user = Param("max_connections_per_user")
 account_full = Input("account_full")
 
 AB, LV, EX = Ctx.ABSENT, Ctx.LIVE, Ctx.EXPIRED
-OCPU = "one_context_per_user"
-ECNR = "expired_context_never_reused"
-LIM = "connection_limits_respected"
+OCPU = Property.ONE_CONTEXT_PER_USER
+ECNR = Property.EXPIRED_CONTEXT_NEVER_REUSED
+LIM = Property.CONNECTION_LIMITS_RESPECTED
 
 _CREATE = (("epoch", epoch + 1), ("conns", 1), ("instances", instances + 1))
 

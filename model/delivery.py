@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pipeproof.model.expr import TRUE, Input, Param, Var, capped_inc
 from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
-from pipeproof.protocol import DeliveryState, Escalate, EscalationReason, FrameType, Send
+from pipeproof.protocol import DeliveryState, Escalate, EscalationReason, FrameType, Property, Send
 
 Delivery = DeliveryState
 """The machine's states are the protocol's delivery states (section 5): one enum for the model,
@@ -34,10 +34,10 @@ max_attempts, ack_timeout, resume_window, horizon = (
 has_session = Input("has_session")
 
 P, S, A, E = Delivery.PENDING, Delivery.SENT, Delivery.ACKED, Delivery.ESCALATED
-EAE = "every_event_acked_or_escalated"
-ANR = "acked_never_resent"
-MES = "monotonic_event_state"
-AB = "attempts_bounded"
+EAE = Property.EVERY_EVENT_ACKED_OR_ESCALATED
+ANR = Property.ACKED_NEVER_RESENT
+MES = Property.MONOTONIC_EVENT_STATE
+AB = Property.ATTEMPTS_BOUNDED
 
 # A terminal event keeps no timers: clearing them merges states that differ only in dead clocks.
 _STOP_CLOCKS = (("waited", 0), ("idle", 0), ("age", 0))

@@ -24,6 +24,7 @@ from pipeproof.model.context import CONNS, EPOCH, Ctx
 from pipeproof.model.delivery import ATTEMPT, RANK, Delivery
 from pipeproof.model.run import CANCEL_REQUESTED, TERMINAL_EVENTS
 from pipeproof.model.system import State, Step, System
+from pipeproof.protocol import Property
 
 
 @dataclass(frozen=True)
@@ -230,39 +231,39 @@ def _cancel_before_start_wins_step(system: System, step: Step, before: State) ->
 
 
 INVARIANTS: tuple[Invariant, ...] = (
-    Invariant("no_message_before_ready", "connection",
+    Invariant(Property.NO_MESSAGE_BEFORE_READY, "connection",
               "No client frame is handled unless its socket is READY and connection_ack has gone out.",
               step_check=_no_message_before_ready_step),
-    Invariant("ready_before_ack", "connection",
+    Invariant(Property.READY_BEFORE_ACK, "connection",
               "connection_ack is sent only from READY: READY is set before the ack, never after.",
               state_check=_ready_before_ack_state, step_check=_ready_before_ack_step),
-    Invariant("every_event_acked_or_escalated", "delivery",
+    Invariant(Property.EVERY_EVENT_ACKED_OR_ESCALATED, "delivery",
               "Every event ends ACKED (after it was really delivered) or ESCALATED, within "
               "max_attempts x ack_timeout + resume_window of model time; none is ever stuck.",
               state_check=_every_event_acked_or_escalated_state),
-    Invariant("acked_never_resent", "delivery", "An ACKED (or ESCALATED) event is never sent again.",
+    Invariant(Property.ACKED_NEVER_RESENT, "delivery", "An ACKED (or ESCALATED) event is never sent again.",
               step_check=_acked_never_resent_step),
-    Invariant("monotonic_event_state", "delivery",
+    Invariant(Property.MONOTONIC_EVENT_STATE, "delivery",
               "An event only moves forward: PENDING/SENT, then ACKED or ESCALATED, never back.",
               step_check=_monotonic_event_state_step),
-    Invariant("attempts_bounded", "delivery", "No event is written more than max_attempts times.",
+    Invariant(Property.ATTEMPTS_BOUNDED, "delivery", "No event is written more than max_attempts times.",
               state_check=_attempts_bounded_state),
-    Invariant("one_context_per_user", "context",
+    Invariant(Property.ONE_CONTEXT_PER_USER, "context",
               "At most one live context per user, and every attached socket holds that context's epoch.",
               state_check=_one_context_per_user_state),
-    Invariant("expired_context_never_reused", "context",
+    Invariant(Property.EXPIRED_CONTEXT_NEVER_REUSED, "context",
               "A context is handed out only while LIVE or by a create that starts a new epoch.",
               step_check=_expired_context_never_reused_step),
-    Invariant("connection_limits_respected", "context",
+    Invariant(Property.CONNECTION_LIMITS_RESPECTED, "context",
               "Per-user and per-account connection limits hold and the registry's count matches the sockets.",
               state_check=_connection_limits_state),
-    Invariant("no_cross_user_read", "system",
+    Invariant(Property.NO_CROSS_USER_READ, "system",
               "A session only reads or acks events of its own user's stream.",
               step_check=_no_cross_user_read_step),
-    Invariant("run_events_well_ordered", "run",
+    Invariant(Property.RUN_EVENTS_WELL_ORDERED, "run",
               "agent_started first; tool_executing/tool_completed paired; exactly one terminal; nothing after it.",
               state_check=_run_events_well_ordered_state),
-    Invariant("cancel_before_start_wins", "run",
+    Invariant(Property.CANCEL_BEFORE_START_WINS, "run",
               "A run.cancel that arrives before the run starts prevents agent_started.",
               step_check=_cancel_before_start_wins_step),
 )

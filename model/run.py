@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeproof.model.expr import TRUE, Param, Var
 from pipeproof.model.spec import Kind, Machine, Transition, VarDecl
-from pipeproof.protocol import TERMINAL_KINDS, Append, EventKind, FastEnum, FrameType, Send
+from pipeproof.protocol import TERMINAL_KINDS, Append, EventKind, FastEnum, FrameType, Property, Send
 
 
 class Run(FastEnum):
@@ -33,8 +33,8 @@ max_steps = Param("max_steps")
 
 RQ, AC, RN, TR = Run.REQUESTED, Run.ACCEPTED, Run.RUNNING, Run.TOOL_RUNNING
 CO, FA, RJ = Run.COMPLETED, Run.FAILED, Run.REJECTED
-REWO = "run_events_well_ordered"
-CBSW = "cancel_before_start_wins"
+REWO = Property.RUN_EVENTS_WELL_ORDERED
+CBSW = Property.CANCEL_BEFORE_START_WINS
 
 _CANCEL = (("cancel_requested", TRUE),)
 

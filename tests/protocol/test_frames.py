@@ -115,3 +115,10 @@ def test_docs_close_table_is_rendered_from_the_enum() -> None:
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
     assert close_table_markdown() in doc
+
+
+def test_property_names_are_the_model_invariants() -> None:
+    from pipeproof.model.invariants import INVARIANTS
+    from pipeproof.protocol import Property
+
+    assert [i.name for i in INVARIANTS] == list(Property)
