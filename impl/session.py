@@ -35,7 +35,7 @@ from pipeproof.core.session import (
     SessionLimits,
 )
 from pipeproof.errors import IllegalTransition, StoreError
-from pipeproof.model.connection import CONNECTION, Conn
+from pipeproof.model.connection import CONNECTION
 from pipeproof.model.spec import Machine
 from pipeproof.protocol import AuthCode, CloseReason, ErrorCode
 from pipeproof.protocol.frames import Ack, ConnectionAck, ConnectionInit, ErrorFrame, InvalidMessage, RunStart
@@ -206,7 +206,7 @@ class ConnectionShell:
     async def _read_loop(self) -> None:
         while True:
             await self._wait_for_room()
-            deadline = self.core.next_deadline() if self.core.state is Conn.OPEN else None
+            deadline = self.core.read_deadline()
             try:
                 if deadline is not None:
                     message = await asyncio.wait_for(self.ws.receive(), max(0.0, deadline - time.monotonic()))

@@ -142,11 +142,17 @@ class SessionCore:
         """When :meth:`timer` has something to do (the init deadline, or a silent peer's)."""
         if self.closed:
             return None
-        if self.state is Conn.OPEN:
+        # The machine says which timer can fire now (init_timeout before the init, heartbeat_timeout
+        # once READY); the core only keeps the clocks.
+        if self.conn.can("init_timeout"):
             return self._init_deadline
-        if self.state is Conn.READY:
+        if self.conn.can("heartbeat_timeout"):
             return self.last_heard + 2 * self.limits.heartbeat_interval
         return None
+
+    def read_deadline(self) -> float | None:
+        """How long the shell may wait for the next frame: until the init deadline, or for ever."""
+        return self._init_deadline if not self.closed and self.conn.can("init_timeout") else None
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -232,10 +238,10 @@ class SessionCore:
         """The init deadline (4408 init_timeout) and a silent peer (4408 heartbeat_timeout)."""
         if self.closed:
             return []
-        if self.state is Conn.OPEN and now >= self._init_deadline:
+        if self.conn.can("init_timeout") and now >= self._init_deadline:
             return self._fire("init_timeout", {"after_s": self.limits.init_timeout})
         silent = now - self.last_heard
-        if self.state is Conn.READY and silent >= 2 * self.limits.heartbeat_interval:
+        if self.conn.can("heartbeat_timeout") and silent >= 2 * self.limits.heartbeat_interval:
             return self._fire("heartbeat_timeout", {"silent_s": round(silent, 3)})
         return []
 
