@@ -35,7 +35,7 @@ rest of a cancelled caller's step is handed to a task only then), acks are coale
 write per round, and the clock is woken only when a deadline earlier than the one it sleeps
 until appears (``core.earliest``). Memory is bounded: per-socket send queues are bounded by the
 sender; a send first waits (at most ``ack_timeout``) for room in the socket's queue, so a backlog
-flows at the reader's pace, and a reader too slow even for that is closed 1013 (its events stay
+flows at the reader's pace, and a reader too slow even for that is closed ``slow_consumer`` (its events stay
 in the store and are resent or escalated); and a producer waits when its context already has
 ``max_inflight_events`` unfinished events.
 """

@@ -2,7 +2,7 @@
 
 Every failure of the store reaches its caller as a StoreError subclass naming the operation, so
 the server can answer it as the protocol says (PROTOCOL section 6: a store failure while resolving
-a context closes ``1013 try_again_later``; Transport: ``/readyz`` reports the failing check). How
+a context closes ``try_again_later``; Transport: ``/readyz`` reports the failing check). How
 it failed (timeout, unavailable, auth, pool exhausted, integrity) is read from the SQLSTATE, the
 exception class or the driver's message of any link of the exception's cause chain. Messages never
 contain the DSN's password, nor SQL. An exception that is not a store failure (a bug in the store)
