@@ -7,7 +7,6 @@ import json
 import jsonschema
 import pytest
 
-from pipeproof.protocol import CloseReason
 from pipeproof.protocol.frames import (
     CLIENT_FRAME_MODELS,
     SERVER_FRAME_MODELS,
@@ -91,34 +90,3 @@ def test_invalid_message_detail_never_echoes_values() -> None:
 def test_error_frame_omits_unset_fields() -> None:
     wire = json.loads(ErrorFrame(code="runs_unavailable").to_wire())
     assert wire == {"type": "error", "code": "runs_unavailable"}
-
-
-def test_close_code_table_covers_the_protocol() -> None:
-    by_code: dict[int, set[str]] = {}
-    for row in CloseReason:
-        by_code.setdefault(int(row.code), set()).add(row.value)
-        assert row.meaning and row.reaction
-    assert set(by_code) == {1000, 1001, 1011, 1013, 4400, 4401, 4403, 4408, 4429}
-    assert by_code[4429] == {"duplicate_init", "preready_buffer_full", "connection_limit"}
-    assert by_code[4408] == {"init_timeout", "heartbeat_timeout"}
-    assert {"init_required", "token_missing", "user_unknown"} <= by_code[4401]
-    # 1011 is the server's own bug, never an expected condition (section 1).
-    assert by_code[1011] == {"internal_error"}
-    assert CloseReason.of("user_disabled").code == 4403
-    assert CloseReason.documented(4403, "user_disabled") and not CloseReason.documented(4401, "user_disabled")
-
-
-def test_docs_close_table_is_rendered_from_the_enum() -> None:
-    from pathlib import Path
-
-    from pipeproof.protocol import close_table_markdown
-
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
-    assert close_table_markdown() in doc
-
-
-def test_property_names_are_the_model_invariants() -> None:
-    from pipeproof.model.invariants import INVARIANTS
-    from pipeproof.protocol import Property
-
-    assert [i.name for i in INVARIANTS] == list(Property)
