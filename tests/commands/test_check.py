@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeproof.cli import main
-from pipeproof.model.checks import CheckOptions, run_checks
+from pipeproof.model.check.checks import CheckOptions, run_checks
 from pipeproof.model.mutants import BY_NAME, scenario
 
 SMALL = ["--users", "1", "--sessions", "1", "--events", "2", "--attempts", "1"]
@@ -41,7 +41,7 @@ def test_violation_gives_rows_with_traces_and_exit_1(monkeypatch: pytest.MonkeyP
     assert [r.property for r in bad] == ["no_message_before_ready"]
     assert bad[0].trace is not None and len(bad[0].trace) <= 5
 
-    import pipeproof.model.checks as checks
+    import pipeproof.model.check.checks as checks
 
     monkeypatch.setattr(checks, "run_checks", lambda opts: rows)
     assert main(["check", "--json"]) == 1

@@ -11,7 +11,7 @@ from pipeproof.drawing.machines import KIND_COLOURS, UNCOVERED, Highlight, machi
 from pipeproof.drawing.record import trace_from_path
 from pipeproof.drawing.sequence import sequence_svg
 from pipeproof.drawing.source import DEFAULT_SOURCE
-from pipeproof.model.explorer import explore
+from pipeproof.model.check.explorer import explore
 from pipeproof.model.mutants import MUTANTS
 
 MACHINES = DEFAULT_SOURCE.machines()

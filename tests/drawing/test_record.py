@@ -18,7 +18,7 @@ from pipeproof.drawing.record import (
     trace_from_path,
 )
 from pipeproof.drawing.source import DEFAULT_SOURCE
-from pipeproof.model.explorer import explore
+from pipeproof.model.check.explorer import explore
 from pipeproof.model.mutants import BY_NAME
 
 SCRIPT = "from pipeproof.drawing.record import fingerprint; from pipeproof.drawing.source import DEFAULT_SOURCE; " \
