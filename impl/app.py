@@ -28,10 +28,11 @@ from .contexts import ContextRegistry
 from .events_api import install_event_routes
 from .handlers import FrameHandler, LifecycleHandler, UnavailableRuns
 from .limits import ConnectionLimiter, InProcessLimiter
+from .memory import MemoryGuard, check_memory_limit
 from .metrics import CONTENT_TYPE, Metrics
 from .readiness import Readiness
 from .session import ConnectionShell
-from .settings import Settings, load_settings, validate_for_startup
+from .settings import Settings, env_name, load_settings, validate_for_startup
 from .store import Store
 from .uvicorn_ws import PipeproofWebSocketProtocol
 
@@ -39,7 +40,6 @@ log = logging.getLogger("pipeproof.app")
 
 READY_RETRY_SECONDS: Final = 1.0
 READY_RECHECK_SECONDS: Final = 10.0
-_MIB: Final = 1024 * 1024
 
 
 @dataclass
@@ -56,15 +56,13 @@ class ServerState:
     contexts: ContextRegistry | None = None
     sessions: set[ConnectionShell] = field(default_factory=set)
     draining: bool = False
+    memory: MemoryGuard | None = None
 
     def memory_exceeded(self) -> bool:
-        """The memory guard (section 6): process RSS above ``memory_limit_mb``."""
-        limit = self.settings.memory_limit_mb
-        if limit is None:
-            return False
-        import psutil
-
-        return bool(psutil.Process().memory_info().rss / _MIB > limit)
+        """The memory guard (section 6, impl/memory.py): over ``memory_limit_mb`` at the load that crossed it."""
+        if self.memory is None:
+            self.memory = MemoryGuard(self.settings.memory_limit_mb, lambda: len(self.sessions))
+        return self.memory.exceeded()
 
 
 def create_app(
@@ -92,6 +90,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         validate_for_startup(s)
+        check_memory_limit(s.memory_limit_mb, env_name("memory_limit_mb"))
         writer = audit if audit is not None else AuditWriter(s.resolved_audit_log())
         # Check audit_log (and Readiness.ready) reads the writer: a log that cannot be written
         # makes /readyz 503 and refuses new sockets (PROTOCOL Transport section).
@@ -138,7 +137,10 @@ def create_app(
             if audit is None:
                 writer.close()
 
-    app = FastAPI(title="pipeproof reference server", lifespan=lifespan)
+    # The interactive docs and the OpenAPI document are for development; prod serves neither.
+    dev = s.env != "prod"
+    app = FastAPI(title="pipeproof reference server", lifespan=lifespan, docs_url="/docs" if dev else None,
+                  redoc_url="/redoc" if dev else None, openapi_url="/openapi.json" if dev else None)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -147,7 +149,17 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         report = await readiness.check()
-        return JSONResponse(report.as_json(), status_code=200 if report.ok else 503)
+        body = report.as_json()
+        state = state_box.get("state")
+        guard_refuses = state is not None and state.memory_exceeded()
+        if state is not None and state.memory is not None and state.memory.limit_mb is not None:
+            checks = body["checks"]
+            assert isinstance(checks, dict)
+            checks["memory"] = state.memory.describe()
+        if report.ok and guard_refuses:
+            # New sockets are refused while the guard holds: /readyz says so too.
+            body["status"], body["failing"] = "not_ready", "memory"
+        return JSONResponse(body, status_code=200 if report.ok and not guard_refuses else 503)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
@@ -200,6 +212,9 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:
         "ws": PipeproofWebSocketProtocol,
         "ws_ping_interval": None,
         "ws_ping_timeout": None,
+        # Frames over this are refused by the WebSocket layer with 1009 message_too_big (a declared
+        # edge, recv_oversized) before they are buffered whole.
+        "ws_max_size": settings.max_frame_bytes,
         "lifespan": "on",
         "log_level": "info",
         "timeout_graceful_shutdown": settings.shutdown_grace + 1.0,

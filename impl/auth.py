@@ -25,6 +25,7 @@ import jwt
 
 from pipeproof.errors import ConfigError, ProtocolError
 from pipeproof.protocol import AuthCode, CloseReason
+from pipeproof.protocol.names import USER_MAX
 
 from .settings import Settings, effective_jwt_secret, env_name
 
@@ -222,11 +223,13 @@ def verify_token(settings: Settings, token: str | None, now: float | None = None
     except jwt.PyJWTError as exc:
         raise _map_pyjwt(exc) from None
     user = claims.get("sub")
+    if isinstance(user, str) and (len(user) > USER_MAX or "\x00" in user):
+        raise AuthError(AuthCode.USER_UNKNOWN, "sub is not a valid user id (length or NUL)")
     if not isinstance(user, str) or user.strip() == "":
         raise AuthError(AuthCode.USER_UNKNOWN, "sub is empty or not a string")
     account = claims.get("account", DEFAULT_ACCOUNT)
-    if not isinstance(account, str) or account == "":
-        raise AuthError(AuthCode.TOKEN_MALFORMED, "account claim is empty or not a string")
+    if not isinstance(account, str) or account == "" or len(account) > USER_MAX or "\x00" in account:
+        raise AuthError(AuthCode.TOKEN_MALFORMED, "account claim is empty, too long, contains NUL or is not a string")
     if user in settings.disabled_users:
         raise AuthError(AuthCode.USER_DISABLED)
     return Principal(user=user, account=account, claims=MappingProxyType(dict(claims)))
@@ -255,12 +258,12 @@ async def authenticate(
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header; ``None`` when there is none.
 
-    ``None`` here means "absent" (then :func:`verify_token` raises ``token_missing``); a header with
-    another scheme is passed through whole so it fails as ``token_malformed``, not as missing.
+    ``None`` here means "absent" (then :func:`verify_token` raises ``token_missing``). Any other
+    scheme, or a bare token with no scheme, is ``token_malformed`` (section 2, HTTP auth).
     """
     if authorization is None or authorization.strip() == "":
         return None
     scheme, _, rest = authorization.strip().partition(" ")
-    if scheme.lower() == "bearer":
-        return rest.strip() or None
-    return authorization.strip()
+    if scheme.lower() != "bearer":
+        raise AuthError(AuthCode.TOKEN_MALFORMED, "the Authorization header must be 'Bearer <token>'")
+    return rest.strip() or None

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeproof.errors import StoreError
+from pipeproof.protocol.names import SEQ_MAX
 
 from .auth import AuthError, authenticate, bearer_token
 from .store import ContextInfo, EventRecord, Store
@@ -73,9 +74,8 @@ async def _caller_context(state: ServerState | None, request: Request) -> tuple[
     if state is None or state.contexts is None:
         raise _HttpError(503, "not_ready", "the store is not open yet")
     try:
-        principal = await authenticate(
-            state.settings, bearer_token(request.headers.get("authorization")), state.directory
-        )
+        token = bearer_token(request.headers.get("authorization"))
+        principal = await authenticate(state.settings, token, state.directory)
     except AuthError as exc:
         raise _HttpError(exc.http_status, exc.code) from None
     store = state.contexts.store
@@ -94,7 +94,7 @@ def install_event_routes(app: FastAPI, get_state: Callable[[], ServerState | Non
     @app.get("/v1/events")
     async def events_route(request: Request) -> JSONResponse:
         try:
-            after = _int_param(request, "after", 0, 0, 2**62)
+            after = _int_param(request, "after", 0, 0, SEQ_MAX)
             limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
             store, info = await _caller_context(get_state(), request)
             if info is None:
@@ -116,15 +116,19 @@ def install_event_routes(app: FastAPI, get_state: Callable[[], ServerState | Non
     @app.get("/v1/escalations")
     async def escalations_route(request: Request) -> JSONResponse:
         try:
+            after = _int_param(request, "after", 0, 0, SEQ_MAX)
+            limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
             store, info = await _caller_context(get_state(), request)
             if info is None:
-                return JSONResponse({"context_id": None, "escalations": []})
-            records = await store.escalations(info.context_id)
+                return JSONResponse({"context_id": None, "escalations": [], "next_after": after})
+            # Escalations are few (each is an incident), so the page is cut here, in seq order.
+            records = [r for r in await store.escalations(info.context_id) if r.seq > after][:limit]
         except _HttpError as exc:
             return _error(exc)
         except StoreError as exc:
             return _error(_HttpError(503, exc.code, exc.operation))
-        return JSONResponse({"context_id": info.context_id, "escalations": [event_json(r) for r in records]})
+        return JSONResponse({"context_id": info.context_id, "escalations": [event_json(r) for r in records],
+                             "next_after": records[-1].seq if records else after})
 
 
 __all__ = ["event_json", "install_event_routes"]

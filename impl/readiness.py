@@ -132,7 +132,9 @@ class Readiness:
             checks[name] = "ok"
         except StoreError as exc:
             self.metrics.store_errors.labels(type=exc.code).inc()
-            checks[name] = f"{exc.code}: {exc.detail or exc.operation}"
+            # /readyz is unauthenticated: it names the failing check and the error's code, never
+            # the driver's text (which can hold host and database names); the log has the detail.
+            checks[name] = f"{exc.code}: {exc.operation}"
             if self.last.ok:
                 log.warning("store became unready (%s): %s", name, exc)
             return ReadyReport(False, name, checks)

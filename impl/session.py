@@ -45,7 +45,7 @@ from .auth import AuthError, authenticate
 from .handlers import OutboundFrame, SessionObserver
 from .limits import ConnectionLimitExceeded, Slot
 from .sender import Sender, SendFailed
-from .uvicorn_ws import EXTENSION
+from .uvicorn_ws import EXTENSION, TRANSPORT_CLOSE
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -174,10 +174,35 @@ class ConnectionShell:
             hook(self.begin_drain, self.settings.shutdown_grace)
         self._spawn(self._work(), "worker")
         try:
-            await self._read_loop()
-            await self._closed.wait()
+            await self._read_until_closed()
         finally:
             await self._teardown()
+
+    async def _read_until_closed(self) -> None:
+        """Read until the peer leaves. Once our machine is CLOSED the peer gets ``shutdown_grace``
+        to answer our close frame (RFC 6455 5.5.1); a peer that never does (it stopped reading)
+        has its connection dropped instead of holding it open (section 6)."""
+        reader = asyncio.ensure_future(self._read_loop())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(reader), self.settings.shutdown_grace)
+                except TimeoutError:
+                    reader.cancel()
+                    abort = self._extension("abort")
+                    if abort is not None:
+                        abort()
+                    log.info("session %s: no close reply within shutdown_grace; connection dropped",
+                             self.session_id)
+            else:
+                reader.result()  # a bug in the read loop surfaces here, never silently
+                await self._closed.wait()
+        finally:
+            closed.cancel()
+            if not reader.done():
+                reader.cancel()
 
     def _extension(self, name: str) -> Any:
         ext = self.ws.scope.get("extensions") or {}
@@ -218,7 +243,11 @@ class ConnectionShell:
                     return
                 continue
             if message["type"] == "websocket.disconnect":
-                self._peer_gone(int(message.get("code") or 1005), str(message.get("reason") or ""))
+                if message.get(TRANSPORT_CLOSE):
+                    # Our WebSocket layer refused an oversized frame and sent the close itself.
+                    self._finish_sent(self.core.oversized())
+                else:
+                    self._peer_gone(int(message.get("code") or 1005), str(message.get("reason") or ""))
                 return
             payload: str | bytes | None = message.get("text")
             if payload is None:
@@ -463,6 +492,16 @@ class ConnectionShell:
             if task is not current:
                 task.cancel()
 
+    def _finish_sent(self, commands: list[Command]) -> None:
+        """Like :meth:`apply`, for a close the WebSocket layer has already written."""
+        for cmd in commands:
+            if isinstance(cmd, CloseSocket) and cmd.close is not None and not self.closed:
+                self.close_code = (int(cmd.close.code), cmd.close.value)
+                self.state.metrics.closes.labels(code=str(int(cmd.close.code)), reason=cmd.close.value).inc()
+                self._finish(None)  # nothing more to write: the close frame is out
+            else:
+                self.apply([cmd])
+
     def _peer_gone(self, code: int, reason: str) -> None:
         self.apply(self.core.peer_gone(code, reason))
         if self.sender is not None:
@@ -490,8 +529,14 @@ class ConnectionShell:
             try:
                 await asyncio.wait_for(asyncio.shield(self.sender.task), self.settings.shutdown_grace)
             except TimeoutError:
+                # The peer does not read: the writer is stuck behind a full TCP buffer. Nothing
+                # more can reach it, so the connection is dropped rather than left ESTABLISHED.
                 self.sender.task.cancel()
-                log.warning("session %s: writer did not finish within shutdown_grace", self.session_id)
+                abort = self._extension("abort")
+                if abort is not None:
+                    abort()
+                log.warning("session %s: writer did not finish within shutdown_grace; connection dropped",
+                            self.session_id)
         if self._attached and self._context_id is not None and self.state.contexts is not None:
             self.state.contexts.detach(self._context_id, self.session_id)
             self._attached = False

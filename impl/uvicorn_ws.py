@@ -26,7 +26,12 @@ from typing import Any, cast
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 
+from pipeproof.protocol import CloseCode, CloseReason
+
 EXTENSION = "pipeproof"
+TRANSPORT_CLOSE = "pipeproof.transport_close"
+"""Key of a ``websocket.disconnect`` message whose close this layer sent itself (a frame over
+``max_frame_bytes``): the app records it as its own documented close, not as the peer's."""
 
 PingFn = Callable[[], "asyncio.Future[float]"]
 ShutdownHook = Callable[[Callable[[], None], float], None]
@@ -40,10 +45,44 @@ class PipeproofWebSocketProtocol(WebSocketsSansIOProtocol):
         self._pp_pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}
         self._pp_drain: tuple[Callable[[], None], float] | None = None
         self._pp_forced: asyncio.TimerHandle | None = None
+        self._pp_wrap_fail()
+
+    def _pp_wrap_fail(self) -> None:
+        # The websockets layer fails a connection on a frame over ws_max_size with 1009 and its own
+        # text as the reason; the close a client sees is the documented one (message_too_big).
+        fail = self.conn.fail
+
+        def documented_fail(code: int, reason: str = "") -> None:
+            fail(code, CloseReason.MESSAGE_TOO_BIG.value if code == CloseCode.MESSAGE_TOO_BIG else reason)
+
+        self.conn.fail = documented_fail  # type: ignore[method-assign]
+
+    def send_receive_event_to_app(self) -> None:
+        # A text frame that is not UTF-8 is handed to the app as bytes, which it answers as a
+        # malformed frame within its error budget (section 1), instead of uvicorn's 1007 close.
+        if self.curr_msg_data_type == "text":
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self.curr_msg_data_type = "bytes"
+        super().send_receive_event_to_app()
+
+    def handle_parser_exception(self) -> None:
+        # As uvicorn's, plus the marker that tells the app this layer sent the close itself.
+        assert self.conn.close_sent is not None
+        code, reason = self.conn.close_sent.code, self.conn.close_sent.reason
+        message: dict[str, Any] = {"type": "websocket.disconnect", "code": code, "reason": reason}
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            message[TRANSPORT_CLOSE] = reason
+        self.queue.put_nowait(message)  # type: ignore[arg-type]  # ASGI messages may carry extra keys
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
 
     async def run_asgi(self) -> None:
         extensions = cast(dict[str, Any], self.scope.setdefault("extensions", {}))
-        extensions[EXTENSION] = {"ping": self._pp_ping, "on_shutdown": self._pp_on_shutdown}
+        extensions[EXTENSION] = {"ping": self._pp_ping, "on_shutdown": self._pp_on_shutdown, "abort": self._pp_abort}
         await super().run_asgi()
 
     def _pp_ping(self) -> asyncio.Future[float]:
@@ -78,6 +117,20 @@ class PipeproofWebSocketProtocol(WebSocketsSansIOProtocol):
             self._pp_forced.cancel()
         super().connection_lost(exc)
 
+    def _pp_abort(self) -> None:
+        """Drop the TCP connection now, discarding unsent bytes (a peer that stopped reading)."""
+        if not self.transport.is_closing() or self.transport.get_write_buffer_size():
+            self.transport.abort()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.close" and self.close_timer is not None:
+            # uvicorn closes the transport close_timeout after our close frame, but transport.close()
+            # waits for the send buffer to drain: a peer that never reads would hold the TCP
+            # connection for ever (section 6, "a slow consumer is torn down"). Abort instead.
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, self._pp_abort)
+
     def _pp_on_shutdown(self, callback: Callable[[], None], grace: float) -> None:
         self._pp_drain = (callback, grace)
 
@@ -96,4 +149,4 @@ class PipeproofWebSocketProtocol(WebSocketsSansIOProtocol):
         super().shutdown()
 
 
-__all__ = ["EXTENSION", "PingFn", "PipeproofWebSocketProtocol", "ShutdownHook"]
+__all__ = ["EXTENSION", "TRANSPORT_CLOSE", "PingFn", "PipeproofWebSocketProtocol", "ShutdownHook"]

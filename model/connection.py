@@ -131,6 +131,11 @@ TRANSITIONS: tuple[Transition, ...] = (
                  emits=Close(CR.INTERNAL_ERROR),
                  doc="a server bug (an illegal transition, a crashed task): counted and logged" if st is O else "")
       for st in _LIVE),
+    # A frame over max_frame_bytes: the WebSocket layer refuses to read it (Transport).
+    *(Transition("recv_oversized", st, C, updates=_DROP if st is I else (), kind=Kind.ERROR,
+                 emits=Close(CR.MESSAGE_TOO_BIG),
+                 doc="a frame larger than max_frame_bytes: closed before it is read" if st is O else "")
+      for st in _LIVE),
     # Any state can go to CLOSED when the peer goes away.
     Transition("peer_close", O, C, kind=Kind.ERROR, doc="client closed or the network dropped"),
     Transition("peer_close", I, C, updates=_DROP, kind=Kind.ERROR),

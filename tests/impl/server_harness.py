@@ -200,6 +200,26 @@ class RawClient:
         self.protocol.send_text(text.encode())
         self._flush()
 
+    def send_text_bytes(self, data: bytes) -> None:
+        """A text frame with exactly these bytes (not necessarily UTF-8: a hostile client)."""
+        self.protocol.send_text(data)
+        self._flush()
+
+    async def next_text(self, timeout: float) -> dict[str, Any]:
+        """The next text frame the server sends, as JSON."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for i, f in enumerate(self.frames):
+                    if f.opcode is Opcode.TEXT:
+                        del self.frames[i]
+                        return json.loads(f.data)  # type: ignore[no-any-return]
+                data = await self.reader.read(65536)
+                if not data:
+                    raise AssertionError("connection dropped")
+                self.protocol.receive_data(data)
+                self._flush()  # pongs
+                self._collect()
+
     async def wait_close(self, timeout: float) -> tuple[int, str, int]:
         """Read (and drop the automatic pong replies) until a close frame arrives; returns
         (code, reason, pings received)."""

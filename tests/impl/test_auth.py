@@ -263,12 +263,14 @@ def test_auth_error_is_a_protocol_error_with_the_code_as_reason() -> None:
         ("Bearer abc.def.ghi", "abc.def.ghi"),
         ("bearer   abc", "abc"),
         ("Bearer ", None),
-        ("Basic dXNlcjpwdw==", "Basic dXNlcjpwdw=="),
     ],
 )
 def test_bearer_token(header: str | None, expected: str | None) -> None:
     assert bearer_token(header) == expected
 
 
-def test_basic_auth_header_is_malformed_not_missing() -> None:
-    expect("token_malformed", make_settings(), bearer_token("Basic dXNlcjpwdw=="))
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwdw==", "abc.def.ghi", "Token abc.def.ghi"])
+def test_another_scheme_or_a_bare_token_is_malformed_not_missing(header: str) -> None:
+    with pytest.raises(AuthError) as refused:
+        bearer_token(header)
+    assert refused.value.code == "token_malformed"

@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator
 
+import psutil
 import pytest
 from runs_harness import (  # noqa: F401 - fixtures
     BACKENDS,
@@ -123,6 +124,14 @@ async def test_no_session_within_resume_window_escalates_no_session(start_runtim
     assert {e["reason"] for e in body["escalations"]} == {"no_session"}
     assert {e["run_id"] for e in body["escalations"]} == {run["run_id"]}
     assert metric(server, 'pipeproof_escalations_total{reason="no_session"}') == len(body["escalations"])
+    # The escalation list pages like the stream: after and limit, in seq order.
+    seqs = [e["seq"] for e in body["escalations"]]
+    assert len(seqs) >= 2 and seqs == sorted(seqs)
+    first = http_get(server, "/v1/escalations?limit=1").json()
+    assert [e["seq"] for e in first["escalations"]] == seqs[:1] and first["next_after"] == seqs[0]
+    rest = http_get(server, f"/v1/escalations?after={seqs[0]}").json()
+    assert [e["seq"] for e in rest["escalations"]] == seqs[1:]
+    assert http_get(server, "/v1/escalations?limit=0").status_code == 400
     # Escalated events stay readable on the stream and are never delivered to a later session.
     later = await Client.connect(server)
     await asyncio.sleep(0.3)
@@ -212,6 +221,17 @@ async def test_slow_reader_is_closed_1013_and_its_events_stay_for_resume(start_r
     # 1013 instead of buffering without bound.
     async with asyncio.timeout(20):
         while 'pipeproof_closes_total{code="1013",reason="try_again_later"}' not in server.metrics():
+            await asyncio.sleep(0.1)
+    # The reader still reads nothing: the server does not wait on it for ever, it drops the TCP
+    # connection within shutdown_grace (+ slack) of the close instead of leaving it ESTABLISHED.
+    port = reader.writer.get_extra_info("sockname")[1]
+
+    def server_side_open() -> bool:
+        return any(c.laddr and c.raddr and c.laddr.port == server.port and c.raddr.port == port
+                   and c.status == psutil.CONN_ESTABLISHED for c in psutil.Process().net_connections("tcp"))
+
+    async with asyncio.timeout(server.settings.shutdown_grace + 5):
+        while server_side_open():
             await asyncio.sleep(0.1)
     reader.writer.transport.abort()
     # The events are in the store; a resuming reader gets all of them, in order.

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeproof.errors import ConfigError
     from pipeproof.impl.app import create_app, uvicorn_config
-    from pipeproof.impl.settings import load_settings, validate_for_startup
+    from pipeproof.impl.memory import check_memory_limit
+    from pipeproof.impl.settings import env_name, load_settings, validate_for_startup
 
     overrides: dict[str, object] = {}
     if args.host is not None:
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(**overrides)
         validate_for_startup(settings)
+        check_memory_limit(settings.memory_limit_mb, env_name("memory_limit_mb"))
     except ConfigError as exc:
         print(f"pipeproof serve: configuration error: {exc}", file=sys.stderr)
         return 2

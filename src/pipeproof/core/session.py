@@ -268,6 +268,12 @@ class SessionCore:
             return []
         return self._fire("send_error" if self.conn.can("send_error") else "peer_close", detail)
 
+    def oversized(self) -> list[Command]:
+        """The WebSocket layer refused a frame over ``max_frame_bytes`` (its close is already out)."""
+        if self.closed:
+            return []
+        return self._fire("recv_oversized")
+
     def peer_gone(self, code: int, reason: str) -> list[Command]:
         """The peer closed or the network dropped: no close frame of ours follows."""
         if self.closed:

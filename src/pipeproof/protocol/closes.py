@@ -21,6 +21,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
     INVALID_MESSAGE = 4400
@@ -67,6 +68,10 @@ class CloseReason(enum.StrEnum):
 
     NORMAL = "normal", CloseCode.NORMAL, Reaction.STOP, "the session ended normally"
     GOING_AWAY = "going_away", CloseCode.GOING_AWAY, Reaction.RESUME, "the server is shutting down (section 6)"
+    MESSAGE_TOO_BIG = (
+        "message_too_big", CloseCode.MESSAGE_TOO_BIG, Reaction.FIX,
+        "a frame larger than max_frame_bytes; the WebSocket layer stops reading it (Transport)",
+    )
     INTERNAL_ERROR = (
         "internal_error", CloseCode.INTERNAL_ERROR, Reaction.RETRY,
         "a server bug, counted and logged; never an expected condition (section 1)",

@@ -23,12 +23,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, TypeAdapter, ValidationError
 
 from pipeproof.errors import ProtocolError
 
 from .closes import CloseReason
-from .names import CLIENT_FRAME_TYPES, ErrorCode, EventKind
+from .names import CLIENT_FRAME_TYPES, ID_MAX, SEQ_MAX, TOKEN_MAX, TOOLS_MAX, ErrorCode, EventKind
+
+# Bounded values (docs/protocol.md, "Bad input"): every string a client sends is capped and NUL-free,
+# every number is a plain integer in the stores' range (true, 3.0 and 2**63 are refused).
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX, pattern=r"^[^\x00]*$")]
+Seq = Annotated[StrictInt, Field(ge=0, le=SEQ_MAX)]
 
 
 class _Frame(BaseModel):
@@ -54,7 +59,7 @@ class _Frame(BaseModel):
 class Resume(_Frame):
     """``resume`` of ``connection_init``: every seq <= ``last_seq`` is acked (section 5)."""
 
-    last_seq: int = Field(ge=0)
+    last_seq: Seq
 
 
 class ConnectionInit(_Frame):
@@ -62,7 +67,7 @@ class ConnectionInit(_Frame):
     is not a schema violation but the auth failure ``token_missing``."""
 
     type: Literal["connection_init"] = "connection_init"
-    token: str | None = None
+    token: Annotated[str, StringConstraints(max_length=TOKEN_MAX)] | None = None
     resume: Resume | None = None
 
     example: ClassVar[dict[str, Any]] = {
@@ -76,7 +81,7 @@ class Ack(_Frame):
     """Cumulative ack of every event with seq <= ``seq`` of the session's context (section 5)."""
 
     type: Literal["ack"] = "ack"
-    seq: int = Field(ge=0)
+    seq: Seq
 
     example: ClassVar[dict[str, Any]] = {"type": "ack", "seq": 42}
 
@@ -85,9 +90,9 @@ class RunStart(_Frame):
     """Start a run (section 4); the same ``request_id`` twice starts one run."""
 
     type: Literal["run.start"] = Field(default="run.start", alias="type")
-    request_id: str = Field(min_length=1)
+    request_id: Id
     input: str
-    tools: list[str] | None = None
+    tools: Annotated[list[Id], Field(max_length=TOOLS_MAX)] | None = None
 
     example: ClassVar[dict[str, Any]] = {
         "type": "run.start",
@@ -101,7 +106,7 @@ class RunCancel(_Frame):
     """Cancel a run (section 4); a cancel that arrives before the run starts still applies."""
 
     type: Literal["run.cancel"] = Field(default="run.cancel", alias="type")
-    run_id: str = Field(min_length=1)
+    run_id: Id
 
     example: ClassVar[dict[str, Any]] = {"type": "run.cancel", "run_id": "run-7f3a"}
 
@@ -237,6 +242,12 @@ def parse_client_frame(text: str | bytes) -> ConnectionInit | Ack | RunStart | R
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"not JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        # Nesting deep enough to exhaust the decoder's stack: malformed, never a crashed handler.
+        raise InvalidMessage("not JSON: nested too deeply") from None
+    except ValueError as exc:
+        # An integer literal longer than Python converts (sys.get_int_max_str_digits).
+        raise InvalidMessage(f"not JSON: {str(exc)[:80]}") from None
     if not isinstance(raw, dict):
         raise InvalidMessage(f"frame must be a JSON object, not {type(raw).__name__}")
     frame_type = raw.get("type")

@@ -12,6 +12,17 @@ from __future__ import annotations
 
 import enum
 
+SEQ_MAX = 2**31 - 1
+"""The largest seq (and ack, resume.last_seq, attempt): every store keeps it in a signed 32-bit column."""
+ID_MAX = 128
+"""The longest request_id, run_id, tool name (characters); no NUL in any of them (every store keeps text)."""
+TOKEN_MAX = 8192
+"""The longest token a connection_init may carry (characters)."""
+TOOLS_MAX = 32
+"""The most tools one run.start may name."""
+USER_MAX = 256
+"""The longest user id (a token's ``sub``) and account id (characters); no NUL."""
+
 
 class FastEnum(enum.Enum):
     """Enum for machine states. Members are singletons, so identity hashing is exact, and it is

@@ -64,5 +64,8 @@ def test_machine_test_bites_on_a_broken_machine() -> None:
 
     broken = add(m.connection, Transition("send_ack", Conn.INITIALISING, Conn.INITIALISING, guard=~ack_sent,
                                           updates=(("ack_sent", TRUE),)))
-    r = run_machine(broken, max_examples=200, steps=20)
+    # The connection machine has about twenty events and most close the socket, so a random walk
+    # reaches INITIALISING --send_ack rarely: many short examples find it (derandomized: the same
+    # examples every run).
+    r = run_machine(broken, max_examples=1000, steps=10)
     assert r.prop == "ready_before_ack"
