@@ -91,6 +91,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         validate_for_startup(s)
         check_memory_limit(s.memory_limit_mb, env_name("memory_limit_mb"))
+        # Paths are checked by `pipeproof serve` before it listens (exit 2); an embedded app keeps
+        # starting with an unusable data directory and reports it on /readyz until it is fixed.
         writer = audit if audit is not None else AuditWriter(s.resolved_audit_log())
         # Check audit_log (and Readiness.ready) reads the writer: a log that cannot be written
         # makes /readyz 503 and refuses new sockets (PROTOCOL Transport section).

@@ -17,7 +17,10 @@ Two layers of validation:
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -25,6 +28,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipeproof.errors import ConfigError
+
+log = logging.getLogger("pipeproof.settings")
 
 ENV_PREFIX: Final = "PIPEPROOF_"
 
@@ -75,7 +80,11 @@ def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A duration in seconds: positive and finite (``inf`` would disable a deadline the protocol promises)."""
+
+NOT_SETTINGS_PREFIXES: Final = ("PIPEPROOF_TEST_", "PIPEPROOF_BENCH_")
+"""Environment variables of the test and benchmark harnesses, not server settings."""
 
 
 class Settings(BaseSettings):
@@ -134,7 +143,7 @@ class Settings(BaseSettings):
     ack_timeout: PositiveSeconds = 5.0
     max_attempts: int = Field(default=5, ge=1)
     resume_window: PositiveSeconds = 120.0
-    ack_backoff: float = Field(default=2.0, ge=1.0, description="ack wait multiplier per attempt")
+    ack_backoff: float = Field(default=2.0, ge=1.0, allow_inf_nan=False, description="ack wait multiplier per attempt")
     ack_timeout_max: PositiveSeconds = 60.0
     ack_jitter: float = Field(default=0.1, ge=0.0, le=1.0, description="ack wait jitter, a fraction")
     max_inflight_events: int = Field(
@@ -151,7 +160,7 @@ class Settings(BaseSettings):
     # Section 6: heartbeat, shutdown, overload.
     heartbeat_interval: PositiveSeconds = 15.0
     shutdown_grace: PositiveSeconds = 10.0
-    memory_limit_mb: float | None = Field(default=None, gt=0)
+    memory_limit_mb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     audit_log: str | None = Field(
         default=None, description='"stdout", "off", or a file path; unset means data_dir/audit.jsonl'
@@ -222,14 +231,67 @@ def load_settings(**overrides: Any) -> Settings:
     The error names the environment variable of the first invalid field, never its value (a bad
     value may be a secret).
     """
+    unknown = unknown_variables(os.environ)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = first.get("loc", ())
         field = str(loc[0]) if loc else "settings"
         setting = env_name(field) if field in Settings.model_fields else "PIPEPROOF_*"
         raise ConfigError(setting, str(first.get("msg", "invalid value"))) from None
+    if unknown:
+        # A misspelt setting silently keeps its default: an error in prod, a warning elsewhere.
+        names = ", ".join(sorted(unknown))
+        if settings.env == "prod":
+            raise ConfigError(sorted(unknown)[0], f"not a setting (unknown: {names})")
+        log.warning("ignoring unknown settings: %s", names)
+    return settings
+
+
+def unknown_variables(environ: Mapping[str, str]) -> set[str]:
+    """``PIPEPROOF_*`` variables that name no setting (a typo keeps a default silently)."""
+    known = {env_name(f) for f in Settings.model_fields}
+    return {k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+            and not k.upper().startswith(NOT_SETTINGS_PREFIXES)}
+
+
+def prepare_paths(settings: Settings) -> None:
+    """Create the data directory and open the audit log once, before the server listens: a path
+    that is a regular file, under /proc, or not writable is a :class:`ConfigError` naming its
+    setting (exit 2, no traceback), never a failure after the banner."""
+    database = settings.resolved_database_url()
+    if database.startswith("sqlite"):
+        _writable_dir(settings.data_dir if settings.database_url is None
+                      else Path(database.split(":///", 1)[-1]).expanduser().parent,
+                      env_name("data_dir") if settings.database_url is None else env_name("database_url"))
+    audit = settings.resolved_audit_log()
+    if isinstance(audit, Path):
+        setting = env_name("audit_log") if settings.audit_log is not None else env_name("data_dir")
+        _writable_dir(audit.parent, setting)
+        try:
+            with audit.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError(setting, f"cannot write the audit log {audit}: {exc.strerror or exc}") from None
+
+
+def _writable_dir(path: Path, setting: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".pipeproof-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(setting, f"{path} is not a writable directory: {exc.strerror or exc}") from None
+
+
+def delivery_horizon(settings: Settings) -> float:
+    """Seconds from an event's append to its last possible escalation (section 5): every ack wait
+    at its longest jitter, then the whole resume window."""
+    waits = sum(min(settings.ack_timeout * settings.ack_backoff ** k, settings.ack_timeout_max)
+                for k in range(settings.max_attempts))
+    return waits * (1 + settings.ack_jitter) + settings.resume_window
 
 
 def is_placeholder_secret(secret: str) -> bool:
@@ -281,6 +343,12 @@ def validate_for_startup(settings: Settings) -> None:
       fallback because no built-in key pair would be safe to ship. A private key, if given, must
       parse too.
     """
+    horizon = delivery_horizon(settings)
+    if settings.context_ttl < horizon:
+        # A context that can expire while its events still wait for a session or an ack would
+        # strand them: resume lands on a new context (section 3) and never sees them.
+        raise ConfigError(env_name("context_ttl"), f"{settings.context_ttl:g}s is below the delivery horizon "
+                          f"({horizon:.0f}s: every ack wait at max_attempts, plus resume_window)")
     if settings.jwt_algorithm == "HS256":
         if settings.env == "prod":
             setting = env_name("jwt_secret")

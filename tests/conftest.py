@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 
@@ -22,3 +25,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = item.path.parts
         if "tests" in parts and parts[parts.index("tests") + 1] in _SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_STARTED] = time.time()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    # The fuzz suite's figures (frames, close codes, RSS before and after) belong in CI's output.
+    summary = Path(".artifacts") / "fuzz-summary.json"
+    if summary.exists() and summary.stat().st_mtime >= config.stash.get(_STARTED, 0.0):
+        terminalreporter.write_sep("-", "fuzz summary")
+        terminalreporter.write_line(summary.read_text().strip())
+
+
+_STARTED = pytest.StashKey[float]()

@@ -144,6 +144,12 @@ async def test_kill_9_mid_run_then_restart_and_resume_loses_nothing(tmp_path: Pa
             await asyncio.sleep(0.3)
         seqs = [e["seq"] for e in resumed]
         assert min(seqs) == acked + 1, seqs  # nothing the client acked is sent again
+        # An event written before the crash and resent after it continues its attempt count: the
+        # old process's write is not the new socket's.
+        first_attempt = {e["seq"]: e["attempt"] for e in received}
+        for e in resumed:
+            if e["seq"] in first_attempt:
+                assert e["attempt"] > first_attempt[e["seq"]], (e, first_attempt[e["seq"]])
         assert sorted(set(seqs)) == list(range(acked + 1, max(seqs) + 1))  # nothing lost, in order
         assert set(created) - set(range(1, acked + 1)) <= set(seqs)
         # The interrupted run ends well-formed: the open tool pair is closed, then agent_failed.

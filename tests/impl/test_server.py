@@ -250,7 +250,8 @@ async def test_per_user_and_per_account_limits(start_server: Factory) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_context_ttl_expiry_gives_a_new_epoch(start_server: Factory) -> None:
-    server = start_server(context_ttl=0.3)
+    # A short TTL needs a delivery horizon below it (a context may not outlive its events' deadlines).
+    server = start_server(context_ttl=0.3, resume_window=0.1, ack_timeout=0.05, max_attempts=1, ack_jitter=0.0)
     ws, first = await ready_socket(server)
     await ws.close()
     ws, again = await ready_socket(server)

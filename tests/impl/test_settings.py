@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from pipeproof.errors import ConfigError
 from pipeproof.impl.settings import (
     DEV_JWT_SECRET,
     Settings,
+    delivery_horizon,
     effective_jwt_secret,
     is_placeholder_secret,
     load_settings,
@@ -238,3 +242,51 @@ def test_settings_are_immutable() -> None:
     s = Settings(_env_file=None)  # type: ignore[call-arg]
     with pytest.raises(ValueError):
         s.port = 1
+
+
+# -- startup refuses what would fail later (hardening item 7) ------------------------------------
+
+
+def test_an_infinite_duration_is_refused() -> None:
+    with pytest.raises(ConfigError, match="PIPEPROOF_ACK_TIMEOUT"):
+        load_settings(ack_timeout=float("inf"))
+
+
+def test_a_context_ttl_below_the_delivery_horizon_is_refused() -> None:
+    settings = load_settings(context_ttl=60.0)  # the default horizon is about 270 s
+    assert delivery_horizon(settings) > 60.0
+    with pytest.raises(ConfigError, match="PIPEPROOF_CONTEXT_TTL"):
+        validate_for_startup(settings)
+    validate_for_startup(load_settings(context_ttl=600.0))
+
+
+def test_a_misspelt_variable_is_a_warning_in_dev_and_an_error_in_prod(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PIPEPROOF_ACK_TIMOUT", "1")
+    monkeypatch.setenv("PIPEPROOF_TEST_SOMETHING", "harness variables are not settings")
+    with caplog.at_level("WARNING", logger="pipeproof.settings"):
+        load_settings()
+    assert "PIPEPROOF_ACK_TIMOUT" in caplog.text and "PIPEPROOF_TEST_SOMETHING" not in caplog.text
+    with pytest.raises(ConfigError, match="PIPEPROOF_ACK_TIMOUT"):
+        load_settings(env="prod")
+
+
+@pytest.mark.parametrize("case", ["data dir is a file", "data dir under /proc", "audit log unwritable"])
+def test_serve_refuses_unusable_paths_with_exit_2_before_the_banner(tmp_path: Path, case: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPEPROOF_")}
+    if case == "data dir is a file":
+        (tmp_path / "file").write_text("not a directory")
+        env["PIPEPROOF_DATA_DIR"] = str(tmp_path / "file")
+        setting = "PIPEPROOF_DATA_DIR"
+    elif case == "data dir under /proc":
+        env["PIPEPROOF_DATA_DIR"] = "/proc/pipeproof-data"
+        setting = "PIPEPROOF_DATA_DIR"
+    else:
+        env["PIPEPROOF_DATA_DIR"] = str(tmp_path / "data")
+        env["PIPEPROOF_AUDIT_LOG"] = "/proc/pipeproof/audit.jsonl"
+        setting = "PIPEPROOF_AUDIT_LOG"
+    proc = subprocess.run([sys.executable, "-m", "pipeproof.cli", "serve", "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert setting in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert "listening on" not in proc.stdout

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeproof.errors import ConfigError
     from pipeproof.impl.app import create_app, uvicorn_config
     from pipeproof.impl.memory import check_memory_limit
-    from pipeproof.impl.settings import env_name, load_settings, validate_for_startup
+    from pipeproof.impl.settings import env_name, load_settings, prepare_paths, validate_for_startup
 
     overrides: dict[str, object] = {}
     if args.host is not None:
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(**overrides)
         validate_for_startup(settings)
         check_memory_limit(settings.memory_limit_mb, env_name("memory_limit_mb"))
+        prepare_paths(settings)
     except ConfigError as exc:
         print(f"pipeproof serve: configuration error: {exc}", file=sys.stderr)
         return 2

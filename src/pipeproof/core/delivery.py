@@ -380,8 +380,11 @@ class DeliveryCore(Generic[R]):
             entry = self._track(record, restored_runner(self.machine, start, values), now)
             entry.frame_attempt = record.attempt
             if sent:
+                # The attempt in flight died with the old process (its socket is gone): its ack
+                # wait is over now, so the event goes back to PENDING and is resent as the next
+                # attempt (or escalated at max_attempts), never as a copy of the old one.
                 entry.stored_sent = record.attempt
-                self._await_ack(entry, now + self.ack_wait(record.attempt))
+                self._await_ack(entry, now)
             elif not self.sessions:
                 self._idle(entry, now)
 
