@@ -30,6 +30,7 @@ from .handlers import FrameHandler, LifecycleHandler, UnavailableRuns
 from .limits import ConnectionLimiter, InProcessLimiter
 from .memory import MemoryGuard, check_memory_limit
 from .metrics import CONTENT_TYPE, Metrics
+from .openapi import HEALTH_ROUTE, METRICS_ROUTE, READY_ROUTE
 from .readiness import Readiness
 from .session import ConnectionShell
 from .settings import Settings, env_name, load_settings, validate_for_startup
@@ -144,11 +145,11 @@ def create_app(
     app = FastAPI(title="pipeproof reference server", lifespan=lifespan, docs_url="/docs" if dev else None,
                   redoc_url="/redoc" if dev else None, openapi_url="/openapi.json" if dev else None)
 
-    @app.get("/healthz")
+    @app.get("/healthz", **HEALTH_ROUTE)
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", **READY_ROUTE)
     async def readyz() -> JSONResponse:
         report = await readiness.check()
         body = report.as_json()
@@ -163,7 +164,7 @@ def create_app(
             body["status"], body["failing"] = "not_ready", "memory"
         return JSONResponse(body, status_code=200 if report.ok and not guard_refuses else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", **METRICS_ROUTE)
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

@@ -21,12 +21,12 @@ from pipeproof.errors import StoreError
 from pipeproof.protocol.names import SEQ_MAX
 
 from .auth import AuthError, authenticate, bearer_token
+from .openapi import MAX_PAGE, EscalationsPage, EventsPage, stream_route
 from .store import ContextInfo, EventRecord, Store
 
 if TYPE_CHECKING:
     from .app import ServerState
 
-MAX_PAGE = 1000
 
 
 class _HttpError(Exception):
@@ -91,7 +91,7 @@ async def _caller_context(state: ServerState | None, request: Request) -> tuple[
 def install_event_routes(app: FastAPI, get_state: Callable[[], ServerState | None]) -> None:
     """Add the two stream-reading routes to ``app``."""
 
-    @app.get("/v1/events")
+    @app.get("/v1/events", **stream_route(EventsPage, context_id=True))
     async def events_route(request: Request) -> JSONResponse:
         try:
             after = _int_param(request, "after", 0, 0, SEQ_MAX)
@@ -113,7 +113,7 @@ def install_event_routes(app: FastAPI, get_state: Callable[[], ServerState | Non
             }
         )
 
-    @app.get("/v1/escalations")
+    @app.get("/v1/escalations", **stream_route(EscalationsPage, context_id=True))
     async def escalations_route(request: Request) -> JSONResponse:
         try:
             after = _int_param(request, "after", 0, 0, SEQ_MAX)

@@ -32,11 +32,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    # The fuzz suite's figures (frames, close codes, RSS before and after) belong in CI's output.
-    summary = Path(".artifacts") / "fuzz-summary.json"
-    if summary.exists() and summary.stat().st_mtime >= config.stash.get(_STARTED, 0.0):
-        terminalreporter.write_sep("-", "fuzz summary")
-        terminalreporter.write_line(summary.read_text().strip())
+    # The fuzz suite's figures (frames, close codes, RSS before and after) and schemathesis's
+    # counts belong in CI's output, not only in .artifacts/.
+    for name in ("fuzz-summary.json", "schemathesis-summary.txt"):
+        summary = Path(".artifacts") / name
+        if summary.exists() and summary.stat().st_mtime >= config.stash.get(_STARTED, 0.0):
+            terminalreporter.write_sep("-", name)
+            terminalreporter.write_line(summary.read_text().strip())
 
 
 _STARTED = pytest.StashKey[float]()
