@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeproof.errors import StoreError
-from pipeproof.protocol.names import SEQ_MAX
+from pipeproof.protocol.names import ID_MAX, SEQ_MAX
 
 from .auth import AuthError, authenticate, bearer_token
 from .openapi import MAX_PAGE, EscalationsPage, EventsPage, stream_route
@@ -82,6 +82,9 @@ async def _caller_context(state: ServerState | None, request: Request) -> tuple[
     wanted = request.query_params.get("context_id")
     if wanted is None:
         return store, await store.find_live_context(principal.user)
+    if len(wanted) > ID_MAX or "\x00" in wanted:
+        # No context has such an id, and no store is asked about it (PostgreSQL refuses NUL in text).
+        raise _HttpError(404, "context_not_found", "no such context")
     info = await store.find_context(wanted)
     if info is None or info.user_id != principal.user:
         raise _HttpError(404, "context_not_found", "no such context")

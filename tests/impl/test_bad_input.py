@@ -178,3 +178,35 @@ async def test_prod_serves_no_interactive_docs_or_openapi(start_server: Factory)
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert server.get(path).status_code == 404, path
     assert server.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+async def test_a_run_input_with_nul_fits_every_store(start_server: Factory) -> None:
+    from pipeproof.impl.runs import AgentRuntime
+
+    server = start_server({"handler": AgentRuntime()})
+    ws = await ready(server)
+    await ws.send(json.dumps({"type": "run.start", "request_id": "r-nul", "input": "a\x00b"}))
+    frames = []
+    import asyncio
+
+    async with asyncio.timeout(10):
+        while not any(f.get("event") in ("agent_completed", "agent_failed") for f in frames):
+            frame = await recv_json(ws)
+            frames.append(frame)
+            if frame["type"] == "event":
+                await ws.send(json.dumps({"type": "ack", "seq": frame["seq"]}))
+            assert frame["type"] != "error" or frame["code"] == "invalid_input", frame
+    await ws.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("context_id", ["\x00", "x" * 5000, "../../etc"])
+async def test_a_strange_context_id_is_not_found_on_every_store(start_server: Factory, context_id: str) -> None:
+    import httpx
+
+    server = start_server()
+    headers = {"Authorization": f"Bearer {mint_token(server.settings, 'alice')}"}
+    for path in ("/v1/events", "/v1/escalations"):
+        answer = httpx.get(f"{server.http_url}{path}", params={"context_id": context_id}, headers=headers)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "context_not_found", answer.text
