@@ -94,7 +94,7 @@ async def _caller_context(state: ServerState | None, request: Request) -> tuple[
 def install_event_routes(app: FastAPI, get_state: Callable[[], ServerState | None]) -> None:
     """Add the two stream-reading routes to ``app``."""
 
-    @app.get("/v1/events", **stream_route(EventsPage, context_id=True))
+    @app.get("/v1/events", **stream_route("events", EventsPage, context_id=True))
     async def events_route(request: Request) -> JSONResponse:
         try:
             after = _int_param(request, "after", 0, 0, SEQ_MAX)
@@ -116,7 +116,7 @@ def install_event_routes(app: FastAPI, get_state: Callable[[], ServerState | Non
             }
         )
 
-    @app.get("/v1/escalations", **stream_route(EscalationsPage, context_id=True))
+    @app.get("/v1/escalations", **stream_route("escalations", EscalationsPage, context_id=True))
     async def escalations_route(request: Request) -> JSONResponse:
         try:
             after = _int_param(request, "after", 0, 0, SEQ_MAX)

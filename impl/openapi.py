@@ -96,13 +96,23 @@ _STREAM_ERRORS: Final = {
 }
 
 
-def stream_route(page: type[BaseModel], context_id: bool) -> dict[str, Any]:
-    """The decorator arguments of a stream-reading route."""
+# A page names its context and where the next page starts: the links let a stateful client (and
+# schemathesis's stateful phase) follow them into the other stream route and the next page.
+_LINKS: Final = {
+    "events": {"operationId": "events", "parameters": {
+        "context_id": "$response.body#/context_id", "after": "$response.body#/next_after"}},
+    "escalations": {"operationId": "escalations", "parameters": {"context_id": "$response.body#/context_id"}},
+}
+
+
+def stream_route(name: str, page: type[BaseModel], context_id: bool) -> dict[str, Any]:
+    """The decorator arguments of a stream-reading route (``name`` is its operationId)."""
     params = list(_PAGE_PARAMS)
     if context_id:
         params.append({"name": "context_id", "in": "query", "required": False, "schema": {"type": "string"},
                        "description": "one of the caller's contexts (default: the live one)"})
-    return {"response_model": None, "responses": {200: {"model": page}, **_STREAM_ERRORS},
+    ok = {"model": page, "description": "a page", "links": _LINKS}
+    return {"operation_id": name, "response_model": None, "responses": {200: ok, **_STREAM_ERRORS},
             "openapi_extra": {"parameters": params}, "dependencies": [Depends(BEARER)]}
 
 

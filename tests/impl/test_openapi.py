@@ -26,8 +26,8 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThrea
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_issue_with_auth(api_server: ServerThread) -> None:
-    # The CLI, not the pytest plugin: the plugin does not run on this pytest. Every phase that
-    # applies runs (examples, coverage, fuzzing; stateful needs links, which this API has none of).
+    # The CLI, not the pytest plugin: the plugin does not run on this pytest. Every phase runs:
+    # coverage, fuzzing, and stateful, which follows the pages' links (context_id, next_after).
     token = mint_token(api_server.settings, "alice")
     cli = Path(sys.executable).parent / "schemathesis"
     command = [str(cli), "run", f"{api_server.http_url}/openapi.json", "-H", f"Authorization: Bearer {token}",
@@ -35,6 +35,7 @@ def test_schemathesis_finds_no_issue_with_auth(api_server: ServerThread) -> None
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "No issues found" in proc.stdout
+    assert "✅ Stateful" in proc.stdout, proc.stdout[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
     assert generated is not None and int(generated.group(1)) > 50, proc.stdout[-2000:]
     out = Path(".artifacts")
