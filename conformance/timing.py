@@ -8,7 +8,7 @@ waits for an observation up to a deadline computed from the declared value,
     late bound    declared x tolerance + slack
 
 and one model ``tick`` of a delivery machine stands for "the declared wait at hand has passed",
-exactly as the reference server maps it (impl/delivery.py). ``slack`` absorbs scheduling and
+exactly as the reference server maps it (pipeproof/core/delivery.py). ``slack`` absorbs scheduling and
 loopback latency; ``tolerance`` absorbs a loaded machine (two cores running server and kit).
 """
 

@@ -55,7 +55,7 @@ class ModelParams:
 
     def machines(self) -> dict[str, Machine]:
         # Delivery runs at ack_timeout=1, resume_window=1: one model tick is "the deadline at hand
-        # passed" (impl/delivery.py), which is how any server maps wall-clock time onto the model.
+        # passed" (pipeproof/core/delivery.py), which is how any server maps wall-clock time onto the model.
         return {
             "connection": CONNECTION.with_params(buffer_max=self.buffer_max, error_budget=self.error_budget),
             "context": context_machine(self.max_connections_per_user),
