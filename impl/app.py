@@ -215,7 +215,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:
         "ws": PipeproofWebSocketProtocol,
         "ws_ping_interval": None,
         "ws_ping_timeout": None,
-        # Frames over this are refused by the WebSocket layer with 1009 message_too_big (a declared
+        # Frames over this are refused by the WebSocket layer with message_too_big (a declared
         # edge, recv_oversized) before they are buffered whole.
         "ws_max_size": settings.max_frame_bytes,
         "lifespan": "on",

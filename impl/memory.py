@@ -1,5 +1,5 @@
-"""The memory guard (docs/protocol.md section 6, "Overload"): new sockets get ``1013
-try_again_later`` while the process is over ``memory_limit_mb`` *and* its load has not fallen.
+"""The memory guard (docs/protocol.md section 6, "Overload"): new sockets are closed
+``try_again_later`` while the process is over ``memory_limit_mb`` *and* its load has not fallen.
 
 RSS alone latches: after a peak the allocator keeps the pages, so RSS stays above the limit long
 after every socket closed, and a guard on RSS alone would refuse every new socket for ever while

@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     preready_buffer_frames: int = Field(default=32, ge=1)
     preready_buffer_bytes: int = Field(default=262_144, ge=1)
     max_frame_bytes: int = Field(
-        default=1_048_576, ge=1024, description="largest WebSocket message read; larger closes 1009 message_too_big"
+        default=1_048_576, ge=1024, description="largest WebSocket message read; a larger one closes message_too_big"
     )
     error_budget: int = Field(default=10, ge=1, description="malformed frames answered before invalid_message")
     send_queue_max: int = Field(default=256, ge=1)

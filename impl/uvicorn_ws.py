@@ -48,8 +48,8 @@ class PipeproofWebSocketProtocol(WebSocketsSansIOProtocol):
         self._pp_wrap_fail()
 
     def _pp_wrap_fail(self) -> None:
-        # The websockets layer fails a connection on a frame over ws_max_size with 1009 and its own
-        # text as the reason; the close a client sees is the documented one (message_too_big).
+        # The websockets layer fails a connection on a frame over ws_max_size with the right code but
+        # its own text as the reason; the close a client sees is the documented one (message_too_big).
         fail = self.conn.fail
 
         def documented_fail(code: int, reason: str = "") -> None:
@@ -59,7 +59,7 @@ class PipeproofWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_receive_event_to_app(self) -> None:
         # A text frame that is not UTF-8 is handed to the app as bytes, which it answers as a
-        # malformed frame within its error budget (section 1), instead of uvicorn's 1007 close.
+        # malformed frame within its error budget (section 1), instead of uvicorn's invalid-payload close.
         if self.curr_msg_data_type == "text":
             data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
             try:
