@@ -243,9 +243,12 @@ class ConnectionShell:
                     return
                 continue
             if message["type"] == "websocket.disconnect":
-                if message.get(TRANSPORT_CLOSE):
-                    # Our WebSocket layer refused an oversized frame and sent the close itself.
-                    self._finish_sent(self.core.oversized())
+                transport = message.get(TRANSPORT_CLOSE)
+                if transport:
+                    # Our WebSocket layer refused the bytes (an oversized frame, broken framing)
+                    # and sent the close itself.
+                    oversized = transport == CloseReason.MESSAGE_TOO_BIG.value
+                    self._finish_sent(self.core.oversized() if oversized else self.core.bad_framing())
                 else:
                     self._peer_gone(int(message.get("code") or 1005), str(message.get("reason") or ""))
                 return

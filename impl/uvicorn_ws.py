@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
@@ -31,7 +31,14 @@ from pipeproof.protocol import CloseCode, CloseReason
 EXTENSION = "pipeproof"
 TRANSPORT_CLOSE = "pipeproof.transport_close"
 """Key of a ``websocket.disconnect`` message whose close this layer sent itself (a frame over
-``max_frame_bytes``): the app records it as its own documented close, not as the peer's."""
+``max_frame_bytes``, broken framing): the app records it as its own documented close, not as the
+peer's; the value is the close reason."""
+
+_TRANSPORT_REASONS: Final[dict[int, CloseReason]] = {
+    int(CloseCode.MESSAGE_TOO_BIG): CloseReason.MESSAGE_TOO_BIG,
+    int(CloseCode.PROTOCOL_ERROR): CloseReason.PROTOCOL_ERROR,
+}
+"""The closes the WebSocket layer makes on its own, with the documented reason each gets."""
 
 PingFn = Callable[[], "asyncio.Future[float]"]
 ShutdownHook = Callable[[Callable[[], None], float], None]
@@ -53,7 +60,7 @@ class PipeproofWebSocketProtocol(WebSocketsSansIOProtocol):
         fail = self.conn.fail
 
         def documented_fail(code: int, reason: str = "") -> None:
-            fail(code, CloseReason.MESSAGE_TOO_BIG.value if code == CloseCode.MESSAGE_TOO_BIG else reason)
+            fail(code, _TRANSPORT_REASONS[code].value if code in _TRANSPORT_REASONS else reason)
 
         self.conn.fail = documented_fail  # type: ignore[method-assign]
 
@@ -73,8 +80,8 @@ class PipeproofWebSocketProtocol(WebSocketsSansIOProtocol):
         assert self.conn.close_sent is not None
         code, reason = self.conn.close_sent.code, self.conn.close_sent.reason
         message: dict[str, Any] = {"type": "websocket.disconnect", "code": code, "reason": reason}
-        if code == CloseCode.MESSAGE_TOO_BIG:
-            message[TRANSPORT_CLOSE] = reason
+        if code in _TRANSPORT_REASONS:
+            message[TRANSPORT_CLOSE] = _TRANSPORT_REASONS[code].value
         self.queue.put_nowait(message)  # type: ignore[arg-type]  # ASGI messages may carry extra keys
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True

@@ -76,6 +76,8 @@ ACTIONS: tuple[Action, ...] = (
     _conn("peer_close", "client_drop", "client", doc="the client closes or the network drops"),
     _conn("recv_oversized", "client_oversized_frame", "client", flag="frames",
           doc="a frame over max_frame_bytes, refused by the WebSocket layer"),
+    _conn("recv_bad_framing", "client_bad_framing", "client", flag="frames",
+          doc="bytes that break WebSocket framing, refused by the WebSocket layer"),
     Action("client_ack", "client", "ack", (Fires("event", ("ack",)),), args=("session", "user", "seq"),
            routing="route", doc="a cumulative ack through seq, on a stream routed to the session"),
     Action("client_cancel", "client", "cancel", (Fires("run", ("cancel",)),), routing="owner",

@@ -136,6 +136,11 @@ TRANSITIONS: tuple[Transition, ...] = (
                  emits=Close(CR.MESSAGE_TOO_BIG),
                  doc="a frame larger than max_frame_bytes: closed before it is read" if st is O else "")
       for st in _LIVE),
+    # A frame that breaks RFC 6455's framing: the WebSocket layer fails the connection (Transport).
+    *(Transition("recv_bad_framing", st, C, updates=_DROP if st is I else (), kind=Kind.ERROR,
+                 emits=Close(CR.PROTOCOL_ERROR),
+                 doc="a WebSocket framing error: closed before any frame is read" if st is O else "")
+      for st in _LIVE),
     # Any state can go to CLOSED when the peer goes away.
     Transition("peer_close", O, C, kind=Kind.ERROR, doc="client closed or the network dropped"),
     Transition("peer_close", I, C, updates=_DROP, kind=Kind.ERROR),

@@ -226,3 +226,22 @@ async def test_a_strange_context_id_is_not_found_on_every_store(start_server: Fa
     for path in ("/v1/events", "/v1/escalations"):
         answer = httpx.get(f"{server.http_url}{path}", params={"context_id": context_id}, headers=headers)
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "context_not_found", answer.text
+
+
+async def test_broken_websocket_framing_closes_1002_protocol_error(start_server: Factory) -> None:
+    server = start_server()
+    raw = RawClient(server.ws_url)
+    await raw.connect()
+    raw.send_text(init_frame(mint_token(server.settings, "alice")))
+    assert (await raw.next_text(3.0))["type"] == "connection_ack"
+    raw.writer.write(b"\x81\x05hello")  # a client frame without a mask (RFC 6455 5.1: must be masked)
+    await raw.writer.drain()
+    code, reason, _ = await raw.wait_close(3.0)
+    assert (code, reason) == (1002, "protocol_error")
+    raw.close()
+    import asyncio
+
+    async with asyncio.timeout(5):
+        while not [ln for ln in server.audit_lines() if ln.get("event") == "recv_bad_framing"]:
+            await asyncio.sleep(0.05)
+    await no_open_sockets(server)

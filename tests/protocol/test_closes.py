@@ -12,7 +12,7 @@ def test_close_code_table_covers_the_protocol() -> None:
     for row in CloseReason:
         by_code.setdefault(int(row.code), set()).add(row.value)
         assert row.meaning and row.reaction
-    assert set(by_code) == {1000, 1001, 1009, 1011, 1013, 4400, 4401, 4403, 4408, 4429}
+    assert set(by_code) == {1000, 1001, 1002, 1009, 1011, 1013, 4400, 4401, 4403, 4408, 4429}
     assert by_code[1009] == {"message_too_big"}
     assert by_code[4429] == {"duplicate_init", "preready_buffer_full", "connection_limit"}
     assert by_code[4408] == {"init_timeout", "heartbeat_timeout"}

@@ -274,6 +274,12 @@ class SessionCore:
             return []
         return self._fire("recv_oversized")
 
+    def bad_framing(self) -> list[Command]:
+        """The WebSocket layer failed the connection on a framing error (its close is already out)."""
+        if self.closed:
+            return []
+        return self._fire("recv_bad_framing")
+
     def peer_gone(self, code: int, reason: str) -> list[Command]:
         """The peer closed or the network dropped: no close frame of ours follows."""
         if self.closed:

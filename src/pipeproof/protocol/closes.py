@@ -21,6 +21,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
@@ -68,6 +69,11 @@ class CloseReason(enum.StrEnum):
 
     NORMAL = "normal", CloseCode.NORMAL, Reaction.STOP, "the session ended normally"
     GOING_AWAY = "going_away", CloseCode.GOING_AWAY, Reaction.RESUME, "the server is shutting down (section 6)"
+    PROTOCOL_ERROR = (
+        "protocol_error", CloseCode.PROTOCOL_ERROR, Reaction.FIX,
+        "a WebSocket framing error (RFC 6455: an unmasked frame, a bad opcode); the WebSocket layer fails the "
+        "connection (Transport)",
+    )
     MESSAGE_TOO_BIG = (
         "message_too_big", CloseCode.MESSAGE_TOO_BIG, Reaction.FIX,
         "a frame larger than max_frame_bytes; the WebSocket layer stops reading it (Transport)",
