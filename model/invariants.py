@@ -83,9 +83,12 @@ def _every_event_acked_or_escalated_state(system: System, state: State) -> list[
 
 
 def _can_progress(system: System, state: State, u: int, cfg: tuple) -> bool:  # type: ignore[type-arg]
+    """Some step the *system* offers moves the event. ``send_failed`` is no progress of its own:
+    the system offers it only beside ``send`` on a live session (a write that may fail), so
+    counting its guard alone would excuse an event that nothing can ever touch."""
     d = system.model.delivery
     has = system.has_session(state, u)
-    for event in ("ack_timeout", "no_session_timeout", "tick", "send_failed"):
+    for event in ("ack_timeout", "no_session_timeout", "tick"):
         if d.enabled(cfg, event, {"has_session": has}):
             return True
     return has and bool(d.enabled(cfg, "send"))

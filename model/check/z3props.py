@@ -223,8 +223,9 @@ def _eae_state(e: SysEnc, st: St) -> Term:
         c = e.cfg(st, "event", (user, i))
         terminal = ev.states.one_of(c.state, [Delivery.ACKED, Delivery.ESCALATED])
         has = e.has_session(st, user)
+        # send_failed is offered only beside send on a live session (model/invariants.py, _can_progress).
         progress = z3.Or(*[ev.enabled(x, c, {"has_session": has})
-                           for x in ("ack_timeout", "no_session_timeout", "tick", "send_failed")],
+                           for x in ("ack_timeout", "no_session_timeout", "tick")],
                          z3.And(has, ev.enabled("send", c)))
         return z3.And(z3.Implies(c.state == ev.states[Delivery.ACKED], c["delivered"]),
                       z3.Implies(z3.Not(terminal), z3.And(c["age"] <= horizon, progress)))
