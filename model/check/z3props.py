@@ -360,7 +360,8 @@ PROPERTIES: tuple[ZProperty, ...] = (
     ZProperty("every_event_acked_or_escalated", _eae_state, None,
               ("acked_was_delivered", "attempts_in_range", "clocks_in_range", "age_accounts_for_time"),
               "Safety part by induction: ACKED => delivered (only a SENT or late-acked delivered event takes ack); "
-              "a live event can always move (PENDING always has send_failed, SENT has tick or ack_timeout); "
+              "a live event can always move (PENDING: send with a live session, else tick or no_session_timeout; "
+              "SENT: tick or ack_timeout; send_failed counts only beside send); "
               "age <= idle + (attempt-1)*ack_timeout + waited <= resume_window + max_attempts*ack_timeout = "
               "horizon. Liveness part (every event terminal within the horizon) by BMC on each scenario."),
     ZProperty("acked_never_resent", None, _never_resent, (),
