@@ -72,6 +72,15 @@ class ServerPool:
             drop_schema_now(schema)
 
 
+def open_sockets(server: ServerThread) -> float:
+    """Sockets the server still counts in a state other than CLOSED (its connection gauges)."""
+    total = 0.0
+    for line in server.metrics().splitlines():
+        if line.startswith("pipeproof_connections{") and 'state="CLOSED"' not in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": "test",

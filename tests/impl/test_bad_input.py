@@ -17,6 +17,7 @@ from server_harness import (
     ServerThread,
     expect_close,
     init_frame,
+    open_sockets,
     open_ws,
     recv_json,
 )
@@ -50,14 +51,6 @@ async def no_open_sockets(server: ServerThread, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while open_sockets(server) > 0:
             await asyncio.sleep(0.05)
-
-
-def open_sockets(server: ServerThread) -> float:
-    total = 0.0
-    for line in server.metrics().splitlines():
-        if line.startswith("pipeproof_connections{") and 'state="CLOSED"' not in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.mark.parametrize("frame", [LONG_INT, DEEP], ids=["5000-digit int", "10000 nested brackets"])

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_harness import ServerPool, ServerThread, init_frame
+from server_harness import ServerPool, ServerThread, init_frame, open_sockets
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -148,14 +148,6 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThre
     pool.close()
 
 
-def _open(server: ServerThread) -> float:
-    total = 0.0
-    for line in server.metrics().splitlines():
-        if line.startswith("pipeproof_connections{") and 'state="CLOSED"' not in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def _one_socket(server: ServerThread, state: str, frames: list[str | bytes]) -> None:
     deadline = server.settings.init_timeout + 3.0
     async with connect(server.ws_url, ping_interval=None, open_timeout=5, max_size=None) as ws:
@@ -208,7 +200,7 @@ def test_fuzzed_frames_in_every_state_get_documented_answers(fuzz_server: Server
         # Every socket is gone once its client left: the gauges go back to zero.
         async def settle() -> None:
             async with asyncio.timeout(5):
-                while _open(fuzz_server) > 0:
+                while open_sockets(fuzz_server) > 0:
                     await asyncio.sleep(0.05)
 
         asyncio.run(settle())
