@@ -258,6 +258,7 @@ __all__ = [
     "expect_close",
     "init_frame",
     "make_settings",
+    "open_sockets",
     "open_ws",
     "recv_json",
     "websockets",
