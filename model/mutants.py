@@ -15,7 +15,7 @@ from pipeproof.errors import ModelDefinitionError
 from pipeproof.model.connection import Conn
 from pipeproof.model.context import Ctx
 from pipeproof.model.delivery import Delivery
-from pipeproof.model.expr import TRUE, Var
+from pipeproof.model.expr import TRUE, Param, Var
 from pipeproof.model.run import Run
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS, Scenario
 from pipeproof.model.spec import Machine, Transition
@@ -88,10 +88,11 @@ EXTRA_SCENARIOS: tuple[Scenario, ...] = ()
 
 q, ack_sent, cancel_requested = Var("queued"), Var("ack_sent"), Var("cancel_requested")
 epoch, conns, instances = Var("epoch"), Var("conns"), Var("instances")
+attempt, waited, max_attempts = Var("attempt"), Var("waited"), Param("max_attempts")
 
 
 def _any_stream(system: System, state: State, session: int, user: int) -> bool:
-    # The broken lookup: the stream comes from the client's resume claim, the token is not checked.
+    # The broken lookup: the stream is not chosen by the token's user, so any live session reads it.
     return True
 
 
@@ -125,14 +126,15 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "no_escalation",
-        "2/5. retries run out and nothing happens: the user waits forever",
+        "2. retries run out and nothing escalates: the user waits forever",
         "delivery: drop SENT --ack_timeout [attempt >= max_attempts]--> ESCALATED",
         _on("delivery", lambda m: drop(m, "SENT--ack_timeout-->ESCALATED")),
         "every_event_acked_or_escalated", "readiness",
     ),
     Mutant(
         "resend_acked",
-        "5. no delivery confirmation: an acked event is sent again",
+        "broken pipe 3 (event -> confirmation): the confirmation is recorded but not honoured, so an acked "
+        "event is sent again",
         "delivery: add ACKED --send--> ACKED",
         _on("delivery", lambda m: add(m, Transition("send", Delivery.ACKED, Delivery.ACKED,
                                                     emits=Send(FrameType.EVENT)))),
@@ -156,9 +158,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "expired_context_never_reused", "races",
     ),
     Mutant(
-        "cross_user_resume",
-        "4/6. cross-user contamination: a session resumes (reads) another user's stream",
-        "glue: route every stream to every live session (the resume claim is not checked against the token)",
+        "cross_user_route",
+        "validation gap 6 (user context isolation): a session is handed another user's stream",
+        "glue: route every stream to every live session (the stream is not looked up by the token's user)",
         lambda model: replace(model, route=_any_stream),
         "no_cross_user_read", "isolation",
     ),
@@ -172,7 +174,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "unpaired_tool_event",
-        "5. tool progress without confirmation: tool_completed with no tool_executing",
+        "broken pipe 4 (tool execution -> progress tracking): tool_completed with no tool_executing before it, "
+        "so the user's progress view is wrong",
         "run: add RUNNING --tool_completed--> RUNNING",
         _on("run", lambda m: add(m, Transition("tool_completed", Run.RUNNING, Run.RUNNING,
                                                emits=Append(EventKind.TOOL_COMPLETED)))),
@@ -180,10 +183,47 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "cancel_before_start_lost",
-        "8. prerequisites not validated before start: a cancel that arrived first is ignored",
+        "not a seed item: the protocol's run rule (section 4) that a cancel received before agent_started "
+        "wins; without it the run starts and the user's cancel is ignored",
         "run: ACCEPTED --agent_started [!cancel_requested]--> RUNNING loses its guard",
         _on("run", lambda m: change(m, "ACCEPTED--agent_started-->RUNNING", guard=TRUE)),
         "cancel_before_start_wins", "readiness",
+    ),
+    Mutant(
+        "no_session_never_notified",
+        "broken pipe 1 (agent execution -> user notification): no WebSocket is available and the user is "
+        "never notified",
+        "delivery: drop PENDING --no_session_timeout [idle >= resume_window & !has_session]--> ESCALATED",
+        _on("delivery", lambda m: drop(m, "PENDING--no_session_timeout-->ESCALATED")),
+        "every_event_acked_or_escalated", "runs",
+    ),
+    Mutant(
+        "escalation_not_final",
+        "2. the fallback is not final: the retry timer outlives the escalation and the event is sent again "
+        "after the user was told it failed",
+        "delivery: add ESCALATED --ack_timeout--> PENDING",
+        _on("delivery", lambda m: add(m, Transition("ack_timeout", Delivery.ESCALATED, Delivery.PENDING))),
+        "monotonic_event_state", "isolation",
+    ),
+    Mutant(
+        "retry_cap_off_by_one",
+        "2. the retry loop compares its counter with <=: one write more than max_attempts",
+        "delivery: PENDING --send [attempt < max_attempts]--> SENT and SENT --ack_timeout [.. attempt < "
+        "max_attempts]--> PENDING compare with <=",
+        _on("delivery", lambda m: change(
+            change(m, "PENDING--send-->SENT", guard=attempt <= max_attempts),
+            "SENT--ack_timeout-->PENDING", guard=(waited >= Param("ack_timeout")) & (attempt <= max_attempts))),
+        "attempts_bounded", "runs",
+    ),
+    Mutant(
+        "no_account_limit",
+        "validation gap 7 (concurrent user limits): a new user's context is created without checking the "
+        "account's limit",
+        "context: ABSENT --create [!account_full]--> LIVE and EXPIRED --create [!account_full]--> LIVE lose "
+        "their guard",
+        _on("context", lambda m: change(change(m, "ABSENT--create-->LIVE", guard=TRUE),
+                                        "EXPIRED--create-->LIVE", guard=TRUE)),
+        "connection_limits_respected", "isolation",
     ),
 )
 

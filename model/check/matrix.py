@@ -16,9 +16,12 @@ reported), ``missed`` otherwise. What each checker does per mutant:
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeproof.model.check.explorer import explore
@@ -26,6 +29,7 @@ from pipeproof.model.check.hypothesis_check import run_system
 from pipeproof.model.check.z3check import BMC_DEPTH, bmc, prove, verdicts
 from pipeproof.model.check.z3props import PROPERTY_BY_NAME, closure
 from pipeproof.model.mutants import MUTANTS, Mutant
+from pipeproof.model.system import System
 
 CHECKERS = ("explorer", "hypothesis", "z3")
 
@@ -41,6 +45,7 @@ class MatrixOptions:
     z3_timeout_ms: int = 60_000
     cti_timeout_ms: int = 2_000  # per induction query; an unknown CTI is reported, BMC still decides
     log: Callable[[str], None] = lambda _msg: None
+    jobs: int = 0  # worker processes: 0 one per core, 1 everything in this process
 
 
 @dataclass
@@ -60,8 +65,23 @@ class MatrixCell:
         return out
 
 
-def _explorer(m: Mutant, opts: MatrixOptions) -> MatrixCell:
-    r = explore(m.system(), stop_when=frozenset({m.prop}))
+@dataclass(frozen=True)
+class Case:
+    """What a worker needs of one mutant: its built system (a Mutant's ``apply`` is a closure,
+    which does not cross a process boundary; the SystemModel it builds does)."""
+
+    name: str
+    prop: str
+    scenario: str
+    system: System
+
+    @staticmethod
+    def of(m: Mutant) -> Case:
+        return Case(m.name, m.prop, m.scenario, m.system())
+
+
+def _explorer(m: Case, opts: MatrixOptions) -> MatrixCell:
+    r = explore(m.system, stop_when=frozenset({m.prop}))
     cex = r.violations.get(m.prop)
     if cex is None:
         return MatrixCell(m.name, "explorer", "missed", None, m.prop, r.seconds,
@@ -70,8 +90,8 @@ def _explorer(m: Mutant, opts: MatrixOptions) -> MatrixCell:
                       [*cex.steps, f"=> {cex.message}"], f"scenario {m.scenario}, {r.states} states")
 
 
-def _hypothesis(m: Mutant, opts: MatrixOptions) -> MatrixCell:
-    r = run_system(m.system(), max_examples=opts.examples, steps=opts.steps, seed=opts.seed)
+def _hypothesis(m: Case, opts: MatrixOptions) -> MatrixCell:
+    r = run_system(m.system, max_examples=opts.examples, steps=opts.steps, seed=opts.seed)
     if r.violation is None:
         return MatrixCell(m.name, "hypothesis", "missed", None, m.prop, r.seconds,
                           detail=f"{r.examples} examples x {opts.steps} steps (seed {opts.seed}) did not reach it")
@@ -79,15 +99,17 @@ def _hypothesis(m: Mutant, opts: MatrixOptions) -> MatrixCell:
                       [*r.trace, f"=> {r.violation}"], f"seed {opts.seed}")
 
 
-def _z3(m: Mutant, opts: MatrixOptions) -> MatrixCell:
+def _z3(m: Case, opts: MatrixOptions) -> MatrixCell:
     start = time.perf_counter()
-    system = m.system()
+    system = m.system
     # 1. Induction on the symbolic mutant: which obligation breaks (the CTI).
     prop = PROPERTY_BY_NAME[m.prop]
     run = prove(system.model, timeout_ms=opts.cti_timeout_ms, props=(prop,), lemmas=closure(prop.lemmas),
                 first_failure=True)
     proof = verdicts(run, (prop,))[0]
-    cti = proof.cti or "induction did not fail"
+    # What the induction said, honestly: a CTI, or why there is none (a timeout, or a proof,
+    # which on a mutant whose BMC trace is real would mean a weakened encoding: flagged loudly).
+    cti = proof.cti or f"induction {proof.verdict}: {proof.detail}"
     # 2. BMC from Init: only a concrete trace counts as caught.
     r = bmc(system, [m.prop], depth=opts.bmc_depth, timeout_ms=opts.z3_timeout_ms, liveness=False)
     seconds = time.perf_counter() - start
@@ -98,22 +120,43 @@ def _z3(m: Mutant, opts: MatrixOptions) -> MatrixCell:
                       f"BMC depth {r.depth}; CTI: {cti}")
 
 
-RUNNERS: dict[str, Callable[[Mutant, MatrixOptions], MatrixCell]] = {
+RUNNERS: dict[str, Callable[[Case, MatrixOptions], MatrixCell]] = {
     "explorer": _explorer, "hypothesis": _hypothesis, "z3": _z3,
 }
 
 
+def _cell(checker: str, case: Case, opts: MatrixOptions) -> MatrixCell:
+    return RUNNERS[checker](case, opts)
+
+
+def _no_log(_msg: str) -> None:
+    return
+
+
 def mutant_matrix(options: MatrixOptions | None = None) -> list[MatrixCell]:
-    """One cell per (mutant, checker), mutants in zoo order."""
+    """One cell per (mutant, checker), mutants in zoo order; the cells run on every core
+    (``MatrixOptions.jobs``), the slowest first so the last one to finish is a short one."""
     opts = options or MatrixOptions()
-    cells = []
-    for m in opts.mutants:
-        for checker in opts.checkers:
-            cell = RUNNERS[checker](m, opts)
-            opts.log(f"{m.name:<26} {checker:<10} {cell.verdict:<6} "
-                     f"{'' if cell.trace_length is None else cell.trace_length:>3} {cell.seconds:.2f} s")
-            cells.append(cell)
-    return cells
+    cases = [Case.of(m) for m in opts.mutants]
+    work = [(c, checker) for c in cases for checker in opts.checkers]
+    jobs = max(1, min(opts.jobs or os.cpu_count() or 1, len(work)))
+
+    def logged(cell: MatrixCell) -> MatrixCell:
+        opts.log(f"{cell.mutant:<26} {cell.checker:<10} {cell.verdict:<6} "
+                 f"{'' if cell.trace_length is None else cell.trace_length:>3} {cell.seconds:.2f} s")
+        return cell
+
+    if jobs == 1:
+        done = {(c.name, checker): logged(_cell(checker, c, opts)) for c, checker in work}
+    else:
+        # Z3 cells are the long ones (BMC grows with the trace length): start them first.
+        work.sort(key=lambda w: (w[1] != "z3", w[1] != "hypothesis"))
+        worker_opts = replace(opts, log=_no_log, mutants=())
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method)) as pool:
+            futures = {pool.submit(_cell, checker, c, worker_opts): (c.name, checker) for c, checker in work}
+            done = {futures[f]: logged(f.result()) for f in as_completed(futures)}
+    return [done[(c.name, checker)] for c in cases for checker in opts.checkers]
 
 
 def render_matrix(cells: Sequence[MatrixCell]) -> str:

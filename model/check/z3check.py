@@ -359,7 +359,12 @@ def _message(system: System, prop: str, state: State, last: Step | None, before:
         msgs = inv.state_check(system, state)
     if not msgs and prop == EAE:
         msgs = quiescent_violations(system, state)
-    return msgs[0] if msgs else f"{prop} violated"
+    if not msgs:
+        # The replayed trace is judged by the explorer's own predicates: Z3 saying "violated"
+        # where they see nothing is an encoding bug, not a verdict.
+        raise ModelError(f"Z3 found a trace violating {prop} but the explorer's check does not flag its last "
+                         "state or step: the Z3 encoding and model/invariants.py disagree")
+    return msgs[0]
 
 
 # -- the check table rows ---------------------------------------------------------------------------
@@ -375,16 +380,24 @@ def z3_rows(options: CheckOptions) -> list[Row]:
     rows: list[Row] = []
     for proof in verdicts(run):
         machine = PY_INVARIANTS[proof.prop].machine
+        if proof.verdict == "unknown":
+            # Full strength failed or timed out: the property's own lemma closure is a smaller
+            # query that is inductive on its own for the reference model (docs/proofs.md, "Z3 verdicts").
+            proof = _own_lemmas(base, proof, options)
         verdict, detail, trace, seconds = proof.verdict, proof.detail, None, proof.seconds
-        if proof.verdict == "unknown" and proof.cti:
-            # A CTI is only a violation if a real trace from Init reaches it.
+        if proof.verdict == "unknown":
+            # Not proved: only a real trace from Init makes it a violation; otherwise it stays
+            # unknown and says why (the induction's answer and how deep BMC looked).
             confirm = _confirm(options, models, proof.prop)
             seconds += confirm.seconds
+            induction = f"{proof.detail}; CTI: {proof.cti}" if proof.cti else proof.detail
             if confirm.result == "violated":
                 verdict, trace = "violated", [*confirm.trace, f"=> {confirm.message}"]
-                detail = f"CTI confirmed by BMC at depth {confirm.depth}; {proof.cti}"
+                detail = f"BMC trace from Init at depth {confirm.depth}, replayed through the explorer; {induction}"
             else:
-                detail = f"{proof.detail}; CTI: {proof.cti}; BMC to depth {confirm.depth}: no trace"
+                bmc_says = ("no trace" if confirm.result == "clean"
+                            else "Z3 answered unknown (timeout) before a trace was found")
+                detail = f"{induction}; BMC to depth {confirm.depth} on every scenario: {bmc_says}"
         if proof.prop == EAE and verdict == "proved" and options.extra.get("z3_bmc", True):
             # Bounded liveness: BMC with the quiescence check, on the timed scenarios (where the
             # horizon means something); depth and scenarios trade time for coverage (docs/proofs.md).
@@ -408,15 +421,32 @@ def z3_rows(options: CheckOptions) -> list[Row]:
     return rows
 
 
+def _own_lemmas(model: SystemModel, proof: Proof, options: CheckOptions) -> Proof:
+    """Retry one property with only its own lemma closure (fewer, smaller obligations than the
+    full Inv, so a timeout at full strength may still give a proof or a sharp CTI)."""
+    prop = PROPERTY_BY_NAME[proof.prop]
+    run = prove(model, timeout_ms=options.z3_timeout_ms, props=(prop,), lemmas=closure(prop.lemmas))
+    retry = verdicts(run, (prop,))[0]
+    retry.seconds += proof.seconds
+    if retry.verdict == "proved":
+        retry.detail = f"{retry.detail} (the property's own lemma set; at full strength: {proof.detail})"
+    else:
+        retry.detail = f"at full strength: {proof.detail}; with its own lemma set: {retry.detail}"
+        retry.cti = retry.cti or proof.cti
+    return retry
+
+
 def _confirm(options: CheckOptions, models: dict[str, SystemModel], prop: str) -> BmcResult:
-    best: BmcResult | None = None
+    """BMC on every scenario; the first trace wins, else the least conclusive answer is kept
+    (``unknown`` if any scenario timed out, so a timeout is never reported as clean)."""
+    depth = int(options.extra.get("confirm_depth", BMC_DEPTH))
+    seen: list[BmcResult] = []
     for sc in options.scenarios:
-        r = bmc(System(sc.bounds, models[sc.name]), [prop], timeout_ms=options.z3_timeout_ms)
+        r = bmc(System(sc.bounds, models[sc.name]), [prop], depth=depth, timeout_ms=options.z3_timeout_ms)
         if r.result == "violated":
             return r
-        best = r
-    assert best is not None
-    return best
+        seen.append(r)
+    return next((r for r in seen if r.result == "unknown"), seen[-1])
 
 
 def explain(prop: str) -> str:

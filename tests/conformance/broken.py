@@ -245,7 +245,7 @@ class ResendingAcked(DeliveryService):
 
 
 class LeakingDelivery(DeliveryService):
-    """cross_user_resume / leaks another user's event: every write also goes to every other
+    """cross_user_route / leaks another user's event: every write also goes to every other
     context's sessions."""
 
     async def _write(self, stream: Stream, plan: Transmit[EventRecord]) -> int:
@@ -302,7 +302,7 @@ DEFECTS: dict[str, Callable[[pytest.MonkeyPatch], dict[str, Any]]] = {
     "no_escalation": lambda mp: {"handler": _runtime(NeverEscalating)},
     "resend_acked": lambda mp: {"handler": _runtime(ResendingAcked)},
     "unlocked_context_create": lambda mp: _contexts(mp),
-    "cross_user_resume": lambda mp: {"handler": _runtime(LeakingDelivery)},
+    "cross_user_route": lambda mp: {"handler": _runtime(LeakingDelivery)},
     "event_after_terminal": lambda mp: {"handler": EmitAfterTerminal()},
     "race_1011": lambda mp: _shell(mp, Race1011Shell),
 }

@@ -30,7 +30,7 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "no_escalation": ({"every_event_acked_or_escalated", "timeouts_honoured"}, {"every_event_acked_or_escalated"}),
     "resend_acked": ({"acked_never_resent"}, {"acked_never_resent"}),
     "unlocked_context_create": ({"one_context_per_user"}, {"one_context_per_user"}),
-    "cross_user_resume": ({"no_cross_user_read", "model_transition"}, {"no_cross_user_read"}),
+    "cross_user_route": ({"no_cross_user_read", "model_transition"}, {"no_cross_user_read"}),
     "event_after_terminal": ({"run_events_well_ordered"}, {"run_events_well_ordered"}),
     "race_1011": ({"no_1011"}, {"no_1011"}),
 }

@@ -25,6 +25,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: derandomized)")
     p.add_argument("--max-states", type=int, default=2_000_000, help="explorer state budget per scenario")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="worker processes for the checkers (default 0: one per core; 1: no workers)")
     p.add_argument("--mutants", action="store_true",
                    help="run every checker against every mutant of the zoo and print the matrix")
     p.add_argument("--only", action="append", metavar="MUTANT", help="with --mutants: just this mutant (repeatable)")
@@ -84,7 +86,7 @@ def _mutants(args: argparse.Namespace) -> int:
                                  ("z3", args.no_z3)) if not off]
     log = (lambda _m: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     opts = MatrixOptions(checkers=checkers, examples=args.examples, steps=args.steps,
-                         seed=0 if args.seed is None else args.seed, log=log,
+                         seed=0 if args.seed is None else args.seed, log=log, jobs=args.jobs,
                          mutants=tuple(BY_NAME[n] for n in args.only) if args.only else MUTANTS)
     cells = mutant_matrix(opts)
     if args.json:
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         seed=args.seed,
         log=log,
+        jobs=args.jobs,
     )
     rows = run_checks(opts)
     if args.json:

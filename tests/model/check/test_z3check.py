@@ -51,9 +51,30 @@ def test_a_timeout_is_unknown_never_proved() -> None:
 
 
 def test_check_rows_report_unknown_on_timeout() -> None:
-    rows = z3_rows(CheckOptions(z3_timeout_ms=1, extra={"z3_bmc": False}))
+    rows = z3_rows(CheckOptions(z3_timeout_ms=1, extra={"z3_bmc": False, "confirm_depth": 2}))
     assert rows and all(r.method == "z3" for r in rows)
-    assert "unknown" in {r.verdict for r in rows}
+    unknown = [r for r in rows if r.verdict == "unknown"]
+    assert unknown
+    for r in unknown:
+        # Never a silent unknown: the induction's answer, the retry with the property's own lemmas
+        # and how deep BMC looked are all in the row.
+        assert "timeout" in r.detail and "own lemma set" in r.detail, r.detail
+        assert "BMC to depth 2 on every scenario" in r.detail, r.detail
+
+
+@pytest.mark.parametrize("name", ["handle_before_ready", "cancel_before_start_lost"])
+def test_check_rows_on_a_broken_model_say_violated_with_a_replayed_trace(name: str) -> None:
+    """The audit saw ``unknown`` here: BMC ran only when a CTI came back, and at full strength Z3
+    timed out instead. Now an unproved property always gets the lemma-set retry and BMC."""
+    from pipeproof.model.mutants import BY_NAME
+
+    m = BY_NAME[name]
+    rows = z3_rows(CheckOptions(model=lambda sc: m.model(sc.bounds), z3_timeout_ms=5_000, extra={"z3_bmc": False}))
+    row = next(r for r in rows if r.property == m.prop)
+    assert row.verdict == "violated", row.detail
+    assert row.trace is not None and row.trace[-1].startswith("=> ")
+    assert all(line.split()[0] in ("client", "server", "clock") for line in row.trace[:-1])
+    assert "replayed through the explorer" in row.detail
 
 
 def test_check_rows_prove_everything() -> None:

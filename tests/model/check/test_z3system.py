@@ -47,7 +47,7 @@ def _reached(system: System, limit: int) -> list[State]:
 
 def _systems() -> list[tuple[str, System]]:
     out = [(sc.name, System(sc.bounds)) for sc in DEFAULT_SCENARIOS]
-    for name in ("cross_user_resume", "unlocked_context_create", "swallow_send_failure"):
+    for name in ("cross_user_route", "unlocked_context_create", "swallow_send_failure"):
         out.append((f"mutant:{name}", MUTANTS[name].system()))
     return out
 
