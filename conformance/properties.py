@@ -44,7 +44,7 @@ PROPERTIES: dict[str, Property] = {
     **{i.name: Property(i.name, _MODEL_SECTIONS.get(i.machine, "?"), i.doc, "model") for i in INVARIANTS},
     **{p.name: p for p in _WIRE},
 }
-"""Every property by name: the model's twelve invariants, then the wire rules."""
+"""Every property by name: the model's invariants (thirteen), then the wire rules."""
 
 
 __all__ = ["PROPERTIES", "Property"]

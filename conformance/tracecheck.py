@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeproof.model.connection import CONNECTION, HANDLE_EVENTS
+from pipeproof.model.connection import CONNECTION, HANDLE_EVENTS, TIMEOUT_EVENTS
 from pipeproof.model.context import context_machine
 from pipeproof.model.delivery import delivery_machine
 from pipeproof.model.invariants import well_ordered
@@ -150,6 +150,8 @@ def _property(machine: Machine, event: str, source: str, target: str) -> str:
     if name == "connection":
         if event in HANDLE_EVENTS:
             return "no_message_before_ready"
+        if event in TIMEOUT_EVENTS:
+            return "timeouts_close_the_socket"
         return {"send_ack": "ready_before_ack", "deliver": "ready_before_ack"}.get(event, "model_transition")
     if name == "delivery":
         if source in ("ACKED", "ESCALATED"):

@@ -171,6 +171,8 @@ CONNECTION = Machine(
 QUEUED, ACK_SENT, ERRORS = (CONNECTION.slot(n) for n in ("queued", "ack_sent", "errors"))
 
 HANDLE_EVENTS: frozenset[str] = frozenset({"handle_frame", "handle_invalid"})
+TIMEOUT_EVENTS: frozenset[str] = frozenset(t.event for t in TRANSITIONS if t.kind is Kind.TIMEOUT)
+"""The connection's own timeouts (init, heartbeat): timeouts_close_the_socket constrains every one."""
 """Events that handle a client frame: no_message_before_ready constrains every one of them."""
 
 SERVER_CLOSE_EVENTS: tuple[str, ...] = tuple(dict.fromkeys(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeproof.model.connection import ACK_SENT, ATTACHED, HANDLE_EVENTS, Conn
+from pipeproof.model.connection import ACK_SENT, ATTACHED, HANDLE_EVENTS, TIMEOUT_EVENTS, Conn
 from pipeproof.model.context import CONNS, EPOCH, Ctx
 from pipeproof.model.delivery import ATTEMPT, RANK, Delivery
 from pipeproof.model.run import CANCEL_REQUESTED, TERMINAL_EVENTS
@@ -233,6 +233,17 @@ def _cancel_before_start_wins_step(system: System, step: Step, before: State) ->
     ]
 
 
+def _timeouts_close_the_socket_step(system: System, step: Step, before: State) -> list[str]:
+    return [
+        f"session s{f.index[0]}: {f.transition.event} fired in {f.before[0].name} and left it {f.after[0].name}"
+        + ("" if f.transition.close is None else f" ({f.transition.close})")
+        + ": the timeout was swallowed"
+        for f in step.firings
+        if f.family == "conn" and f.transition.event in TIMEOUT_EVENTS
+        and (f.after[0] is not Conn.CLOSED or f.transition.close is None)
+    ]
+
+
 INVARIANTS: tuple[Invariant, ...] = (
     Invariant(Property.NO_MESSAGE_BEFORE_READY, "connection",
               "No client frame is handled unless its socket is READY and connection_ack has gone out.",
@@ -269,6 +280,10 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant(Property.CANCEL_BEFORE_START_WINS, "run",
               "A run.cancel that arrives before the run starts prevents agent_started.",
               step_check=_cancel_before_start_wins_step),
+    Invariant(Property.TIMEOUTS_CLOSE_THE_SOCKET, "connection",
+              "A connection timeout (init, heartbeat) is never swallowed: it closes the socket with its "
+              "documented close code.",
+              step_check=_timeouts_close_the_socket_step),
 )
 
 BY_NAME: dict[str, Invariant] = {i.name: i for i in INVARIANTS}

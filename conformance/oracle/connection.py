@@ -286,6 +286,7 @@ class SockView:
         tm = self.kit.timing
         if reason == "init_timeout":
             self.kit.count("timeouts_honoured")
+            self.kit.count("timeouts_close_the_socket")  # the timeout ended the socket with its code
             waited = o.t - self.sock.opened
             if waited < tm.early(tm.init_timeout):
                 raise self.fail("timeouts_honoured",

@@ -21,7 +21,7 @@ import z3
 from pipeproof.model.check.z3enc import Term
 from pipeproof.model.check.z3system import Case, St, SysEnc
 from pipeproof.model.check.z3wo import WO
-from pipeproof.model.connection import HANDLE_EVENTS, Conn
+from pipeproof.model.connection import HANDLE_EVENTS, TIMEOUT_EVENTS, Conn
 from pipeproof.model.context import Ctx
 from pipeproof.model.delivery import RANK, Delivery
 from pipeproof.model.run import Run
@@ -340,6 +340,12 @@ def _cancel_wins(e: SysEnc, c: Case) -> Term:
                    if f.family == "run" and f.transition.event == "agent_started" and f.pre is not None])
 
 
+def _timeouts_close(e: SysEnc, c: Case) -> Term:
+    # Static per case: the declared edge either ends in CLOSED with a close or it does not.
+    return z3.And([z3.BoolVal(f.transition.target is Conn.CLOSED and f.transition.close is not None)
+                   for f in c.firings if f.family == "conn" and f.transition.event in TIMEOUT_EVENTS])
+
+
 @dataclass(frozen=True)
 class ZProperty:
     name: str
@@ -393,6 +399,9 @@ PROPERTIES: tuple[ZProperty, ...] = (
               "each emitting run transition moves both consistently."),
     ZProperty("cancel_before_start_wins", None, _cancel_wins, (),
               "agent_started is declared with guard !cancel_requested."),
+    ZProperty("timeouts_close_the_socket", None, _timeouts_close, (),
+              "init_timeout and heartbeat_timeout are declared only into CLOSED, each with its close: every "
+              "case of Next that fires one satisfies it. Inductive without lemmas."),
 )
 PROPERTY_BY_NAME = {p.name: p for p in PROPERTIES}
 

@@ -99,3 +99,44 @@ def test_the_delivered_clause_flags_an_ack_of_a_frame_never_delivered() -> None:
     sc = _scenario(mutant.scenario)
     message = _eae_message(lambda d: mutant.model(sc.bounds).delivery)
     assert "never delivered" in message
+
+
+# -- timeouts_close_the_socket: seed #9, a timeout that is logged and swallowed ----------------
+
+
+@pytest.mark.parametrize(("key", "target"), [
+    ("READY--heartbeat_timeout-->CLOSED", "READY"),  # heartbeat failure suppressed: socket kept
+    ("OPEN--init_timeout-->CLOSED", "OPEN"),  # init timeout logged, socket left waiting
+])
+def test_a_swallowed_connection_timeout_is_flagged(key: str, target: str) -> None:
+    from dataclasses import replace as _replace
+
+    from pipeproof.model.check.explorer import explore
+    from pipeproof.model.connection import Conn
+    from pipeproof.model.mutants import change
+    from pipeproof.model.mutants import scenario as _scenario
+    from pipeproof.model.system import System, reference_model
+
+    sc = _scenario("readiness")
+    base = reference_model(sc.bounds)
+    broken = _replace(base, connection=change(base.connection, key, target=Conn[target], emits=None))
+    r = explore(System(sc.bounds, broken), stop_when=frozenset({"timeouts_close_the_socket"}))
+    v = r.violations.get("timeouts_close_the_socket")
+    assert v is not None
+    assert "the timeout was swallowed" in v.message and target in v.message
+
+
+def test_a_timeout_that_closes_without_its_code_is_flagged() -> None:
+    from dataclasses import replace as _replace
+
+    from pipeproof.model.check.explorer import explore
+    from pipeproof.model.mutants import change
+    from pipeproof.model.mutants import scenario as _scenario
+    from pipeproof.model.system import System, reference_model
+
+    sc = _scenario("readiness")
+    base = reference_model(sc.bounds)
+    # The socket is dropped, but with no close frame: the client sees 1006 and cannot tell why.
+    broken = _replace(base, connection=change(base.connection, "READY--heartbeat_timeout-->CLOSED", emits=None))
+    r = explore(System(sc.bounds, broken), stop_when=frozenset({"timeouts_close_the_socket"}))
+    assert "timeouts_close_the_socket" in r.violations

@@ -22,6 +22,7 @@ SHORTEST = {
     "resend_acked": 8, "unlocked_context_create": 4, "expired_context_reused": 6, "cross_user_route": 9,
     "event_after_terminal": 6, "unpaired_tool_event": 5, "cancel_before_start_lost": 6,
     "no_session_never_notified": 4, "escalation_not_final": 6, "retry_cap_off_by_one": 8, "no_account_limit": 4,
+    "heartbeat_suppressed": 3,
 }
 # Caught by Hypothesis with seed 0, 150 examples x 40 steps (the others need orderings it does not draw).
 HYPOTHESIS_CATCHES = {

@@ -134,3 +134,4 @@ class Property(enum.StrEnum):
     NO_CROSS_USER_READ = "no_cross_user_read"
     RUN_EVENTS_WELL_ORDERED = "run_events_well_ordered"
     CANCEL_BEFORE_START_WINS = "cancel_before_start_wins"
+    TIMEOUTS_CLOSE_THE_SOCKET = "timeouts_close_the_socket"
