@@ -1,0 +1,307 @@
+"""Checker 4: SPIN on the generated Promela, for bounds the explorer cannot reach (docs/proofs.md,
+"The SPIN engine").
+
+``verify(system)`` writes the Promela of model/check/promela.py into a temporary directory, runs
+``spin -a`` (pan's C source), compiles pan with ``gcc`` and runs an exhaustive depth-first search
+(``-DSAFETY -DNOREDUCE``: one process, so partial-order reduction has nothing to reduce; ``-c0 -e``:
+go on after an error and write one trail per violated property). Every trail is replayed by
+``spin -t`` with only its own property armed, which prints the ids of the options it took; those
+are matched one by one against ``System.successors`` (``replay``), so a SPIN counterexample is
+printed as the explorer prints one (``Counterexample``, each step with its actor, action and every
+component's change) and only after the Python model confirms the violation. A trail the explorer
+cannot follow, or one that does not violate its property, raises :class:`TraceMismatch`: the
+encoding disagrees with the model, never a silent pass.
+
+pan counts one more transition than the explorer (the initial state it stores); ``SpinResult``
+reports the explorer's count. A search cut short (depth, memory) is ``complete=False`` with the
+reason, and its rows are ``unknown`` unless a violation was found.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeproof.errors import ModelError, PipeproofError
+from pipeproof.model.check.checks import Row
+from pipeproof.model.check.explorer import QUIESCENCE, Counterexample
+from pipeproof.model.check.promela import RANGE, Option, PromelaModel, generate
+from pipeproof.model.invariants import BY_NAME, INVARIANTS, quiescent_violations
+from pipeproof.model.scenarios import Scenario
+from pipeproof.model.system import State, Step, System, SystemModel, reference_model
+
+APT_LINE = "sudo apt-get install spin gcc"
+
+
+class SpinUnavailable(PipeproofError):
+    """``spin`` or ``gcc`` is not installed (or pan could not be built): SPIN cannot decide anything."""
+
+    def __init__(self, program: str, detail: str = "") -> None:
+        self.program = program
+        self.detail = detail
+        super().__init__(f"{program} is not available{': ' + detail if detail else ''}; install it with: {APT_LINE}"
+                         " (scripts/setup.sh does this as root)")
+
+
+class TraceMismatch(ModelError):
+    """A SPIN trail the explorer's successor function does not reproduce: the encoding is wrong."""
+
+
+@dataclass(frozen=True)
+class PanOptions:
+    """How pan is built and run (docs/proofs.md, "The SPIN engine", memory and depth)."""
+
+    memory_mb: int = 8192  # -DMEMLIM: pan stops (unknown) instead of exhausting the machine
+    depth: int = 1_000_000  # -m, the first try; raised tenfold while the search hits it
+    max_depth: int = 100_000_000
+    hash_bits: int = 24  # -w: 2^bits hash slots (pan chains collisions, so this is speed, not soundness)
+    collapse: bool = False  # -DCOLLAPSE: compress stored states (about 3x less memory, slower)
+    optimize: str = "-O2"
+    timeout_s: float | None = None
+
+
+@dataclass
+class SpinResult:
+    """What one pan run found, in the explorer's terms (``ExploreResult``)."""
+
+    states: int = 0
+    transitions: int = 0  # the explorer's count: pan's stored + matched, less the initial state
+    depth: int = 0
+    seconds: float = 0.0  # end to end: generate, spin -a, gcc, pan, trail replays
+    timings: dict[str, float] = field(default_factory=dict)
+    complete: bool = True
+    reason: str = ""  # why the search is not complete
+    memory_mb: float = 0.0
+    violations: dict[str, Counterexample] = field(default_factory=dict)
+    output: str = ""  # pan's report
+
+    def summary(self) -> str:
+        status = "complete" if self.complete else f"INCOMPLETE ({self.reason})"
+        steps = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
+        return (f"{self.states} states, {self.transitions} transitions, depth {self.depth}, {self.seconds:.2f} s"
+                f" ({steps}), {self.memory_mb:.0f} MB, {status}")
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SpinUnavailable(name)
+    return path
+
+
+def _run(cmd: Sequence[str], cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+_ERROR = re.compile(r"pan:(\d+): assertion violated\s+!\((\w+)\)")
+_WROTE = re.compile(r"pan: wrote (\S+)")
+_STEP = re.compile(r"^\s*STEP (\d+)\s*$", re.MULTILINE)
+
+
+def build(model: PromelaModel, workdir: Path, options: PanOptions = PanOptions()) -> dict[str, float]:
+    """Write ``model.pml`` into ``workdir`` and compile its pan; returns the time of each stage."""
+    spin, gcc = _tool("spin"), _tool("gcc")
+    (workdir / "model.pml").write_text(model.text)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    done = _run([spin, "-a", "model.pml"], workdir)
+    timings["spin"] = time.perf_counter() - start
+    if done.returncode != 0 or not (workdir / "pan.c").exists():
+        raise ModelError(f"spin -a rejected the generated Promela: {(done.stdout + done.stderr).strip()[-2000:]}")
+    flags = ["-DSAFETY", "-DNOREDUCE", f"-DMEMLIM={options.memory_mb}", *(["-DCOLLAPSE"] if options.collapse else [])]
+    start = time.perf_counter()
+    done = _run([gcc, options.optimize, *flags, "-o", "pan", "pan.c"], workdir)
+    timings["gcc"] = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SpinUnavailable("gcc", f"pan did not compile: {done.stderr.strip()[-2000:]}")
+    return timings
+
+
+def search(workdir: Path, options: PanOptions = PanOptions()) -> tuple[str, int]:
+    """Run the compiled pan; raise its depth limit tenfold (a run-time flag, no rebuild) while the
+    search is cut by it. Returns pan's report and the depth limit it ran with."""
+    depth = options.depth
+    while True:
+        for old in workdir.glob("model.pml*.trail"):
+            old.unlink()
+        done = _run(["./pan", "-c0", "-e", "-n", f"-m{depth}", f"-w{options.hash_bits}"], workdir,
+                    options.timeout_s)
+        out = done.stdout + done.stderr
+        if "max search depth too small" not in out or depth >= options.max_depth:
+            return out, depth
+        depth = min(depth * 10, options.max_depth)
+
+
+def _int(pattern: str, text: str) -> int:
+    found = re.search(pattern, text)
+    return int(found.group(1)) if found else 0
+
+
+def verify(system: System, options: PanOptions = PanOptions(), workdir: Path | None = None) -> SpinResult:
+    """Model-check ``system`` with SPIN: every property of ``INVARIANTS`` with a Promela form
+    (model/check/promela.py), each violation replayed through the explorer's model."""
+    result = SpinResult()
+    start = time.perf_counter()
+    model = generate(system)
+    result.timings["generate"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="pipeproof-spin-") as tmp:
+        where = workdir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        result.timings.update(build(model, where, options))
+        begin = time.perf_counter()
+        try:
+            out, depth = search(where, options)
+        except subprocess.TimeoutExpired:
+            out, depth = "", options.depth
+            result.complete, result.reason = False, f"pan ran past {options.timeout_s} s"
+        result.timings["pan"] = time.perf_counter() - begin
+        result.output = out
+        result.states = _int(r"(\d+) states, stored", out)
+        result.transitions = max(_int(r"(\d+) transitions \(= stored\+matched\)", out) - 1, 0)
+        result.depth = _int(r"depth reached (\d+)", out)
+        found = re.search(r"([\d.]+)\s+total actual memory usage", out)
+        result.memory_mb = float(found.group(1)) if found else 0.0
+        if result.complete:
+            result.complete, result.reason = _completeness(out, depth)
+        begin = time.perf_counter()
+        errors = [(m.group(2), m.end()) for m in _ERROR.finditer(out)]
+        trails = [m.group(1) for m in _WROTE.finditer(out)]
+        for (prop, _), trail in zip(errors, trails, strict=False):
+            if prop == RANGE:
+                result.complete = False
+                result.reason = "a value left its Promela type's range (the encoding, not the model)"
+                continue
+            if prop in result.violations:
+                continue
+            ids = replay_ids(where, model, prop, trail)
+            result.violations[prop] = replay(system, model, ids, prop)
+        result.timings["replay"] = time.perf_counter() - begin
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _completeness(out: str, depth: int) -> tuple[bool, str]:
+    if "max search depth too small" in out:
+        return False, f"the search went deeper than -m{depth}"
+    if "reached -DMEMLIM bound" in out or "out of memory" in out:
+        return False, "pan ran out of its memory limit (-DMEMLIM); try collapse compression or more memory"
+    if "Search not completed" in out or "states, stored" not in out:
+        return False, "pan stopped before the search was complete"
+    return True, ""
+
+
+def replay_ids(workdir: Path, model: PromelaModel, prop: str, trail: str) -> list[int]:
+    """The option ids along ``trail``, by ``spin -t`` with only ``prop`` armed (so the replay runs to
+    the end of the trail instead of stopping at another property's first violation)."""
+    number = re.fullmatch(r"model\.pml(\d*)\.trail", trail)
+    if number is None:
+        raise TraceMismatch(f"unexpected trail file name {trail!r}")
+    only = model.properties.index(prop) + 1
+    done = _run([_tool("spin"), f"-DONLY={only}", f"-t{number.group(1)}", "model.pml"], workdir)
+    return [int(x) for x in _STEP.findall(done.stdout)]
+
+
+def _matches(step: Step, option: Option) -> bool:
+    if step.action != option.action or step.args != option.args:
+        return False
+    return all(any(f.family == c.family and f.index == c.index and f.transition == c.transition for f in step.firings)
+               for c in option.choices)
+
+
+def replay(system: System, model: PromelaModel, ids: Sequence[int], prop: str) -> Counterexample:
+    """The explorer's counterexample for a SPIN trail: each option is matched to the successor
+    ``System.successors`` offers, and the property's own check must fail at the end."""
+    state: State = system.initial()
+    before = state
+    path: list[Step] = []
+    checked = False
+    for n, oid in enumerate(ids, 1):
+        if model.is_check(oid):
+            checked = True
+            if n != len(ids):
+                raise TraceMismatch(f"{prop}: the trail goes on after its check option (step {n})")
+            break
+        option = model.options[oid]
+        steps = [s for s in system.successors(state) if _matches(s, option)]
+        if not steps:
+            raise TraceMismatch(f"{prop}: step {n} of the SPIN trail, {option.action}{option.args}, is not a step "
+                                f"the explorer offers there")
+        before, state = state, steps[0].after
+        path.append(steps[0])
+    inv = BY_NAME[prop]
+    messages: list[str] = []
+    if not checked and path and inv.step_check is not None:
+        messages = inv.step_check(system, path[-1], before)
+    if not messages and inv.state_check is not None:
+        messages = inv.state_check(system, state)
+    if not messages and prop == QUIESCENCE and next(iter(system.successors(state)), None) is None:
+        messages = quiescent_violations(system, state)
+    if not messages:
+        raise TraceMismatch(f"SPIN reports {prop} violated after {len(path)} steps, but the model holds it there")
+    return Counterexample(prop, messages[0], tuple(system.describe_step(s) for s in path), tuple(path))
+
+
+# -- the check table ----------------------------------------------------------------------------
+
+
+def spin_rows(
+    scenarios: Sequence[Scenario],
+    model: Callable[[Scenario], SystemModel] | None = None,
+    options: PanOptions = PanOptions(),
+    log: Callable[[str], None] = lambda _msg: None,
+) -> list[Row]:
+    """One row per invariant, method ``spin`` (model/check/checks.py ``Row``), over ``scenarios``."""
+    results: list[tuple[Scenario, SpinResult]] = []
+    unavailable: SpinUnavailable | None = None
+    for sc in scenarios:
+        system = System(sc.bounds, model(sc) if model else reference_model(sc.bounds))
+        try:
+            r = verify(system, options)
+        except SpinUnavailable as exc:
+            unavailable = exc
+            break
+        log(f"spin      {sc.name:<10} {r.summary()}")
+        results.append((sc, r))
+    states = sum(r.states for _, r in results)
+    seconds = sum(r.seconds for _, r in results)
+    untranslated = set(generate(System(scenarios[0].bounds)).untranslated) if scenarios else set()
+    rows = []
+    for inv in INVARIANTS:
+        found = [(sc, r.violations[inv.name]) for sc, r in results if inv.name in r.violations]
+        if found:
+            sc, cex = min(found, key=lambda x: len(x[1].steps))
+            rows.append(Row(inv.machine, inv.name, "spin", "violated", states, seconds,
+                            [*cex.steps, f"=> {cex.message}"], f"scenario {sc.name}"))
+            continue
+        why = [f"{sc.name}: {r.reason}" for sc, r in results if not r.complete]
+        if unavailable is not None:
+            why.append(str(unavailable))
+        if inv.name in untranslated:
+            why.append("no Promela form for this property")
+        if why:
+            rows.append(Row(inv.machine, inv.name, "spin", "unknown", states, seconds, detail="; ".join(why)))
+        else:
+            rows.append(Row(inv.machine, inv.name, "spin", "holds", states, seconds,
+                            detail=", ".join(sc.name for sc in scenarios)))
+    return rows
+
+
+__all__ = [
+    "APT_LINE",
+    "PanOptions",
+    "SpinResult",
+    "SpinUnavailable",
+    "TraceMismatch",
+    "build",
+    "replay",
+    "replay_ids",
+    "search",
+    "spin_rows",
+    "verify",
+]
