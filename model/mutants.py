@@ -1,7 +1,8 @@
 """The mutant zoo: known-broken designs, each a small delta against the real declaration.
 
-Every mutant reproduces one failure from the seed analysis (docs/mutants.md) by adding, dropping
-or changing one transition of one machine, or by swapping one piece of glue. Each names the
+Every mutant reproduces one failure from the seed analysis (docs/proofs.md, "The mutant zoo and
+the seed") by adding, dropping or changing one transition of one machine (the same change to two
+edges where the bug is one comparison), or by swapping one piece of glue. Each names the
 property that must catch it and the scenario whose interleavings expose it. A checker that
 misses a mutant it should catch fails CI (tests/model/test_mutants.py).
 """
@@ -166,7 +167,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "event_after_terminal",
-        "2. the error pipe: events keep coming after the run ended",
+        "2. the five critical events: events keep coming after the terminal one, so the client cannot "
+        "tell when the response is ready",
         "run: add COMPLETED --agent_thinking--> COMPLETED",
         _on("run", lambda m: add(m, Transition("agent_thinking", Run.COMPLETED, Run.COMPLETED,
                                                emits=Append(EventKind.AGENT_THINKING)))),
@@ -237,3 +239,11 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 BY_NAME: dict[str, Mutant] = {m.name: m for m in MUTANTS}
+
+
+def seed_table_markdown() -> str:
+    """The zoo as docs/proofs.md prints it ("The mutant zoo and the seed"): which seed failure each
+    mutant reproduces, the delta, the property that must catch it and the scenario that exposes it."""
+    lines = ["| mutant | seed failure it reproduces | delta | caught by | scenario |", "|---|---|---|---|---|"]
+    lines += [f"| {m.name} | {m.seed} | {m.delta.replace('|', '/')} | {m.prop} | {m.scenario} |" for m in MUTANTS]
+    return "\n".join(lines)

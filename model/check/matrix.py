@@ -1,4 +1,4 @@
-"""The mutant matrix: every checker against every known-broken design (docs/mutants.md, docs/proofs.md).
+"""The mutant matrix: every checker against every known-broken design (docs/proofs.md, "The mutant matrix").
 
 ``pipeproof check --mutants`` prints it and the HTML report renders it. A cell is ``caught`` when
 the checker produced a concrete trace from the initial state to a violation (its length is

@@ -37,6 +37,15 @@ def test_zoo_is_the_documented_one() -> None:
     assert set(SHORTEST) == {m.name for m in MUTANTS}
 
 
+def test_the_seed_table_in_the_docs_is_the_zoo() -> None:
+    from pathlib import Path
+
+    from pipeproof.model.mutants import seed_table_markdown
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "proofs.md").read_text()
+    assert seed_table_markdown() in doc
+
+
 def test_every_invariant_has_a_mutant_that_breaks_it() -> None:
     """A property no mutant breaks is a checker never shown to bite on it (issue: a mutant per invariant)."""
     from pipeproof.model.invariants import INVARIANTS
