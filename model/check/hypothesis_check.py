@@ -1,46 +1,51 @@
-"""Checker 2: Hypothesis stateful testing, derived from the declarations (docs/model.md, "Hypothesis").
+"""Checker 2: Hypothesis, derived from the declarations (docs/model.md, "Hypothesis").
 
-Two kinds of ``RuleBasedStateMachine``, both built from the model rather than written by hand:
+Two tests, both built from the model rather than written by hand:
 
-- per machine (:func:`machine_test`): one rule per declared event whose precondition is "some
-  transition for this event is enabled" (the declared guards, evaluated on random inputs). Each
-  step fires the event both through the declaration and through the python-statemachine class
-  built from it, asserts they agree, and checks the step invariants that concern the machine.
-- the composed system (:func:`system_test`): bundles of users, connected sessions and appended
-  events; rules pick an enabled system step for a drawn session, event or user; every state
-  invariant is an ``@invariant``, every step invariant is checked after each step.
+- the composed system (:func:`run_system`): a ``@given`` test that walks ``System.successors``
+  (the successor function the explorer walks), each step picking one of the enabled successors.
+  Each test case carries a *swarm* configuration (swarm testing, Groce et al., ISSTA 2012): a
+  weight per declared action, how often a step that leaves the machines' happy path is taken,
+  and which sockets are slow. The configuration is derived from the declaration (action names,
+  transition kinds, session slots) and never names a mutant or a scenario. Every state invariant
+  is checked in every state reached, every step invariant on every step taken, and a state with
+  no successor for quiescence; a walk that reaches one starts again from Init, so every test case
+  takes its full budget of system steps;
+- per machine (:func:`machine_test`): a ``RuleBasedStateMachine`` with one rule per declared
+  event. Each step fires the event both through the declaration and through the
+  python-statemachine class built from it, asserts they agree, and checks the step invariants
+  that concern the machine.
 
-A failure raises ``PropertyViolation`` naming the property; Hypothesis shrinks the run, and the
-shrunk trace (actor, action, state changes) is returned in :class:`HypothesisResult`.
+A failure raises ``PropertyViolation`` naming the property; the walk is shrunk by delta debugging
+over its steps (:func:`shrink`) and returned in :class:`HypothesisResult` with what the run
+measured: test cases run, distinct states reached, system steps per test case.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as with_seed
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from hypothesis.stateful import (
-    Bundle,
     RuleBasedStateMachine,
     get_state_machine_test,
-    initialize,
     invariant,
-    multiple,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
 
 from pipeproof.errors import IllegalTransition
-from pipeproof.model.composition import EVENT_ACTIONS, SESSION_ACTIONS
+from pipeproof.model.composition import ACTIONS
 from pipeproof.model.invariants import INVARIANTS, Invariant, quiescent_violations
-from pipeproof.model.spec import Kind, Machine, Runner
+from pipeproof.model.spec import Kind, Machine, Runner, build_statemachine
 from pipeproof.model.system import (
+    FAMILIES,
     Bounds,
     Firing,
     State,
@@ -49,6 +54,8 @@ from pipeproof.model.system import (
     SystemModel,
     reference_model,
 )
+
+QUIESCENCE = "every_event_acked_or_escalated"
 
 
 class PropertyViolation(AssertionError):
@@ -61,12 +68,19 @@ class PropertyViolation(AssertionError):
 
 @dataclass
 class HypothesisResult:
-    examples: int = 0
+    """What one Hypothesis run found and what it measured (docs/proofs.md, "Hypothesis")."""
+
+    examples: int = 0  # test cases Hypothesis ran (the test body's calls, the replay of a failure included)
     seconds: float = 0.0
     violation: PropertyViolation | None = None
     trace: tuple[str, ...] = ()
     path: tuple[Step, ...] = ()  # the shrunk steps, structured
     props: tuple[str, ...] = field(default_factory=tuple)
+    distinct_states: int = 0  # distinct global states the run stood in (system tests only)
+    mean_run_length: float = 0.0  # system steps per test case
+    max_run_length: int = 0
+    walks: int = 0  # walks from Init (a walk ends in a quiescent state or at the case's budget)
+    max_walk_length: int = 0  # the deepest walk, in steps from Init
 
     @property
     def prop(self) -> str:
@@ -90,160 +104,193 @@ def _settings(max_examples: int, steps: int, seed: int | None) -> settings:
 
 # -- the composed system ----------------------------------------------------------------------
 
-def _is_fault(step: Step) -> bool:
-    """A step that ends or sets back something: its transitions are declared ERROR or TIMEOUT."""
-    return any(f.transition.kind in (Kind.ERROR, Kind.TIMEOUT) for f in step.firings)
+# A test case's swarm configuration: the first bytes of its one draw (Hypothesis's cost is per
+# draw, not per byte). Each knob has a few levels; a byte picks one.
+WEIGHTS = (1, 4, 16, 64)  # an action's weight: each case favours a few actions over the rest
+DIVERT_RATES = (1 / 64, 1 / 16, 1 / 4)  # how often a step that leaves the happy path is taken
+HOLD_RATES = (0.0, 0.25, 0.5)  # the chance that a socket is slow (scheduled only when nothing else moves)
+ACTION_NAMES: tuple[str, ...] = tuple(a.name for a in ACTIONS)
 
 
-def _event_of(step: Step) -> tuple[int, int]:
-    if step.action in ("server_send", "server_send_failed", "client_ack"):
-        return (step.args[1], step.args[2])
-    return (step.args[0], step.args[1])
+def happy_region(machine: Machine) -> frozenset[Any]:
+    """The states ``machine`` reaches from its initial state by HAPPY transitions alone: the
+    path the protocol expects (docs/diagrams.md colours the rest)."""
+    region = {machine.initial}
+    grew = True
+    while grew:
+        grew = False
+        for t in machine.transitions:
+            if t.kind is Kind.HAPPY and t.source in region and t.target not in region:
+                region.add(t.target)
+                grew = True
+    return frozenset(region)
 
 
-def system_test(system: System, invariants: Iterable[Invariant] = INVARIANTS) -> type[RuleBasedStateMachine]:
-    """A RuleBasedStateMachine for ``system``; ``trace`` on the instance records the run."""
-    invs = tuple(invariants)
-    state_invs = [i for i in invs if i.state_check is not None]
-    step_invs = [i for i in invs if i.step_check is not None]
-    b = system.bounds
+@dataclass(frozen=True)
+class Swarm:
+    """One test case's configuration: which actions it favours, how often it leaves the happy
+    path, which sockets are slow.
 
-    cache: dict[tuple[State, frozenset[int]], list[Step]] = {}
+    Uniform choice among enabled steps closes a socket within a few steps (about twenty declared
+    edges lead into CLOSED, one into READY) and the walk is over before anything deep happens;
+    the same weights for every case sample one narrow band of orderings. Swarm testing varies the
+    configuration per case instead, so some cases almost never fail a socket and go deep, some
+    favour acks, some starve a socket until the rest has quiesced (a client that connects after
+    the context expired), and the union reaches far more than any single distribution."""
 
-    class SystemMachine(RuleBasedStateMachine):
-        users = Bundle("users")
-        sessions = Bundle("sessions")
-        events = Bundle("events")
+    weights: Mapping[str, int]
+    divert: float
+    held: frozenset[int]  # session slots whose steps wait until nothing else is enabled
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.state: State = system.initial()
-            self.connected: set[int] = set()
-            self.trace: list[str] = []
-            self.taken: list[Step] = []
-            SystemMachine.last_trace = self.trace
-            SystemMachine.last_steps = self.taken
+    @staticmethod
+    def size(system: System) -> int:
+        return 2 + system.bounds.sessions + len(ACTION_NAMES)
 
-        last_trace: ClassVar[list[str]] = []
-        last_steps: ClassVar[list[Step]] = []
+    @classmethod
+    def decode(cls, raw: bytes, system: System) -> Swarm:
+        """All-zero bytes (what Hypothesis tries first and shrinks towards) are the plain walk:
+        equal weights, rare diversions, no slow socket."""
+        n = system.bounds.sessions
+        hold = HOLD_RATES[raw[1] % len(HOLD_RATES)]
+        return cls(
+            weights={a: WEIGHTS[b % len(WEIGHTS)] for a, b in zip(ACTION_NAMES, raw[2 + n:], strict=True)},
+            divert=DIVERT_RATES[raw[0] % len(DIVERT_RATES)],
+            held=frozenset(s for s in range(n) if raw[2 + s] < 256 * hold),
+        )
 
-        def _take(self, steps: list[Step], data: st.DataObject) -> Step:
-            # Faults (drops, timeouts, rejections) end sockets and runs early; drawn uniformly they
-            # would dominate and hide deep interleavings, so they get one draw in four.
-            calm = [x for x in steps if not _is_fault(x)]
-            faults = [x for x in steps if _is_fault(x)]
-            pool = steps
-            if calm and faults:
-                pool = faults if data.draw(st.integers(0, 3), label="fault?") == 0 else calm
-            # Draw the action first, then its arguments: an action enabled for one session out
-            # of many is as likely as one enabled everywhere.
-            names = sorted({x.action for x in pool})
-            name = data.draw(st.sampled_from(names), label="action")
-            step = data.draw(st.sampled_from([x for x in pool if x.action == name]), label="step")
-            before = self.state
-            self.trace.append(system.describe_step(step))
-            self.taken.append(step)
-            for inv in step_invs:
-                assert inv.step_check is not None
-                problems = inv.step_check(system, step, before)
-                if problems:
-                    raise PropertyViolation(inv.name, problems[0])
-            self.state = step.after
-            return step
 
-        def _steps(self) -> list[Step]:
-            # Successors are cached per state: preconditions and rules ask for them repeatedly.
-            key = (self.state, frozenset(self.connected))
-            found = cache.get(key)
-            if found is None:
-                found = [s for s in system.successors(self.state)
-                         if s.action not in SESSION_ACTIONS or s.args[0] in self.connected]
-                if len(cache) > 200_000:
-                    cache.clear()
-                cache[key] = found
-            return found
+@dataclass
+class _Node:
+    """One reached state, its successors and what the walk needs to know about each (cached:
+    walks pass through the same states over and over)."""
 
-        def _session_steps(self, s: int | None = None) -> list[Step]:
-            return [x for x in self._steps() if x.action in SESSION_ACTIONS and (s is None or x.args[0] == s)]
+    steps: tuple[Step, ...]
+    diverts: tuple[bool, ...]  # the step takes some component off its machine's happy path
+    sessions: tuple[frozenset[int], ...]  # the session slots whose connection the step fires
+    checked: list[bool]  # step invariants checked (and held) for this step
 
-        def _user_steps(self, u: int | None = None) -> list[Step]:
-            return [x for x in self._steps() if x.action.startswith(("server_run_", "server_expire"))
-                    and (u is None or x.args[0] == u)]
 
-        def _event_steps(self, e: tuple[int, int] | None = None) -> list[Step]:
-            return [x for x in self._steps() if x.action in EVENT_ACTIONS and (e is None or _event_of(x) == e)]
+class _Walker:
+    """The successor-function walk behind :func:`run_system`, with its measurements."""
 
-        @initialize(target=users)
-        def make_users(self) -> Any:
-            return multiple(*range(b.users))
+    def __init__(self, system: System, invariants: tuple[Invariant, ...], steps: int) -> None:
+        self.system = system
+        self.budget = steps
+        self.state_invs = [i for i in invariants if i.state_check is not None]
+        self.step_invs = [i for i in invariants if i.step_check is not None]
+        self.quiescence = any(i.name == QUIESCENCE for i in invariants)
+        self.happy = {f: happy_region(system.machine(f)) for f in FAMILIES}
+        self.nodes: dict[State, _Node] = {}
+        self.lengths: list[int] = []  # system steps per test case
+        self.walks = 0
+        self.max_walk = 0
+        self.path: list[Step] = []  # the current walk, from Init
+        self.failure: tuple[PropertyViolation, tuple[Step, ...]] | None = None
+        size = Swarm.size(system) + 2 * steps
+        self.strategy = st.binary(min_size=size, max_size=size)
 
-        @precondition(lambda self: len(self.connected) < b.sessions)
-        @rule(target=sessions, u=users)
-        def connect(self, u: int) -> Any:
-            free = [s for s in system.sessions_of(u) if s not in self.connected]
-            if not free:
-                return multiple()
-            self.connected.add(free[0])
-            self.trace.append(f"client connect(session s{free[0]} (user u{u})): socket accepted, OPEN")
-            return free[0]
-
-        @precondition(lambda self: bool(self._session_steps()))
-        @rule(s=sessions, data=st.data())
-        def session_action(self, s: int, data: st.DataObject) -> None:
-            steps = self._session_steps(s)
-            if steps:
-                self._take(steps, data)
-
-        @precondition(lambda self: bool(self._user_steps()))
-        @rule(target=events, u=users, data=st.data())
-        def run_action(self, u: int, data: st.DataObject) -> Any:
-            steps = self._user_steps(u)
-            if not steps:
-                return multiple()
-            step = self._take(steps, data)
-            return multiple(*[f.index for f in step.firings if f.family == "event" and f.transition.event == "append"])
-
-        @precondition(lambda self: bool(self._event_steps()))
-        @rule(e=events, data=st.data())
-        def event_action(self, e: tuple[int, int], data: st.DataObject) -> None:
-            steps = self._event_steps(e)
-            if steps:
-                self._take(steps, data)
-
-        @precondition(lambda self: bool(self._steps()))
-        @rule(data=st.data())
-        def any_step(self, data: st.DataObject) -> None:
-            # Uniform over every enabled step: reaches deep interleavings that the bundle-directed
-            # rules (one drawn session, event or user) reach only by luck.
-            steps = self._steps()
-            if steps:
-                self._take(steps, data)
-
-        @precondition(lambda self: b.timed and any(x.action == "tick" for x in self._steps()))
-        @rule(data=st.data())
-        def tick(self, data: st.DataObject) -> None:
-            steps = [x for x in self._steps() if x.action == "tick"]
-            if steps:
-                self._take(steps, data)
-
-        @precondition(lambda self: len(self.connected) == b.sessions and not self._steps())
-        @rule()
-        def quiescent(self) -> None:
-            # Nothing can happen any more: every event must have ended ACKED or ESCALATED.
-            problems = quiescent_violations(system, self.state)
-            if problems and any(i.name == "every_event_acked_or_escalated" for i in invs):
-                raise PropertyViolation("every_event_acked_or_escalated", problems[0])
-
-        @invariant()
-        def state_invariants(self) -> None:
-            for inv in state_invs:
+    def node(self, state: State) -> _Node:
+        found = self.nodes.get(state)
+        if found is None:
+            # A state is checked once, when first reached: it is the same state every time after.
+            for inv in self.state_invs:
                 assert inv.state_check is not None
-                problems = inv.state_check(system, self.state)
+                problems = inv.state_check(self.system, state)
                 if problems:
                     raise PropertyViolation(inv.name, problems[0])
+            steps = tuple(self.system.successors(state))
+            found = _Node(
+                steps,
+                tuple(any(f.transition.target not in self.happy[f.family] for f in s.firings) for s in steps),
+                tuple(frozenset(f.index[0] for f in s.firings if f.family == "conn") for s in steps),
+                [False] * len(steps),
+            )
+            self.nodes[state] = found
+        return found
 
-    SystemMachine.__name__ = f"{system.model.name.title()}System"
-    return SystemMachine
+    def take(self, node: _Node, i: int, before: State) -> State:
+        step = node.steps[i]
+        self.path.append(step)
+        if not node.checked[i]:
+            for inv in self.step_invs:
+                assert inv.step_check is not None
+                problems = inv.step_check(self.system, step, before)
+                if problems:
+                    raise PropertyViolation(inv.name, problems[0])
+            node.checked[i] = True
+        return step.after
+
+    def pick(self, node: _Node, swarm: Swarm, u: float) -> int:
+        """The step that ``u`` (uniform in [0, 1)) selects under ``swarm``: first on the happy path
+        or off it (``swarm.divert``), then an action by weight, then its arguments uniformly. Small
+        ``u`` picks a happy-path step, so Hypothesis's simplest draws walk the protocol's path."""
+        idx: Sequence[int] = range(len(node.steps))
+        if swarm.held:
+            free = [i for i in idx if not node.sessions[i] & swarm.held]
+            idx = free or idx
+        calm = [i for i in idx if not node.diverts[i]]
+        rough = [i for i in idx if node.diverts[i]]
+        if calm and rough:
+            if u < 1 - swarm.divert:
+                pool, u = calm, u / (1 - swarm.divert)
+            else:
+                pool, u = rough, (u - (1 - swarm.divert)) / swarm.divert
+        else:
+            pool = calm or rough
+        groups: dict[str, list[int]] = {}
+        for i in pool:
+            groups.setdefault(node.steps[i].action, []).append(i)
+        x = u * sum(swarm.weights.get(a, 1) for a in groups)
+        for a, members in groups.items():
+            w = swarm.weights.get(a, 1)
+            if x < w:
+                return members[min(int(x / w * len(members)), len(members) - 1)]
+            x -= w
+        return pool[-1]  # u rounded up to the total
+
+    def case(self, raw: bytes) -> None:
+        """One test case: ``budget`` system steps, from Init again after every quiescent state.
+
+        The case is one draw (``self.strategy``): its swarm configuration, then two bytes per step
+        that has a choice. One draw per step would cost Hypothesis about 45 us each (most of a
+        step's time), and its mutator, which copies one drawn value of a test case over another
+        drawn by the same strategy, would spend up to five of every six test cases re-running the
+        previous case's swarm with one step changed; with one draw every test case is a fresh
+        configuration and a fresh walk (docs/proofs.md, "Hypothesis")."""
+        pos = Swarm.size(self.system)
+        swarm = Swarm.decode(raw[:pos], self.system)
+        state = self.system.initial()
+        self.path = []
+        self.walks += 1
+        taken = 0
+        try:
+            node = self.node(state)
+            while taken < self.budget:
+                if not node.steps:
+                    if self.quiescence:
+                        problems = quiescent_violations(self.system, state)
+                        if problems:
+                            raise PropertyViolation(QUIESCENCE, problems[0])
+                    # Quiescent and fine: spend the rest of the budget on another walk.
+                    state = self.system.initial()
+                    node = self.node(state)
+                    self.path = []
+                    self.walks += 1
+                    continue
+                i = 0
+                if len(node.steps) > 1:
+                    i = self.pick(node, swarm, int.from_bytes(raw[pos:pos + 2], "big") / 65536)
+                    pos += 2
+                state = self.take(node, i, state)
+                taken += 1
+                self.max_walk = max(self.max_walk, len(self.path))
+                node = self.node(state)
+        except PropertyViolation as exc:
+            if self.failure is None:
+                self.failure = (exc, tuple(self.path))
+            raise
+        finally:
+            self.lengths.append(taken)
 
 
 def run_system(
@@ -254,17 +301,39 @@ def run_system(
     steps: int = 40,
     seed: int | None = None,
 ) -> HypothesisResult:
-    """Run the composed-system test; a violation is returned (with the shrunk trace), not raised."""
+    """Run the composed-system test: ``max_examples`` test cases of ``steps`` system steps each.
+
+    A violation is returned (with the shrunk trace), not raised. Everything passed in is
+    picklable (a System and numbers), so the checks can run this in worker processes."""
     invs = tuple(invariants)
-    cls = system_test(system, invs)
-    result = _run(cls, max_examples, steps, seed, lambda: tuple(cls.last_trace))  # type: ignore[attr-defined]
-    if result.violation is not None and result.violation.prop != "flaky":
-        start = time.perf_counter()
-        taken = list(cls.last_steps)  # type: ignore[attr-defined]
-        shrunk = shrink(system, invs, taken, result.violation.prop)
-        result.path = tuple(replay(system, shrunk))
+    walker = _Walker(system, invs, steps)
+
+    @given(walker.strategy)
+    def test(raw: bytes) -> None:
+        walker.case(raw)
+
+    test = _settings(max_examples, steps, seed)(test)
+    if seed is not None:
+        # ``hypothesis.seed`` must decorate the @given test itself to make the run reproducible.
+        test = with_seed(seed)(test)
+    result = HypothesisResult()
+    start = time.perf_counter()
+    try:
+        test()
+    except (PropertyViolation, Flaky):
+        # Flaky: the failure did not reproduce on Hypothesis's replay. The walk is a pure function
+        # of the draws, so that would be a bug here; the first failure is still a failure.
+        assert walker.failure is not None
+        result.violation, taken = walker.failure
+        result.path = tuple(replay(system, shrink(system, invs, list(taken), result.violation.prop)))
         result.trace = tuple(system.describe_step(s) for s in result.path)
-        result.seconds += time.perf_counter() - start
+    result.seconds = time.perf_counter() - start
+    result.examples = len(walker.lengths)
+    result.distinct_states = len(walker.nodes)
+    result.mean_run_length = sum(walker.lengths) / len(walker.lengths) if walker.lengths else 0.0
+    result.max_run_length = max(walker.lengths, default=0)
+    result.walks = walker.walks
+    result.max_walk_length = walker.max_walk
     return result
 
 
@@ -289,23 +358,39 @@ def replay(system: System, steps: Iterable[Step]) -> list[Step]:
     return out
 
 
-def _violates(system: System, invs: tuple[Invariant, ...], steps: list[Step], prop: str) -> int:
-    """Length of the shortest prefix of ``steps`` that violates ``prop`` (0: not violated/not replayable)."""
+def _violates(system: System, invs: tuple[Invariant, ...], steps: list[Step], prop: str) -> list[Step] | None:
+    """The replay of ``steps`` up to the first violation of ``prop`` (None: not violated).
+
+    Replay is lenient, because dropping one step changes what later steps can do: a step matches
+    a successor by action, arguments and the transitions it fired, or else by action and
+    arguments alone (a tick fires for every live event, so it fires less once an event is gone),
+    and a step with no match is skipped (the sends of an event whose append was dropped). What is
+    returned is what actually ran, so it is always a real trace from Init."""
+    checks = [i for i in invs if i.name == prop]
     state = system.initial()
-    for n, want in enumerate(steps, 1):
+    out: list[Step] = []
+    for want in steps:
         key = _key(want)
-        nxt = next((c for c in system.successors(state) if _key(c) == key), None)
+        nxt = None
+        for cand in system.successors(state):
+            if _key(cand) == key:
+                nxt = cand
+                break
+            if nxt is None and cand.action == want.action and cand.args == want.args:
+                nxt = cand
         if nxt is None:
-            return 0
-        for inv in invs:
-            if inv.name != prop:
-                continue
+            continue
+        out.append(nxt)
+        for inv in checks:
             if inv.step_check is not None and inv.step_check(system, nxt, state):
-                return n
+                return out
             if inv.state_check is not None and inv.state_check(system, nxt.after):
-                return n
+                return out
         state = nxt.after
-    return 0
+    if prop == QUIESCENCE and checks and next(system.successors(state), None) is None \
+            and quiescent_violations(system, state):
+        return out  # the walk ended in a quiescent state with a live event
+    return None
 
 
 def shrink(system: System, invariants: tuple[Invariant, ...], steps: list[Step], prop: str) -> list[Step]:
@@ -314,19 +399,18 @@ def shrink(system: System, invariants: tuple[Invariant, ...], steps: list[Step],
 
     Hypothesis's own shrinker works on the draws behind each step and needs tens of thousands of
     re-executions of the composed model; replaying steps directly needs a few hundred."""
-    n = _violates(system, invariants, steps, prop)
-    if n == 0:
+    seq = _violates(system, invariants, steps, prop)
+    if seq is None:
         return steps
-    seq = steps[:n]
     chunk = max(1, len(seq) // 2)
     while True:
         i = 0
         changed = False
         while i < len(seq):
             cand = seq[:i] + seq[i + chunk:]
-            m = _violates(system, invariants, cand, prop) if cand else 0
-            if m:
-                seq = cand[:m]
+            found = _violates(system, invariants, cand, prop) if cand else None
+            if found is not None:
+                seq = found
                 changed = True
             else:
                 i += chunk
@@ -344,16 +428,20 @@ def machine_test(machine: Machine, invariants: Iterable[Invariant] = INVARIANTS)
     step_invs = [i for i in invariants if i.step_check is not None and i.machine == machine.name]
     reference = System(Bounds(), _model_with(machine))
     input_names = sorted(machine.inputs)
+    # Built once: deriving the python-statemachine class per test case was a third of this test's time.
+    sm_class = build_statemachine(machine)
 
     class MachineTest(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.config = machine.initial_config()
-            self.runner = Runner(machine)
+            self.runner = Runner(machine, sm_class)
             self.trace: list[str] = []
             MachineTest.last_trace = self.trace
+            MachineTest.cases += 1  # one instance per test case: the honest example count
 
         last_trace: ClassVar[list[str]] = []
+        cases: ClassVar[int] = 0
 
         def fire(self, event: str, inputs: dict[str, bool]) -> None:
             enabled = machine.enabled(self.config, event, inputs)
@@ -412,15 +500,13 @@ def run_machine(machine: Machine, *, max_examples: int = 100, steps: int = 30, s
 
 def _run(cls: type[RuleBasedStateMachine], max_examples: int, steps: int, seed: int | None,
          last_trace: Any) -> HypothesisResult:
-    result = HypothesisResult(examples=max_examples)
+    result = HypothesisResult()
     start = time.perf_counter()
     cfg = _settings(max_examples, steps, seed)
     try:
         if seed is not None:
             # ``hypothesis.seed`` must decorate the @given test itself (wrapping a lambda that calls
             # run_state_machine_as_test leaves the run unseeded, hence irreproducible).
-            from hypothesis import seed as with_seed
-
             with_seed(seed)(get_state_machine_test(cls, settings=cfg))()
         else:
             run_state_machine_as_test(cls, settings=cfg)
@@ -431,4 +517,5 @@ def _run(cls: type[RuleBasedStateMachine], max_examples: int, steps: int, seed: 
         result.violation = PropertyViolation("flaky", str(exc))
         result.trace = last_trace()
     result.seconds = time.perf_counter() - start
+    result.examples = cls.cases  # type: ignore[attr-defined]
     return result
