@@ -10,7 +10,8 @@ Two tests, both built from the model rather than written by hand:
   transition kinds, session slots) and never names a mutant or a scenario. Every state invariant
   is checked in every state reached, every step invariant on every step taken, and a state with
   no successor for quiescence; a walk that reaches one starts again from Init, so every test case
-  takes its full budget of system steps;
+  takes its full budget of system steps. Among the steps a case's configuration allows, one that
+  reaches a state no walk of the run has reached yet goes first (coverage feedback);
 - per machine (:func:`machine_test`): a ``RuleBasedStateMachine`` with one rule per declared
   event. Each step fires the event both through the declaration and through the
   python-statemachine class built from it, asserts they agree, and checks the step invariants
@@ -70,7 +71,7 @@ class PropertyViolation(AssertionError):
 class HypothesisResult:
     """What one Hypothesis run found and what it measured (docs/proofs.md, "Hypothesis")."""
 
-    examples: int = 0  # test cases Hypothesis ran (the test body's calls, the replay of a failure included)
+    examples: int = 0  # test cases run: the test body's calls (a system test's replay of its failure excepted)
     seconds: float = 0.0
     violation: PropertyViolation | None = None
     trace: tuple[str, ...] = ()
@@ -186,6 +187,7 @@ class _Walker:
         self.max_walk = 0
         self.path: list[Step] = []  # the current walk, from Init
         self.failure: tuple[PropertyViolation, tuple[Step, ...]] | None = None
+        self.failing = b""  # the test case that failed first
         size = Swarm.size(system) + 2 * steps
         self.strategy = st.binary(min_size=size, max_size=size)
 
@@ -221,9 +223,11 @@ class _Walker:
         return step.after
 
     def pick(self, node: _Node, swarm: Swarm, u: float) -> int:
-        """The step that ``u`` (uniform in [0, 1)) selects under ``swarm``: first on the happy path
-        or off it (``swarm.divert``), then an action by weight, then its arguments uniformly. Small
-        ``u`` picks a happy-path step, so Hypothesis's simplest draws walk the protocol's path."""
+        """The step that ``u`` (uniform in [0, 1)) selects under ``swarm``: a step of a socket that
+        is not slow if there is one; on the happy path or off it (``swarm.divert``); one reaching
+        a state not reached before if there is one; then an action by weight, then its arguments
+        uniformly. Small ``u`` picks a happy-path step, so Hypothesis's simplest draws walk the
+        protocol's path."""
         idx: Sequence[int] = range(len(node.steps))
         if swarm.held:
             free = [i for i in idx if not node.sessions[i] & swarm.held]
@@ -237,6 +241,10 @@ class _Walker:
                 pool, u = rough, (u - (1 - swarm.divert)) / swarm.divert
         else:
             pool = calm or rough
+        # Coverage feedback, as a fuzzer keeps the inputs that reach new code: within the chosen
+        # kind of step, a successor no walk of this run has reached yet goes first.
+        fresh = [i for i in pool if node.steps[i].after not in self.nodes]
+        pool = fresh or pool
         groups: dict[str, list[int]] = {}
         for i in pool:
             groups.setdefault(node.steps[i].action, []).append(i)
@@ -257,6 +265,10 @@ class _Walker:
         drawn by the same strategy, would spend up to five of every six test cases re-running the
         previous case's swarm with one step changed; with one draw every test case is a fresh
         configuration and a fresh walk (docs/proofs.md, "Hypothesis")."""
+        if self.failure is not None and raw == self.failing:
+            # Hypothesis replays the failing case. The walk depends on the states earlier cases
+            # reached (``pick`` prefers new ones), so it is answered from the record, not re-run.
+            raise self.failure[0]
         pos = Swarm.size(self.system)
         swarm = Swarm.decode(raw[:pos], self.system)
         state = self.system.initial()
@@ -288,6 +300,7 @@ class _Walker:
         except PropertyViolation as exc:
             if self.failure is None:
                 self.failure = (exc, tuple(self.path))
+                self.failing = raw
             raise
         finally:
             self.lengths.append(taken)
