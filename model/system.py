@@ -16,10 +16,11 @@ steps. Nothing here reads a clock or does I/O.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pipeproof.errors import ModelDefinitionError
 from pipeproof.model.composition import (
@@ -199,36 +200,49 @@ class System:
 
     # -- derived facts (inputs to guards) ------------------------------------------------------
     def live_session(self, state: State, session: int) -> bool:
-        conn = state.conns[session]
-        return conn[0] is Conn.READY and bool(conn[1][ACK_SENT])
+        return self._live(state.conns[session])
 
     def has_session(self, state: State, user: int) -> bool:
         """Some session routed to ``user``'s stream is READY and acked: it can take an event now."""
-        return any(
-            self.live_session(state, s) and self.model.route(self, state, s, user)
-            for s in range(self.bounds.sessions)
-        )
+        return self._has_session(_StateReads(self, state), user)
 
     def account_full(self, state: State) -> bool:
-        # One account holds every user in the finite instance: the per-account limit is global.
-        total = sum(int(c[1][CONNS]) for c in state.ctxs)
-        return total >= self.bounds.max_connections_per_account
+        return self._account_full(_StateReads(self, state))
 
     def delivered_prefix(self, state: State, user: int) -> int:
         """Highest seq N such that the client has received every event 1..N of ``user``'s stream."""
+        return self._delivered_prefix(_StateReads(self, state), user)
+
+    # The same facts over ``_Reads``: the rules below read a state only through that interface,
+    # so the explorer's fast path (model/check/compiled.py) can see exactly what each one read.
+    @staticmethod
+    def _live(conn: Config) -> bool:
+        return conn[0] is Conn.READY and bool(conn[1][ACK_SENT])
+
+    def _has_session(self, v: _Reads, user: int) -> bool:
+        return any(self._live(v.conn(s)) and v.routed(s, user) for s in range(self.bounds.sessions))
+
+    def _account_full(self, v: _Reads) -> bool:
+        # One account holds every user in the finite instance: the per-account limit is global.
+        total = sum(int(v.ctx(u)[1][CONNS]) for u in range(self.bounds.users))
+        return total >= self.bounds.max_connections_per_account
+
+    def _delivered_prefix(self, v: _Reads, user: int) -> int:
         n = 0
-        for cfg in state.events[user]:
-            if not cfg[1][DELIVERED]:
+        for i in range(v.stream_len(user)):
+            if not v.event(user, i)[1][DELIVERED]:
                 break
             n += 1
         return n
 
     # -- the successor function ----------------------------------------------------------------
     def successors(self, state: State) -> Iterator[Step]:
-        yield from self._client_steps(state)
-        yield from self._server_steps(state)
-        if self.bounds.clock:
-            yield from self._clock_steps(state)
+        """Every step enabled in ``state``: the rules of :func:`_rules` in order, each yielding
+        its local steps, applied to ``state``."""
+        v = _StateReads(self, state)
+        for rule, arg in _rules(self.bounds):
+            for local in rule(self, v, *arg):
+                yield Step(local.action, local.actor, local.args, local.firings, _apply(state, local.writes))
 
     def _fire(self, machine: Machine, cfg: Config, event: str, inputs: dict[str, bool] | None = None
               ) -> list[tuple[Transition, Config]]:
@@ -236,70 +250,79 @@ class System:
             return []
         return machine.fire_all(cfg, event, inputs)
 
-    def _conn_steps(self, state: State, s: int, ca: Action, name: str | None = None) -> Iterator[Step]:
+    def _conn_steps(self, v: _Reads, s: int, ca: Action, name: str | None = None) -> Iterator[_Local]:
         """Fire a ``conn`` action's connection event alone, detaching from the context when an
         attached socket closes (model/composition.py)."""
         m = self.model
         event, action, actor = ca.event, name or ca.name, ca.actor
-        if event not in m.connection.events_from[state.conns[s][0]]:
+        conn = v.conn(s)
+        if event not in m.connection.events_from[conn[0]]:
             return
-        fired = [(t, after) for inputs in input_choices(ca)
-                 for t, after in m.connection.fire_all(state.conns[s], event, inputs) if reads_inputs(t, inputs)]
+        if ca.inputs:
+            fired = [(t, after) for inputs in input_choices(ca)
+                     for t, after in m.connection.fire_all(conn, event, inputs) if reads_inputs(t, inputs)]
+        else:
+            fired = m.connection.fire_all(conn, event)  # the one choice, {}, which every guard reads
         for t, after in fired:
-            firings = [Firing("conn", (s,), t, state.conns[s], after)]
-            ctxs = state.ctxs
-            if state.conns[s][0] in ATTACHED and t.target not in ATTACHED:
+            firings = [Firing("conn", (s,), t, conn, after)]
+            writes: list[_Write] = [("conns", s, after)]
+            if conn[0] in ATTACHED and t.target not in ATTACHED:
                 u = self.owner(s)
-                det = self._fire(m.context, ctxs[u], "detach")
+                ctx = v.ctx(u)
+                det = self._fire(m.context, ctx, "detach")
                 if not det:
                     continue  # the registry refuses: no consistent successor (caught by invariants)
                 dt, dafter = det[0]
-                firings.append(Firing("ctx", (u,), dt, ctxs[u], dafter))
-                ctxs = _set(ctxs, u, dafter)
-            yield Step(action, actor, (s,), tuple(firings),
-                       state._replace(conns=_set(state.conns, s, after), ctxs=ctxs))
+                firings.append(Firing("ctx", (u,), dt, ctx, dafter))
+                writes.append(("ctxs", u, dafter))
+            yield _Local(action, actor, (s,), tuple(firings), tuple(writes))
 
-    def _client_steps(self, state: State) -> Iterator[Step]:
-        for s in range(self.bounds.sessions):
-            if not self.model.connection.events_from[state.conns[s][0]]:
-                continue  # a closed socket does nothing
-            for ca in CLIENT_CONN_ACTIONS:
-                if not ca.flag or getattr(self.bounds, ca.flag):
-                    yield from self._conn_steps(state, s, ca)
-                if ca.name == "client_init" and state.conns[s][0] is Conn.OPEN:
-                    prefix = self.delivered_prefix(state, self.owner(s))
-                    if prefix > 0:
-                        for step in self._conn_steps(state, s, ca, "client_init_resume"):
-                            yield step._replace(after=step.after._replace(resume=_set(state.resume, s, prefix)))
-            if self.live_session(state, s):
-                yield from self._ack_steps(state, s)
-                u = self.owner(s)
-                for t, after in self._fire(self.model.run, state.runs[u], "cancel"):
-                    yield Step("client_cancel", "client", (s,), (Firing("run", (u,), t, state.runs[u], after),),
-                               state._replace(runs=_set(state.runs, u, after)))
+    def _client_conn_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
+        conn = v.conn(s)
+        if not self.model.connection.events_from[conn[0]]:
+            return  # a closed socket does nothing
+        for ca in CLIENT_CONN_ACTIONS:
+            if not ca.flag or getattr(self.bounds, ca.flag):
+                yield from self._conn_steps(v, s, ca)
+            if ca.name == "client_init" and conn[0] is Conn.OPEN:
+                prefix = self._delivered_prefix(v, self.owner(s))
+                if prefix > 0:
+                    for local in self._conn_steps(v, s, ca, "client_init_resume"):
+                        yield local._replace(writes=(*local.writes, ("resume", s, prefix)))
 
-    def _ack_steps(self, state: State, s: int) -> Iterator[Step]:
+    def _client_ack_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
+        conn = v.conn(s)
+        if self.model.connection.events_from[conn[0]] and self._live(conn):
+            yield from self._ack_steps(v, s)
+
+    def _client_cancel_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
+        conn = v.conn(s)
+        if not (self.model.connection.events_from[conn[0]] and self._live(conn)):
+            return
+        u = self.owner(s)
+        cfg = v.run(u)
+        for t, after in self._fire(self.model.run, cfg, "cancel"):
+            yield _Local("client_cancel", "client", (s,), (Firing("run", (u,), t, cfg, after),), (("runs", u, after),))
+
+    def _ack_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
         """Cumulative acks through seq n, for any stream this session is routed to."""
         for u in range(self.bounds.users):
-            if not self.model.route(self, state, s, u):
+            if not v.routed(s, u):
                 continue
-            prefix = self.delivered_prefix(state, u)
+            prefix = self._delivered_prefix(v, u)
             for n in range(1, prefix + 1):
-                if state.events[u][n - 1][0] in self.model.delivery.terminal:
+                if v.event(u, n - 1)[0] in self.model.delivery.terminal:
                     continue
-                for firings, events in self._ack_through(state, u, n):
-                    yield Step("client_ack", "client", (s, u, n), firings,
-                               state._replace(events=_set(state.events, u, events)))
+                for firings, writes in self._ack_through(v, u, n):
+                    yield _Local("client_ack", "client", (s, u, n), firings, writes)
 
-    def _ack_through(
-        self, state: State, u: int, n: int
-    ) -> Iterator[tuple[tuple[Firing, ...], tuple[Config, ...]]]:
+    def _ack_through(self, v: _Reads, u: int, n: int) -> Iterator[tuple[tuple[Firing, ...], tuple[_Write, ...]]]:
         """The effect of a cumulative ack through ``n``: one outcome, or none when the ack could
         not have been sent (it names an event the client never received)."""
         firings: list[Firing] = []
-        events = list(state.events[u])
+        writes: list[_Write] = []
         for i in range(n):
-            cfg = events[i]
+            cfg = v.event(u, i)
             if cfg[0] in self.model.delivery.terminal:
                 continue
             fired = self._fire(self.model.delivery, cfg, "ack")
@@ -307,133 +330,143 @@ class System:
                 return
             t, after = fired[0]
             firings.append(Firing("event", (u, i + 1), t, cfg, after))
-            events[i] = after
-        yield tuple(firings), tuple(events)
+            writes.append(("events", (u, i), after))
+        yield tuple(firings), tuple(writes)
 
-    def _server_steps(self, state: State) -> Iterator[Step]:
-        m = self.model
-        for s in range(self.bounds.sessions):
-            if not m.connection.events_from[state.conns[s][0]]:
-                continue
-            yield from self._resolve_steps(state, s)
-            for ca in SERVER_CONN_ACTIONS:
-                if not ca.flag or getattr(self.bounds, ca.flag):
-                    yield from self._conn_steps(state, s, ca)
-            yield from self._send_steps(state, s)
-        for u in range(self.bounds.users):
-            for t, after in self._fire(m.context, state.ctxs[u], "expire"):
-                yield Step("server_expire_context", "server", (u,), (Firing("ctx", (u,), t, state.ctxs[u], after),),
-                           state._replace(ctxs=_set(state.ctxs, u, after)))
-            yield from self._run_steps(state, u)
-            has = self.has_session(state, u)
-            for i, cfg in enumerate(state.events[u]):
-                for event in ("ack_timeout", "no_session_timeout"):
-                    for t, after in self._fire(m.delivery, cfg, event, {"has_session": has}):
-                        yield Step(f"server_{event}", "server", (u, i + 1),
-                                   (Firing("event", (u, i + 1), t, cfg, after),),
-                                   state._replace(events=_set(state.events, u, _set(state.events[u], i, after))))
-
-    def _resolve_steps(self, state: State, s: int) -> Iterator[Step]:
+    def _resolve_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
         """Atomic get-or-create of the user's context, then READY (or a limit rejection)."""
         m = self.model
-        conn = state.conns[s]
+        conn = v.conn(s)
+        if not m.connection.events_from[conn[0]]:
+            return
         if not m.connection.transitions_from(conn[0], "auth_ok") and not m.connection.transitions_from(
             conn[0], "limit_reject"
         ):
             return
         u = self.owner(s)
-        full = self.account_full(state)
+        full = v.account_full()
+        ctx = v.ctx(u)
         for event in ("create", "attach", "reject_limit"):
-            for ct, cafter in self._fire(m.context, state.ctxs[u], event, {"account_full": full}):
+            for ct, cafter in self._fire(m.context, ctx, event, {"account_full": full}):
                 conn_event = "limit_reject" if event == "reject_limit" else "auth_ok"
                 for t, after in self._fire(m.connection, conn, conn_event):
-                    firings = [Firing("ctx", (u,), ct, state.ctxs[u], cafter), Firing("conn", (s,), t, conn, after)]
-                    nxt = state._replace(
-                        conns=_set(state.conns, s, after),
-                        ctxs=_set(state.ctxs, u, cafter),
-                        epoch_seen=_set(state.epoch_seen, s, int(cafter[1][EPOCH]) if conn_event == "auth_ok" else 0),
+                    firings = (Firing("ctx", (u,), ct, ctx, cafter), Firing("conn", (s,), t, conn, after))
+                    writes: tuple[_Write, ...] = (
+                        ("conns", s, after), ("ctxs", u, cafter),
+                        ("epoch_seen", s, int(cafter[1][EPOCH]) if conn_event == "auth_ok" else 0),
                     )
-                    if conn_event == "auth_ok" and state.resume[s] > 0:
-                        # Resume acks everything through last_seq (section 5).
-                        for acks, events in self._ack_through(nxt, u, state.resume[s]):
-                            yield Step("server_resolve", "server", (s,), (*firings, *acks),
-                                       nxt._replace(events=_set(nxt.events, u, events)))
-                        continue
-                    yield Step("server_resolve", "server", (s,), tuple(firings), nxt)
+                    if conn_event == "auth_ok":
+                        resume = v.resume(s)
+                        if resume > 0:
+                            # Resume acks everything through last_seq (section 5).
+                            for acks, events in self._ack_through(v, u, resume):
+                                yield _Local("server_resolve", "server", (s,), (*firings, *acks), (*writes, *events))
+                            continue
+                    yield _Local("server_resolve", "server", (s,), firings, writes)
 
-    def _send_steps(self, state: State, s: int) -> Iterator[Step]:
+    def _server_conn_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
+        if not self.model.connection.events_from[v.conn(s)[0]]:
+            return
+        for ca in SERVER_CONN_ACTIONS:
+            if not ca.flag or getattr(self.bounds, ca.flag):
+                yield from self._conn_steps(v, s, ca)
+
+    def _send_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
         """Write the oldest sendable event of a routed stream; the write may succeed or fail."""
         m = self.model
-        conn = state.conns[s]
+        conn = v.conn(s)
+        if not m.connection.events_from[conn[0]]:
+            return
+        delivers = self._fire(m.connection, conn, "deliver")
+        if not delivers:
+            return  # nothing can be written on this socket (read first: it is the cheapest test)
         for u in range(self.bounds.users):
-            if not m.route(self, state, s, u):
+            if not v.routed(s, u):
                 continue
-            for i, cfg in enumerate(state.events[u]):
+            for i in range(v.stream_len(u)):
+                cfg = v.event(u, i)
                 sends = self._fire(m.delivery, cfg, "send")
                 if not sends:
                     continue
-                for ct, cafter in self._fire(m.connection, conn, "deliver"):
+                for ct, cafter in delivers:
                     for t, after in sends:
-                        yield Step("server_send", "server", (s, u, i + 1),
-                                   (Firing("conn", (s,), ct, conn, cafter), Firing("event", (u, i + 1), t, cfg, after)),
-                                   state._replace(conns=_set(state.conns, s, cafter),
-                                                  events=_set(state.events, u, _set(state.events[u], i, after))))
+                        firings = (Firing("conn", (s,), ct, conn, cafter), Firing("event", (u, i + 1), t, cfg, after))
+                        yield _Local("server_send", "server", (s, u, i + 1), firings,
+                                     (("conns", s, cafter), ("events", (u, i), after)))
                     for ft, fafter in self._fire(m.delivery, cfg, "send_failed"):
-                        for step in self._conn_steps(state, s, SEND_ERROR, "server_send_failed"):
-                            nxt = step.after._replace(
-                                events=_set(step.after.events, u, _set(state.events[u], i, fafter)))
-                            yield Step("server_send_failed", "server", (s, u, i + 1),
-                                       (*step.firings, Firing("event", (u, i + 1), ft, cfg, fafter)), nxt)
+                        for local in self._conn_steps(v, s, SEND_ERROR, "server_send_failed"):
+                            yield _Local("server_send_failed", "server", (s, u, i + 1),
+                                         (*local.firings, Firing("event", (u, i + 1), ft, cfg, fafter)),
+                                         (*local.writes, ("events", (u, i), fafter)))
                 break  # in order: only the oldest sendable event of a stream goes next
 
-    def _run_steps(self, state: State, u: int) -> Iterator[Step]:
+    def _expire_steps(self, v: _Reads, u: int) -> Iterator[_Local]:
+        cfg = v.ctx(u)
+        for t, after in self._fire(self.model.context, cfg, "expire"):
+            yield _Local("server_expire_context", "server", (u,), (Firing("ctx", (u,), t, cfg, after),),
+                         (("ctxs", u, after),))
+
+    def _run_steps(self, v: _Reads, u: int) -> Iterator[_Local]:
         m = self.model
-        if state.ctxs[u][0] is not Ctx.LIVE:
+        if v.ctx(u)[0] is not Ctx.LIVE:
             return  # a run belongs to a live context
         if 0 <= self.bounds.runs <= u:
             return
-        cfg = state.runs[u]
-        appended = len(state.events[u])
+        cfg = v.run(u)
         for event in m.run.events:
             if event == "cancel":
                 continue  # the client's action
             for t, after in self._fire(m.run, cfg, event):
                 firings = [Firing("run", (u,), t, cfg, after)]
-                nxt = state._replace(runs=_set(state.runs, u, after))
+                writes: list[_Write] = [("runs", u, after)]
                 if event in AGENT_EVENTS:
                     # An emission that leaves the run unfinished keeps one slot for its terminal
                     # event, so every run can finish within the bounds.
+                    appended = v.stream_len(u)
                     room = self.bounds.events_per_user - appended - (0 if t.target in m.run.terminal else 1)
                     if room <= 0:
                         continue
                     new = m.delivery.initial_config()
                     firings.append(Firing("event", (u, appended + 1), _APPEND, new, new))
-                    nxt = nxt._replace(
-                        events=_set(state.events, u, (*state.events[u], new)),
-                        kinds=_set(state.kinds, u, (*state.kinds[u], event)),
-                    )
-                yield Step(f"server_run_{event}", "server", (u,), tuple(firings), nxt)
+                    writes += [("events", (u, appended), new), ("kinds", u, (*v.kinds(u), event))]
+                yield _Local(f"server_run_{event}", "server", (u,), tuple(firings), tuple(writes))
 
-    def _clock_steps(self, state: State) -> Iterator[Step]:
+    def _timeout_steps(self, v: _Reads, u: int, i: int) -> Iterator[_Local]:
+        """The deadlines of event ``i`` of ``user``'s stream (one rule per stream slot)."""
+        if i >= v.stream_len(u):
+            return
+        m = self.model
+        cfg = v.event(u, i)
+        events = [e for e in ("ack_timeout", "no_session_timeout") if e in m.delivery.events_from[cfg[0]]]
+        if not events:
+            return
+        has = v.has_session(u)
+        for event in events:
+            for t, after in m.delivery.fire_all(cfg, event, {"has_session": has}):
+                yield _Local(f"server_{event}", "server", (u, i + 1), (Firing("event", (u, i + 1), t, cfg, after),),
+                             (("events", (u, i), after),))
+
+    def _clock_steps(self, v: _Reads) -> Iterator[_Local]:
         """Model time passes for every live event at once, unless a deadline is due."""
         m = self.model
         firings: list[Firing] = []
-        events = list(state.events)
+        writes: list[_Write] = []
         for u in range(self.bounds.users):
-            has = self.has_session(state, u)
-            stream = list(events[u])
-            for i, cfg in enumerate(stream):
+            has: bool | None = None
+            for i in range(v.stream_len(u)):
+                cfg = v.event(u, i)
                 if cfg[0] in m.delivery.terminal:
                     continue
+                if has is None:
+                    has = v.has_session(u)
                 fired = self._fire(m.delivery, cfg, "tick", {"has_session": has})
                 if not fired:
                     return
                 t, after = fired[0]
                 firings.append(Firing("event", (u, i + 1), t, cfg, after))
-                stream[i] = after
-            events[u] = tuple(stream)
+                writes.append(("events", (u, i), after))
         if firings:
-            yield Step("tick", "clock", (), tuple(firings), state._replace(events=tuple(events)))
+            yield _Local("tick", "clock", (), tuple(firings), tuple(writes))
 
     # -- rendering -----------------------------------------------------------------------------
     def describe_step(self, step: Step) -> str:
@@ -465,8 +498,125 @@ _NO_ACTION = Action("", "server", "", ())
 _APPEND = Transition(APPEND, Delivery.PENDING, Delivery.PENDING, doc="appended to the durable stream")
 
 
-def _set(tup: tuple, index: int, value: object) -> tuple:  # type: ignore[type-arg]
-    return (*tup[:index], value, *tup[index + 1:])
+_Write = tuple[str, Any, Any]
+"""One component a step changes: (State field, index, new value). ``events`` is indexed by
+(user, position); a position equal to the stream's length appends."""
+
+
+class _Local(NamedTuple):
+    """A step as a rule yields it: what it fired and what it writes, not yet applied to a state."""
+
+    action: str
+    actor: str
+    args: tuple[int, ...]
+    firings: tuple[Firing, ...]
+    writes: tuple[_Write, ...]
+
+
+class _Reads(Protocol):
+    """What a rule may read of a global state, one component at a time (docs/model.md, "explorer").
+
+    The rules read a state only through this interface. ``System.successors`` reads a ``State``
+    (:class:`_StateReads`); the explorer's fast path (model/check/compiled.py) reads its interned
+    encoding and records every read, so it can reuse a rule's result for every state that agrees
+    on what the rule read. ``has_session``, ``account_full`` and ``routed`` are the derived facts
+    (System._has_session, System._account_full, the model's route function).
+    """
+
+    def conn(self, s: int) -> Config: ...
+    def ctx(self, u: int) -> Config: ...
+    def run(self, u: int) -> Config: ...
+    def stream_len(self, u: int) -> int: ...
+    def event(self, u: int, i: int) -> Config: ...
+    def kinds(self, u: int) -> tuple[str, ...]: ...
+    def resume(self, s: int) -> int: ...
+    def has_session(self, u: int) -> bool: ...
+    def account_full(self) -> bool: ...
+    def routed(self, s: int, u: int) -> bool: ...
+
+
+class _StateReads:
+    """:class:`_Reads` over a ``State``."""
+
+    __slots__ = ("state", "system")
+
+    def __init__(self, system: System, state: State) -> None:
+        self.system = system
+        self.state = state
+
+    def conn(self, s: int) -> Config:
+        return self.state.conns[s]
+
+    def ctx(self, u: int) -> Config:
+        return self.state.ctxs[u]
+
+    def run(self, u: int) -> Config:
+        return self.state.runs[u]
+
+    def stream_len(self, u: int) -> int:
+        return len(self.state.events[u])
+
+    def event(self, u: int, i: int) -> Config:
+        return self.state.events[u][i]
+
+    def kinds(self, u: int) -> tuple[str, ...]:
+        return self.state.kinds[u]
+
+    def resume(self, s: int) -> int:
+        return self.state.resume[s]
+
+    def has_session(self, u: int) -> bool:
+        return self.system._has_session(self, u)
+
+    def account_full(self) -> bool:
+        return self.system._account_full(self)
+
+    def routed(self, s: int, u: int) -> bool:
+        return self.system.model.route(self.system, self.state, s, u)
+
+
+_Rule = Callable[..., Iterator[_Local]]
+
+
+@functools.cache
+def _rules(bounds: Bounds) -> tuple[tuple[_Rule, tuple[int, ...]], ...]:
+    """The successor function's rules in the order ``System.successors`` yields their steps:
+    per session the client's actions, then per session the server's, then per user the run,
+    the context's expiry and each stream slot's deadlines, then the clock. Each rule is a
+    ``System`` method and its arguments; the fast explorer memoizes each one separately."""
+    client = (System._client_conn_steps, System._client_ack_steps, System._client_cancel_steps)
+    server = (System._resolve_steps, System._server_conn_steps, System._send_steps)
+    out: list[tuple[_Rule, tuple[int, ...]]] = []
+    out += [(rule, (s,)) for s in range(bounds.sessions) for rule in client]
+    out += [(rule, (s,)) for s in range(bounds.sessions) for rule in server]
+    for u in range(bounds.users):
+        out += [(System._expire_steps, (u,)), (System._run_steps, (u,))]
+        out += [(System._timeout_steps, (u, i)) for i in range(bounds.events_per_user)]
+    if bounds.clock:
+        out.append((System._clock_steps, ()))
+    return tuple(out)
+
+
+_FIELD: dict[str, int] = {name: k for k, name in enumerate(State._fields)}
+_EVENTS = _FIELD["events"]
+
+
+def _apply(state: State, writes: tuple[_Write, ...]) -> State:
+    """``state`` with ``writes`` applied, in order (Hypothesis and the reference explorer call
+    this once per step, so it rebuilds only the tuples a write touches)."""
+    parts: list[Any] = list(state)
+    for name, index, value in writes:
+        k = _FIELD[name]
+        if k == _EVENTS:
+            u, i = index
+            events = parts[k]
+            stream = events[u]
+            stream = (*stream, value) if i == len(stream) else (*stream[:i], value, *stream[i + 1:])
+            parts[k] = (*events[:u], stream, *events[u + 1:])
+        else:
+            field = parts[k]
+            parts[k] = (*field[:index], value, *field[index + 1:])
+    return State._make(parts)
 
 
 def with_model(system: System, model: SystemModel) -> System:

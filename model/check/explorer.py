@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pipeproof.model.check.compiled import Compiled, _Item
 from pipeproof.model.invariants import INVARIANTS, Invariant, quiescent_violations
 from pipeproof.model.system import State, Step, System
 
@@ -65,9 +66,39 @@ def explore(
     *,
     max_states: int = 5_000_000,
     stop_when: frozenset[str] | None = None,
+    fast: bool = True,
 ) -> ExploreResult:
-    """Explore ``system`` exhaustively. ``stop_when``: stop once all these properties are violated."""
+    """Explore ``system`` exhaustively. ``stop_when``: stop once all these properties are violated.
+
+    ``fast`` (the default) runs the compiled path (model/check/compiled.py): interned states and
+    memoized rules and checks. ``fast=False`` runs the plain breadth-first search over
+    ``System.successors``, the reference the compiled path is tested against
+    (tests/model/check/test_compiled.py): both visit the same states in the same order, so every
+    count, coverage set, counterexample and its trace is the same.
+    """
     invs = tuple(invariants)
+    if fast and type(system).successors is System.successors:
+        return _explore_compiled(system, invs, max_states, stop_when)
+    return _explore_reference(system, invs, max_states, stop_when)
+
+
+def reachable(system: System, *, fast: bool = True, max_states: int = 5_000_000) -> tuple[frozenset[State], int]:
+    """Every reachable state and the number of transitions, by either path (no invariants)."""
+    keep: list[State] = []
+    if fast:
+        r = _explore_compiled(system, (), max_states, None, keep)
+    else:
+        r = _explore_reference(system, (), max_states, None, keep)
+    return frozenset(keep), r.transitions
+
+
+def _explore_reference(
+    system: System,
+    invs: tuple[Invariant, ...],
+    max_states: int,
+    stop_when: frozenset[str] | None,
+    keep: list[State] | None = None,
+) -> ExploreResult:
     state_invs = [i for i in invs if i.state_check is not None]
     step_invs = [i for i in invs if i.step_check is not None]
     check_quiescence = any(i.name == QUIESCENCE for i in invs)
@@ -135,6 +166,135 @@ def explore(
     result.states = len(depth_of)
     for machine, key in fired.values():
         result.covered.setdefault(machine, set()).add(key)
+    if keep is not None:
+        keep.extend(depth_of)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _explore_compiled(
+    system: System,
+    invs: tuple[Invariant, ...],
+    max_states: int,
+    stop_when: frozenset[str] | None,
+    keep: list[State] | None = None,
+) -> ExploreResult:
+    """The reference loop over interned states (same order, same verdicts; docs/model.md, "explorer").
+
+    States are numbered in discovery order, which is breadth-first order, so the queue is the list
+    of states itself; each remembers its parent and the index of the step that found it, and a
+    counterexample's path is rebuilt from those through ``System.successors``.
+    """
+    result = ExploreResult()
+    start = time.perf_counter()
+    violations = result.violations
+    step_invs = tuple(i for i in invs if i.step_check is not None)
+    c = Compiled(system, step_invs, violations)
+    state_memos = [(inv.name, c.state_memo(inv.name, inv.state_check)) for inv in invs if inv.state_check is not None]
+    quiescence = c.state_memo(QUIESCENCE, quiescent_violations) if any(i.name == QUIESCENCE for i in invs) else None
+    base0 = c.encode(system.initial())
+    bases = [base0]
+    vecs = [c.vectorize(base0)]
+    parents = [-1]
+    vias = [-1]  # the index, among its parent's steps, of the step that found each state
+    seen = {base0: 0}
+    covered = c.covered
+
+    def record(prop: str, message: str, index: int, k: int) -> None:
+        if prop in violations:
+            return
+        links = [] if k < 0 else [(index, k)]
+        while parents[index] >= 0:
+            links.append((parents[index], vias[index]))
+            index = parents[index]
+        path = tuple(c.step(bases[j], kk) for j, kk in reversed(links))
+        violations[prop] = Counterexample(prop, message, tuple(system.describe_step(s) for s in path), path)
+
+    def done() -> bool:
+        return stop_when is not None and stop_when <= set(violations)
+
+    def slow(item: _Item, index: int, k: int, nxt: tuple[int, ...]) -> None:
+        if item.fresh:
+            for machine, key in item.cover:
+                covered.setdefault(machine, set()).add(key)
+            item.fresh = False
+            item.slow = bool(item.checks)
+        for inv, msgs in item.checks:
+            if inv.name in violations:
+                continue
+            if msgs is None:  # the check reads the state: ask it about this step
+                assert inv.step_check is not None
+                step = Step(*item.local[:4], c.decode(nxt))
+                msgs = tuple(inv.step_check(system, step, c.decode(bases[index])))
+            if msgs:
+                record(inv.name, msgs[0], index, k)
+
+    fv = c.fields(base0)
+    for name, memo in state_memos:
+        msgs = memo.get(fv)
+        if msgs:
+            record(name, msgs[0], 0, -1)
+    transitions = 0
+    quiescent = 0
+    depth = 0
+    level_end = 1
+    i = 0
+    truncated = False
+    while i < len(bases) and not done():
+        if i == level_end:
+            depth += 1
+            level_end = len(bases)
+        base = bases[i]
+        k = -1
+        for leaf in c.expand(vecs[i]):
+            for item in leaf:
+                k += 1
+                transitions += 1
+                lst = list(base)
+                for p, value in item.writes:
+                    lst[p] = value
+                nxt = tuple(lst)
+                if item.slow:
+                    slow(item, i, k, nxt)
+                if nxt in seen:
+                    continue
+                j = len(bases)
+                seen[nxt] = j
+                bases.append(nxt)
+                parents.append(i)
+                vias.append(k)
+                vecs.append(c.vectorize(nxt))
+                if state_memos:
+                    fv = c.fields(nxt)
+                    for name, memo in state_memos:
+                        if name not in violations:
+                            msgs = memo.get(fv)
+                            if msgs:
+                                record(name, msgs[0], j, -1)
+                if j + 1 >= max_states:
+                    truncated = True
+                    break
+            if truncated:
+                break
+        if k < 0:
+            quiescent += 1
+            if quiescence is not None and QUIESCENCE not in violations:
+                msgs = quiescence.get(c.fields(base))
+                if msgs:
+                    record(QUIESCENCE, msgs[0], i, -1)
+        i += 1
+        if truncated:
+            result.complete = False
+            break
+    if not truncated and i < len(bases) and done():
+        result.complete = False
+    result.depth = depth
+    result.transitions = transitions
+    result.quiescent = quiescent
+    result.states = len(bases)
+    result.covered.update(covered)
+    if keep is not None:
+        keep.extend(c.decode(b) for b in bases)
     result.seconds = time.perf_counter() - start
     return result
 
