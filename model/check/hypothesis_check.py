@@ -9,9 +9,10 @@ Two tests, both built from the model rather than written by hand:
   and which sockets are slow. The configuration is derived from the declaration (action names,
   transition kinds, session slots) and never names a mutant or a scenario. Every state invariant
   is checked in every state reached, every step invariant on every step taken, and a state with
-  no successor for quiescence; a walk that reaches one starts again from Init, so every test case
-  takes its full budget of system steps. Among the steps a case's configuration allows, one that
-  reaches a state no walk of the run has reached yet goes first (coverage feedback);
+  no successor for quiescence; a walk that reaches one goes back to a drawn state of its path
+  and on from there, so every test case takes its full budget of system steps. Among the steps a
+  case's configuration allows, one that reaches a state no walk of the run has reached yet goes
+  first (coverage feedback);
 - per machine (:func:`machine_test`): a ``RuleBasedStateMachine`` with one rule per declared
   event. Each step fires the event both through the declaration and through the
   python-statemachine class built from it, asserts they agree, and checks the step invariants
@@ -80,8 +81,8 @@ class HypothesisResult:
     distinct_states: int = 0  # distinct global states the run stood in (system tests only)
     mean_run_length: float = 0.0  # system steps per test case
     max_run_length: int = 0
-    walks: int = 0  # walks from Init (a walk ends in a quiescent state or at the case's budget)
-    max_walk_length: int = 0  # the deepest walk, in steps from Init
+    walks: int = 0  # stretches of a walk: from Init, or from where it went back to after quiescing
+    max_walk_length: int = 0  # the deepest state reached, in steps from Init
 
     @property
     def prop(self) -> str:
@@ -188,7 +189,8 @@ class _Walker:
         self.path: list[Step] = []  # the current walk, from Init
         self.failure: tuple[PropertyViolation, tuple[Step, ...]] | None = None
         self.failing = b""  # the test case that failed first
-        size = Swarm.size(system) + 2 * steps
+        # Two bytes per choice: at most one step and one going back per step of the budget.
+        size = Swarm.size(system) + 4 * steps
         self.strategy = st.binary(min_size=size, max_size=size)
 
     def node(self, state: State) -> _Node:
@@ -257,14 +259,16 @@ class _Walker:
         return pool[-1]  # u rounded up to the total
 
     def case(self, raw: bytes) -> None:
-        """One test case: ``budget`` system steps, from Init again after every quiescent state.
+        """One test case: ``budget`` system steps from Init, going back along the walk after every
+        quiescent state.
 
-        The case is one draw (``self.strategy``): its swarm configuration, then two bytes per step
-        that has a choice. One draw per step would cost Hypothesis about 45 us each (most of a
-        step's time), and its mutator, which copies one drawn value of a test case over another
-        drawn by the same strategy, would spend up to five of every six test cases re-running the
-        previous case's swarm with one step changed; with one draw every test case is a fresh
-        configuration and a fresh walk (docs/proofs.md, "Hypothesis")."""
+        The case is one draw (``self.strategy``): its swarm configuration, then two bytes per
+        choice (a step among several, where to go back to). One draw per step would cost
+        Hypothesis about 45 us each (most of a step's time), and its mutator, which copies one
+        drawn value of a test case over another drawn by the same strategy, would spend up to
+        five of every six test cases re-running the previous case's swarm with one step changed;
+        with one draw every test case is a fresh configuration and a fresh walk (docs/proofs.md,
+        "Hypothesis")."""
         if self.failure is not None and raw == self.failing:
             # Hypothesis replays the failing case. The walk depends on the states earlier cases
             # reached (``pick`` prefers new ones), so it is answered from the record, not re-run.
@@ -283,10 +287,16 @@ class _Walker:
                         problems = quiescent_violations(self.system, state)
                         if problems:
                             raise PropertyViolation(QUIESCENCE, problems[0])
-                    # Quiescent and fine: spend the rest of the budget on another walk.
-                    state = self.system.initial()
+                    if not self.path:
+                        break  # Init itself is quiescent: nothing to walk
+                    # Quiescent and fine: go back to a drawn state of this walk (Init among them)
+                    # and on from there, which spends the rest of the budget next to the deep
+                    # states instead of re-walking the first steps of the protocol from Init.
+                    k = int.from_bytes(raw[pos:pos + 2], "big") * len(self.path) // 65536
+                    pos += 2
+                    del self.path[k:]
+                    state = self.path[-1].after if self.path else self.system.initial()
                     node = self.node(state)
-                    self.path = []
                     self.walks += 1
                     continue
                 i = 0

@@ -27,9 +27,9 @@ from pipeproof.model.system import System, reference_model
 
 # Distinct states the default run (150 test cases x 40 steps, derandomized, as pipeproof check runs
 # it) reaches, as a share of the explorer's exhaustive count. Measured over the default run and
-# seeds 0-5: readiness 7.6-8.6%, races 4.9-5.5%, isolation 10.8-11.6%, runs 9.4-10.4% (the
+# seeds 0-5: readiness 8.0-9.4%, races 5.7-6.3%, isolation 12.0-13.5%, runs 11.1-13.1% (the
 # rule-based test this replaced reached 0.4%, 0.7%, 2.4% and 1.2%). The floors keep a margin.
-STATE_FLOORS = {"readiness": 0.05, "races": 0.03, "isolation": 0.07, "runs": 0.06}
+STATE_FLOORS = {"readiness": 0.05, "races": 0.035, "isolation": 0.08, "runs": 0.07}
 
 
 def _broken_readiness(buffer_max: int = 1) -> System:
@@ -97,13 +97,14 @@ def test_the_default_run_measures_what_it_explored(sc: Scenario) -> None:
     assert r.violation is None
     # Counted in the test body: every test case Hypothesis ran, none beyond the budget.
     assert 0 < r.examples <= 150
-    # No test case stops short: a walk that quiesces starts again from Init (measured: every
-    # case takes exactly its 40 steps; the rule-based test averaged 1-3 and half its cases took none).
+    # No test case stops short: a walk that quiesces goes back along its path and on (measured:
+    # every case takes exactly its 40 steps; the rule-based test averaged 1-3 and about half its
+    # cases took none).
     assert r.mean_run_length == r.max_run_length == 40
-    # Walks are deep: the deepest reaches the scenario's breadth-first depth or near it (19-22),
-    # and a walk averages more than five steps before quiescing (measured 7.2-11.3).
+    # Walks are deep: the deepest reaches the scenario's breadth-first depth (19-22; readiness
+    # has cycles, 40), and they quiesce and go back many times (measured 559-1039 stretches).
     assert r.max_walk_length >= 15
-    assert r.examples * r.mean_run_length / r.walks > 5
+    assert r.walks > 2 * r.examples
     total = explore(system).states
     assert r.distinct_states >= STATE_FLOORS[sc.name] * total, (r.distinct_states, total)
 
