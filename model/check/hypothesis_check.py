@@ -1,4 +1,5 @@
-"""Checker 2: Hypothesis, derived from the declarations (docs/model.md, "Hypothesis").
+"""Checker 2: Hypothesis, derived from the declarations (docs/model.md, "Checkers"; docs/proofs.md,
+"Hypothesis").
 
 Two tests, both built from the model rather than written by hand:
 
@@ -344,8 +345,8 @@ def run_system(
     try:
         test()
     except (PropertyViolation, Flaky):
-        # Flaky: the failure did not reproduce on Hypothesis's replay. The walk is a pure function
-        # of the draws, so that would be a bug here; the first failure is still a failure.
+        # Flaky: the failure did not reproduce on Hypothesis's replay. The replay is answered from
+        # the record (``_Walker.case``), so that would be a bug here; the failure is still real.
         assert walker.failure is not None
         result.violation, taken = walker.failure
         result.path = tuple(replay(system, shrink(system, invs, list(taken), result.violation.prop)))
