@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from pipeproof.protocol import EscalationReason
 
-from .api import Store
+from .api import ClaimScope, Store
 from .engine import SqliteSynchronous, open_store
 from .records import (
     ESCALATION_REASONS,
@@ -52,12 +52,14 @@ from .records import (
     RunRecord,
     encode_event_data,
 )
-from .schema import EXPECTED_SCHEMA_VERSION, MIGRATIONS, Migration
+from .schema import EXPECTED_SCHEMA_VERSION, MIGRATIONS, RUN_TERMINAL_STATES, Migration
 
 __all__ = [
     "ESCALATION_REASONS",
     "EXPECTED_SCHEMA_VERSION",
     "MIGRATIONS",
+    "RUN_TERMINAL_STATES",
+    "ClaimScope",
     "ContextInfo",
     "ContextRecord",
     "EscalationReason",

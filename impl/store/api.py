@@ -4,28 +4,33 @@ sections 3, 4 and 5).
 The event operations come from :class:`~.stream.EventStream` and the transaction plumbing from
 :class:`~.writer.GroupCommitStore`; this module adds the schema and readiness operations, contexts
 (section 3: one live context per user, made by the database, never by an in-process lock) and
-runs (section 4: ``run.start`` is idempotent on its ``request_id``).
+runs (section 4: ``run.start`` is idempotent on its ``request_id``; section 6: each unfinished run
+is held under a lease by one node, and a node takes over a run whose lease expired).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Collection
-from typing import Final
+from collections.abc import Collection, Sequence
+from typing import Final, Literal
 
-from sqlalchemy import false, func, select, update
+from sqlalchemy import ColumnElement, false, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pipeproof.errors import StoreIntegrityError
 
 from .records import ContextInfo, ContextRecord, RunRecord, context_from_row, now_or_clock, run_from_row
-from .schema import apply_migrations, contexts, read_schema_version, runs, store_probe
+from .schema import RUN_TERMINAL_STATES, apply_migrations, contexts, read_schema_version, runs, store_probe
 from .stream import EventStream
 
 _MAX_CONTEXT_RACE_RETRIES: Final = 8
 """Conflicting inserts one get_or_create_context survives before it gives up (each one means
 another transaction committed the user's live context, which the next round reads)."""
+
+ClaimScope = Literal["expired", "own", "all"]
+"""Which unfinished runs :meth:`Store.claim_runs` takes: those whose lease expired, those the
+claiming node's id already holds (its previous process), or every one."""
 
 
 class Store(EventStream):
@@ -226,11 +231,14 @@ class Store(EventStream):
         *,
         state: str = "ACCEPTED",
         run_id: str | None = None,
+        owner_node: str | None = None,
+        lease_expires: float | None = None,
     ) -> tuple[RunRecord, bool]:
         """Create the run for ``(context_id, request_id)`` or return the existing one (section 4).
 
         Returns ``(run, created)``; a repeated ``request_id`` returns the first run and ``False``,
-        whatever ``state``/``run_id`` the repeat passed. Unknown context: StoreIntegrityError.
+        whatever ``state``/``run_id``/lease the repeat passed. A new run is held by ``owner_node``
+        until ``lease_expires`` (section 6). Unknown context: StoreIntegrityError.
         """
         new_id = run_id if run_id is not None else uuid.uuid4().hex
 
@@ -246,6 +254,8 @@ class Store(EventStream):
                         state=state,
                         created_at=now,
                         updated_at=now,
+                        owner_node=owner_node,
+                        lease_expires=lease_expires,
                     )
                     .on_conflict_do_nothing(index_elements=[runs.c.context_id, runs.c.request_id])
                     .returning(*runs.c)
@@ -305,10 +315,104 @@ class Store(EventStream):
 
         async def body(conn: AsyncConnection) -> list[RunRecord]:
             rows = await conn.execute(
-                select(runs)
-                .where(runs.c.state.not_in(["COMPLETED", "FAILED", "REJECTED"]))
-                .order_by(runs.c.created_at)
+                select(runs).where(runs.c.state.not_in(RUN_TERMINAL_STATES)).order_by(runs.c.created_at)
             )
             return [run_from_row(r) for r in rows]
 
         return await self._run("unfinished_runs", body, write=False)
+
+    # -- run leases (section 6) ----------------------------------------------------------------------
+
+    async def renew_run_leases(
+        self, node_id: str, run_ids: Sequence[str], lease_expires: float
+    ) -> dict[str, bool]:
+        """Extend to ``lease_expires`` the leases ``node_id`` holds on ``run_ids`` (section 6).
+
+        One conditional UPDATE: only a row still held by ``node_id`` and unfinished is renewed.
+        Returns, for each run still held, whether a cancel was recorded for it
+        (:meth:`record_run_cancel`); a run missing from the answer is no longer this node's (another
+        node took it over after its lease expired, or it finished), and must not emit again.
+        Renewing a lease that expired but that nobody took is allowed: nobody else has acted on it.
+        """
+        if not run_ids:
+            return {}
+
+        async def body(conn: AsyncConnection) -> dict[str, bool]:
+            rows = await conn.execute(
+                update(runs)
+                .where(
+                    runs.c.run_id.in_(list(run_ids)),
+                    runs.c.owner_node == node_id,
+                    runs.c.state.not_in(RUN_TERMINAL_STATES),
+                )
+                .values(lease_expires=lease_expires)
+                .returning(runs.c.run_id, runs.c.cancel_requested)
+            )
+            return {str(r.run_id): bool(r.cancel_requested) for r in rows}
+
+        return await self._run("renew_run_leases", body, write=True)
+
+    async def claim_runs(
+        self,
+        node_id: str,
+        now: float,
+        lease_expires: float,
+        *,
+        scope: ClaimScope = "expired",
+        exclude: Collection[str] = (),
+    ) -> list[RunRecord]:
+        """Take over unfinished runs for ``node_id`` until ``lease_expires`` (section 6); returns
+        them as stored after the claim, oldest first.
+
+        One conditional ``UPDATE ... RETURNING`` whose ``WHERE`` admits only what ``scope`` names
+        (``"expired"``: a lease that ran out before ``now``, or none at all; ``"own"``: a lease
+        ``node_id`` holds, left by its previous process; ``"all"``: every unfinished run, the
+        single-node SQLite store at startup), except the runs in ``exclude``: those the claiming
+        node runs itself, whose lease may run out while it is slow to renew. Two nodes claiming at once
+        cannot both take a run: PostgreSQL locks the row and re-checks the ``WHERE`` for the second
+        (which then sees the first's fresh lease), and SQLite admits one writer at a time.
+        """
+        conditions: list[ColumnElement[bool]] = [runs.c.state.not_in(RUN_TERMINAL_STATES)]
+        if scope == "expired":
+            conditions.append(or_(runs.c.lease_expires.is_(None), runs.c.lease_expires < now))
+        elif scope == "own":
+            conditions.append(runs.c.owner_node == node_id)
+        elif scope != "all":
+            raise ValueError(f"unknown claim scope {scope!r}")
+        if exclude:
+            conditions.append(runs.c.run_id.not_in(sorted(exclude)))
+
+        async def body(conn: AsyncConnection) -> list[RunRecord]:
+            rows = await conn.execute(
+                update(runs)
+                .where(*conditions)
+                .values(owner_node=node_id, lease_expires=lease_expires)
+                .returning(*runs.c)
+            )
+            return sorted((run_from_row(r) for r in rows), key=lambda r: (r.created_at, r.run_id))
+
+        return await self._run("claim_runs", body, write=True)
+
+    async def record_run_cancel(self, run_id: str, now: float | None = None) -> RunRecord:
+        """Record a ``run.cancel`` on an unfinished run, for the node holding it (section 4, section
+        6): it reads the flag when it renews the lease, and a node taking the run over honours it.
+        A finished run is left as it is. Returns the run as stored; unknown run: StoreIntegrityError."""
+        stamp = now_or_clock(now)
+
+        async def body(conn: AsyncConnection) -> RunRecord:
+            changed = (
+                await conn.execute(
+                    update(runs)
+                    .where(runs.c.run_id == run_id, runs.c.state.not_in(RUN_TERMINAL_STATES))
+                    .values(cancel_requested=true(), updated_at=stamp)
+                    .returning(*runs.c)
+                )
+            ).first()
+            if changed is not None:
+                return run_from_row(changed)
+            current = (await conn.execute(select(runs).where(runs.c.run_id == run_id))).first()
+            if current is None:
+                raise StoreIntegrityError("record_run_cancel", f"no run {run_id!r}")
+            return run_from_row(current)
+
+        return await self._run("record_run_cancel", body, write=True)

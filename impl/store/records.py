@@ -18,6 +18,8 @@ from sqlalchemy import Row
 
 from pipeproof.protocol import DeliveryState, EscalationReason
 
+from .schema import RUN_TERMINAL_STATES
+
 EventState = DeliveryState
 """The store's former name for :class:`~pipeproof.protocol.DeliveryState`, kept for its importers."""
 
@@ -70,7 +72,11 @@ class EventRecord:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One run (section 4); ``request_id`` is unique per context, which makes ``run.start`` idempotent."""
+    """One run (section 4); ``request_id`` is unique per context, which makes ``run.start`` idempotent.
+
+    ``owner_node`` holds the run's lease until ``lease_expires`` (wall-clock seconds; both None in a
+    row from before leases): section 6, "When a node dies". ``cancel_requested`` records a
+    ``run.cancel`` that a node not holding the run received, for the holder to honour."""
 
     run_id: str
     context_id: str
@@ -79,6 +85,14 @@ class RunRecord:
     state: str
     created_at: float
     updated_at: float
+    owner_node: str | None = None
+    lease_expires: float | None = None
+    cancel_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """The stored state is terminal (COMPLETED, FAILED or REJECTED)."""
+        return self.state in RUN_TERMINAL_STATES
 
 
 def encode_event_data(data: Mapping[str, Any]) -> str:
@@ -115,6 +129,9 @@ def run_from_row(row: Row[Any]) -> RunRecord:
         state=str(row.state),
         created_at=float(row.created_at),
         updated_at=float(row.updated_at),
+        owner_node=None if row.owner_node is None else str(row.owner_node),
+        lease_expires=None if row.lease_expires is None else float(row.lease_expires),
+        cancel_requested=bool(row.cancel_requested),
     )
 
 

@@ -8,7 +8,10 @@ The guarantees the protocol needs are made here, by the database, never by an in
   ``(context_id, seq)`` is the events' primary key (section 5);
 * an event's ``state`` is a :class:`~pipeproof.protocol.DeliveryState` and its ``reason`` an
   :class:`~pipeproof.protocol.EscalationReason`: CHECK constraints rendered from those enums, so
-  the database refuses any other word (section 5).
+  the database refuses any other word (section 5);
+* a run is held by one node at a time: ``runs.owner_node`` and ``runs.lease_expires`` (version 2),
+  taken and renewed only by conditional ``UPDATE``s, so exactly one node ends a run whose node
+  died (section 6, "When a node dies").
 
 The schema is versioned: :data:`MIGRATIONS` are applied in order by :func:`apply_migrations`, each
 recorded in ``schema_version``, safely from many processes at once.
@@ -20,7 +23,7 @@ import enum
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import (
     Boolean,
@@ -43,6 +46,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateColumn
 
 from pipeproof.protocol import DeliveryState, EscalationReason
 
@@ -136,16 +140,51 @@ events = Table(
 )
 Index("ix_events_context_state", events.c.context_id, events.c.state)
 
+def _runs_v1_columns() -> list[Column[Any]]:
+    return [
+        Column("run_id", Text, primary_key=True),
+        Column("context_id", Text, ForeignKey("contexts.id"), nullable=False),
+        Column("request_id", Text, nullable=False),
+        Column("user_id", Text, nullable=False),
+        Column("state", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("updated_at", Float, nullable=False),
+    ]
+
+
+RUN_TERMINAL_STATES: Final = ("COMPLETED", "FAILED", "REJECTED")
+"""The states a stored run never leaves (section 4); every other state is unfinished."""
+
 runs = Table(
     "runs",
     metadata,
-    Column("run_id", Text, primary_key=True),
-    Column("context_id", Text, ForeignKey("contexts.id"), nullable=False),
-    Column("request_id", Text, nullable=False),
-    Column("user_id", Text, nullable=False),
-    Column("state", Text, nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
+    *_runs_v1_columns(),
+    # Version 2, the run's lease (section 6): the node holding the run and until when (wall-clock
+    # seconds); NULL in a row written before version 2, which reads as an expired lease.
+    Column("owner_node", Text, nullable=True),
+    Column("lease_expires", Float, nullable=True),
+    # A run.cancel received by a node that does not hold the run: the holder reads it when it
+    # renews the lease, and a node taking the run over honours it.
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    UniqueConstraint("context_id", "request_id", name="uq_runs_context_request"),
+)
+_UNFINISHED_RUN: Final = "state NOT IN (" + ", ".join(f"'{s}'" for s in RUN_TERMINAL_STATES) + ")"
+# What a takeover scans: the leases of unfinished runs (a few per node), not every run ever made.
+RUNS_LEASE_INDEX: Final = Index(
+    "ix_runs_unfinished_lease",
+    runs.c.lease_expires,
+    sqlite_where=text(_UNFINISHED_RUN),
+    postgresql_where=text(_UNFINISHED_RUN),
+)
+
+# Version 1's runs table as it shipped (migration 1 creates it; version 2 adds the lease columns),
+# in a metadata of its own beside a copy of contexts, which its foreign key names.
+_v1_metadata = MetaData()
+contexts.to_metadata(_v1_metadata)
+_runs_v1 = Table(
+    "runs",
+    _v1_metadata,
+    *_runs_v1_columns(),
     UniqueConstraint("context_id", "request_id", name="uq_runs_context_request"),
 )
 
@@ -169,12 +208,23 @@ class Migration:
 
 def _migration_1(conn: Connection) -> None:
     # Version 1 is the initial schema. Later versions must be explicit ALTER/CREATE steps appended
-    # below (and the Table objects above updated to match), never edits to this one.
-    metadata.create_all(conn, tables=[contexts, events, runs, store_probe], checkfirst=False)
+    # below (and the Table objects above updated to match), never edits to this one: the runs
+    # table it creates is version 1's own (``_runs_v1``), not today's.
+    metadata.create_all(conn, tables=[contexts, events, store_probe], checkfirst=False)
+    _v1_metadata.create_all(conn, tables=[_runs_v1], checkfirst=False)
+
+
+def _migration_2(conn: Connection) -> None:
+    # Run leases (section 6): each column as today's Table declares it, rendered for this dialect.
+    for name in ("owner_node", "lease_expires", "cancel_requested"):
+        spec = CreateColumn(runs.c[name]).compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE runs ADD COLUMN {spec}"))
+    RUNS_LEASE_INDEX.create(conn)
 
 
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "contexts, events, runs, store_probe", _migration_1),
+    Migration(2, "run leases: runs.owner_node, lease_expires, cancel_requested", _migration_2),
 )
 EXPECTED_SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

@@ -140,3 +140,87 @@ async def test_references_to_missing_rows_are_integrity_errors(store: Store) -> 
         await store.set_run_state("no-such-run", "RUNNING")
     with pytest.raises(StoreIntegrityError):  # foreign key: runs.context_id -> contexts.id
         await store.create_run("no-such-context", "req-1", "alice", T0)
+
+
+# -- run leases (section 6, "When a node dies") ---------------------------------------------------
+
+
+async def test_a_run_is_created_under_its_nodes_lease_and_renewed_only_by_it(store: Store) -> None:
+    cid = await new_context(store)
+    run, _ = await store.create_run(cid, "req", "alice", T0, owner_node="a", lease_expires=T0 + 10)
+    assert (run.owner_node, run.lease_expires, run.cancel_requested, run.finished) == ("a", T0 + 10, False, False)
+    # A repeat of the request_id keeps the first run's lease.
+    again, created = await store.create_run(cid, "req", "alice", T0 + 1, owner_node="b", lease_expires=T0 + 11)
+    assert (created, again.owner_node) == (False, "a")
+    assert await store.renew_run_leases("a", [run.run_id, "no-such-run"], T0 + 20) == {run.run_id: False}
+    assert await store.renew_run_leases("b", [run.run_id], T0 + 30) == {}  # not b's: nothing renewed
+    assert await store.renew_run_leases("a", [], T0 + 30) == {}
+    stored = await store.find_run(run.run_id)
+    assert stored is not None and (stored.owner_node, stored.lease_expires) == ("a", T0 + 20)
+    await store.set_run_state(run.run_id, "COMPLETED", T0 + 2)
+    assert await store.renew_run_leases("a", [run.run_id], T0 + 40) == {}  # finished: no lease to renew
+
+
+async def test_claims_take_expired_own_or_all_unfinished_runs_and_never_the_excluded(store: Store) -> None:
+    cid = await new_context(store)
+
+    async def make(req: str, owner: str | None, expires: float | None, state: str = "ACCEPTED") -> str:
+        run, _ = await store.create_run(cid, req, "alice", T0, owner_node=owner, lease_expires=expires, state=state)
+        return run.run_id
+
+    expired = await make("expired", "a", T0 + 5)
+    live = await make("live", "a", T0 + 50)
+    legacy = await make("legacy", None, None)  # a row from before leases: no lease at all
+    mine_live = await make("mine", "b", T0 + 50)
+    mine_expired = await make("mine-expired", "b", T0 + 5)
+    done = await make("done", "a", T0 + 5, state="FAILED")
+    claimed = await store.claim_runs("b", T0 + 10, T0 + 20, exclude={mine_expired})
+    assert {r.run_id for r in claimed} == {expired, legacy}
+    assert {(r.owner_node, r.lease_expires) for r in claimed} == {("b", T0 + 20)}
+    # What b excluded (it runs it, late to renew) is still expired for another node.
+    assert [r.run_id for r in await store.claim_runs("c", T0 + 10, T0 + 20)] == [mine_expired]
+    assert await store.claim_runs("d", T0 + 10, T0 + 20) == []  # b and c hold the rest now
+    own = await store.claim_runs("b", T0 + 10, T0 + 30, scope="own")
+    assert {r.run_id for r in own} == {expired, legacy, mine_live}
+    every = await store.claim_runs("c", T0 + 10, T0 + 40, scope="all", exclude=[live])
+    assert {r.run_id for r in every} == {expired, legacy, mine_live, mine_expired}
+    finished = await store.find_run(done)
+    assert finished is not None and (finished.owner_node, finished.finished) == ("a", True)
+    with pytest.raises(ValueError):
+        await store.claim_runs("c", T0, T0, scope="bogus")  # type: ignore[arg-type]
+
+
+async def test_two_nodes_claiming_at_once_take_each_expired_run_exactly_once(opener: Opener) -> None:
+    # Separate stores (pools), as separate processes: the exclusion must come from the database.
+    stores = [await opener(pool_size=3) for _ in range(4)]
+    cid = await new_context(stores[0])
+    ids = {(await stores[0].create_run(cid, f"r{i}", "alice", T0, owner_node="dead", lease_expires=T0))[0].run_id
+           for i in range(40)}
+    for _ in range(3):
+        results = await asyncio.gather(
+            *(s.claim_runs(f"node-{i}", T0 + 10, T0 + 100) for i, s in enumerate(stores))
+        )
+        taken = [r.run_id for claimed in results for r in claimed]
+        assert len(taken) == len(set(taken))  # nobody took a run another node took
+        if taken:
+            assert set(taken) == ids
+    for run_id in ids:
+        stored = await stores[0].find_run(run_id)
+        assert stored is not None and stored.owner_node != "dead" and stored.lease_expires == T0 + 100
+
+
+async def test_a_cancel_is_recorded_for_the_holder_and_read_back_when_it_renews(store: Store) -> None:
+    cid = await new_context(store)
+    run, _ = await store.create_run(cid, "req", "alice", T0, owner_node="a", lease_expires=T0 + 10)
+    recorded = await store.record_run_cancel(run.run_id, T0 + 1)
+    assert (recorded.cancel_requested, recorded.updated_at) == (True, T0 + 1)
+    assert await store.renew_run_leases("a", [run.run_id], T0 + 20) == {run.run_id: True}
+    (claimed,) = await store.claim_runs("b", T0 + 30, T0 + 40)
+    assert claimed.cancel_requested is True  # a node taking it over sees the cancel too
+    await store.set_run_state(run.run_id, "FAILED", T0 + 31)
+    other, _ = await store.create_run(cid, "req-2", "alice", T0, owner_node="a", lease_expires=T0 + 10)
+    await store.set_run_state(other.run_id, "COMPLETED", T0 + 2)
+    left = await store.record_run_cancel(other.run_id, T0 + 3)  # finished: left as it is
+    assert (left.cancel_requested, left.state, left.updated_at) == (False, "COMPLETED", T0 + 2)
+    with pytest.raises(StoreIntegrityError):
+        await store.record_run_cancel("no-such-run")

@@ -12,6 +12,8 @@ INTERFACE = {
     "ESCALATION_REASONS",
     "EXPECTED_SCHEMA_VERSION",
     "MIGRATIONS",
+    "RUN_TERMINAL_STATES",
+    "ClaimScope",
     "ContextInfo",
     "ContextRecord",
     "EscalationReason",

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import sqlalchemy.exc as sa_exc
-from sqlalchemy import CheckConstraint, text
+from sqlalchemy import CheckConstraint, inspect, text
 from store_harness import Opener, new_context
 
 from pipeproof.impl.store import EXPECTED_SCHEMA_VERSION, Store, schema
@@ -73,8 +73,9 @@ def test_reason_check_names_every_escalation_reason_and_nothing_else() -> None:
 def test_version_1_constraints_are_the_text_it_shipped_with() -> None:
     # Migration 1 renders these from the enums. A new state or reason changes what a fresh database
     # gets but not what existing ones have: it needs migration 2 (altering the constraint), and then
-    # this test moves to pin version 1's text inside that migration.
-    assert schema.EXPECTED_SCHEMA_VERSION == 1
+    # this test moves to pin version 1's text inside that migration. (Version 2, run leases,
+    # left the events table alone.)
+    assert schema.EXPECTED_SCHEMA_VERSION == 2
     assert schema.STATE_CHECK == "state IN ('PENDING', 'SENT', 'ACKED', 'ESCALATED')"
     assert schema.REASON_CHECK == "reason IS NULL OR reason IN ('max_attempts', 'no_session', 'send_failed')"
 
@@ -146,3 +147,28 @@ def test_sql_in_list_refuses_what_it_cannot_render_safely() -> None:
         schema.sql_in_list([Unsafe.QUOTE])
     with pytest.raises(ValueError):
         schema.sql_literal(Unsafe.NUMBER)
+
+
+async def test_version_2_adds_run_leases_to_a_version_1_database(
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database made by version 1 (its runs table as it shipped) keeps its runs; they read as
+    # having no lease, which any node may claim (section 6).
+    old = await opener(migrate=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        assert await old.migrate() == [1]
+    cid = await new_context(old)
+    async with old._engine.begin() as conn:
+        columns = await conn.run_sync(lambda sync: [c["name"] for c in inspect(sync).get_columns("runs")])
+        assert "owner_node" not in columns
+        await conn.execute(
+            text("INSERT INTO runs (run_id, context_id, request_id, user_id, state, created_at, updated_at) "
+                 "VALUES ('old-run', :c, 'req', 'alice', 'ACCEPTED', 0, 0)"),
+            {"c": cid},
+        )
+    assert await old.migrate() == [2]
+    run = await old.find_run("old-run")
+    assert run is not None and (run.owner_node, run.lease_expires, run.cancel_requested) == (None, None, False)
+    (claimed,) = await old.claim_runs("b", 10.0, 20.0)
+    assert (claimed.run_id, claimed.owner_node) == ("old-run", "b")
