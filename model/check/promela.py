@@ -38,6 +38,7 @@ maps an id back to the action, its arguments and its statically chosen transitio
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ class _Gen:
                                              "run": self.m.run, "event": self.m.delivery}
         self.temps = 0
         self.max_temps = 0
+        self.types = {family: _types(m) for family, m in self.machines.items()}
         names = {i.name for i in INVARIANTS}
         self.props: tuple[str, ...] = tuple(p for p in _TRANSLATED if p in names)
         self.untranslated = tuple(i.name for i in INVARIANTS if i.name not in _TRANSLATED)
@@ -296,14 +298,12 @@ class _Gen:
         """The machine's transitions of ``event`` in declaration order (what ``fire_all`` tries)."""
         return [t for t in self.machines[family].transitions if t.event == event]
 
-    def assignments(self, f: _Firing) -> list[tuple[str, str, str]]:
-        """(variable, value, kind) written by ``f``; kind names the range check the value needs."""
-        out = [(self.st(f.family, f.index), self.const(f.family, f.transition.target), "state")]
-        decls = {v.name: v for v in f.machine.variables}
+    def assignments(self, f: _Firing) -> list[tuple[str, str, _Type]]:
+        """(variable, value, type) written by ``f``; the type is the range check the value needs."""
+        out = [(self.st(f.family, f.index), self.const(f.family, f.transition.target), _STATE)]
+        types = self.types[f.family]
         for name, e in f.transition.assignments:
-            decl = decls[name]
-            kind = "bool" if decl.type is bool else ("byte" if decl.lo >= 0 else "short")
-            out.append((self.var(f.family, f.index, name), self.expr(f, e), kind))
+            out.append((self.var(f.family, f.index, name), self.expr(f, e), types[name]))
         return out
 
     # -- step properties (model/invariants.py, the step_check of each) ---------------------------
@@ -619,19 +619,19 @@ class _Gen:
         opts = [self.enabled(self.firing(c.family, c.index, t, c.inputs)) for t in self.transitions(c.family, c.event)]
         return _any([_not(c.when), _any(opts)])
 
-    def store(self, writes: list[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
+    def store(self, writes: list[tuple[str, str, _Type]]) -> tuple[list[str], list[str]]:
         """Simultaneous assignment: non-constant values go through temporaries (read on the
-        pre-state), each checked against its Promela type; then every variable is written."""
+        pre-state), each checked against its variable's Promela range; then every variable is
+        written."""
         compute: list[str] = []
         assign: list[str] = []
-        for var, value, kind in writes:
-            if kind == "state" or _LITERAL.match(value):
+        for var, value, typ in writes:
+            if typ is _STATE or _LITERAL.match(value):
                 assign.append(f"{var} = {value}")
                 continue
             tmp = self.temp()
             compute.append(f"{tmp} = {value}")
-            lo, hi = {"bool": (0, 1), "byte": (0, 255), "short": (-32768, 32767)}[kind]
-            compute.append(self.flag(RANGE, f"({tmp} < {lo} || {tmp} > {hi})"))
+            compute.append(self.flag(RANGE, f"({tmp} < {typ.lo} || {tmp} > {typ.hi})"))
             assign.append(f"{var} = {tmp}")
         return compute, assign
 
@@ -653,7 +653,7 @@ class _Gen:
         for f in d.static:
             body += [self.flag(p, cond) for p, cond in self.step_violations(f, d)]
         writes = [w for f in d.static for w in self.assignments(f)]
-        writes += [(var, value, "byte") for var, value in d.extra]
+        writes += [(var, value, _BYTE) for var, value in d.extra]
         compute, assign = self.store(writes)
         body += compute
         body += [self.chain_code(c, d) for c in d.chains]
@@ -695,10 +695,9 @@ class _Gen:
         def component(family: str, index: tuple[int, ...]) -> None:
             m = self.machines[family]
             state, values = m.initial_config()
-            line = [f"byte {self.st(family, index)} = {self.const(family, state)}"]
+            line = [_unsigned(self.st(family, index), len(m.states) - 1, self.const(family, state))]
             for decl, v in zip(m.variables, values, strict=True):
-                typ = "bit" if decl.type is bool else ("byte" if decl.lo >= 0 else "short")
-                line.append(f"{typ} {self.var(family, index, decl.name)} = {_const(v)}")
+                line.append(self.types[family][decl.name].declare(self.var(family, index, decl.name), _const(v)))
             out.append("; ".join(line) + ";")
 
         for s in range(self.S):
@@ -706,13 +705,14 @@ class _Gen:
         for u in range(self.U):
             component("ctx", (u,))
             component("run", (u,))
-            out.append(f"byte {self.length(u)} = 0;")
+            out.append(_unsigned(self.length(u), self.K, "0") + ";")
             for i in range(self.K):
                 component("event", self.ev(u, i))
-                out.append(f"byte kind{u}_{i + 1} = 0;")
+                out.append(_unsigned(f"kind{u}_{i + 1}", len(AGENT_EVENTS), "0") + ";")
+        epoch = self.types["ctx"][self.m.context.var_names[EPOCH]]
         for s in range(self.S):
             # resume holds last_seq (always > 0 when set); 0 stands for the explorer's -1 (none).
-            out.append(f"byte resume{s} = 0; byte epoch_seen{s} = 0;")
+            out.append(_unsigned(f"resume{s}", self.K, "0") + "; " + epoch.declare(f"epoch_seen{s}", "0") + ";")
         return out
 
     def encode(self, state: State) -> dict[str, int]:
@@ -739,6 +739,32 @@ class _Gen:
                 put("event", self.ev(u, i), state.events[u][i] if live else initial)
                 out[f"kind{u}_{i + 1}"] = _kind_code(state.kinds[u][i]) if live else 0
         return out
+
+    def probe(self, states: Sequence[State]) -> str:
+        """A Promela program that loads each state and prints ``PROBE n`` and, per state
+        property, whether the generated predicate finds it violated (1) or not (0): the test
+        holding these predicates to model/invariants.py runs it with ``spin`` (no compiler)."""
+        by_prop: dict[str, list[str]] = {}
+        for p, cond in self.state_violations():
+            by_prop.setdefault(p, []).append(cond)
+        props = list(by_prop)
+        names = list(self.encode(self.system.initial()))
+        rows = [self.encode(st) for st in states]
+        width = len(names)
+        load = [f"table[{n * width + k}] = {row[name]}" for n, row in enumerate(rows) for k, name in enumerate(names)]
+        unpack = [f"{name} = table[i * {width} + {k}]" for k, name in enumerate(names)]
+        verdicts = ", ".join(f"({_any(by_prop[p])} -> 1 : 0)" for p in props)
+        return "\n".join([
+            f"/* probe: {' '.join(props)} */", *self.declarations(),
+            f"short table[{max(1, len(rows) * width)}];", "int i;",
+            "active proctype probe() {",
+            "  d_step { " + "; ".join(load or ["skip"]) + " };",
+            "  i = 0;",
+            f"  do :: i < {len(rows)} -> d_step {{ " + "; ".join(unpack)
+            + '; printf("PROBE %d' + " %d" * len(props) + f'\\n", i, {verdicts}); i++ }}',
+            "  :: else -> break",
+            "  od",
+            "}", ""])
 
     def generate(self) -> PromelaModel:
         options: list[Option] = []
@@ -812,6 +838,75 @@ _TRANSLATED: tuple[str, ...] = (
 state-count, mutant and predicate tests in tests/model/check/ hold the two together)."""
 
 
+@dataclass(frozen=True)
+class _Type:
+    """A variable's Promela type: ``unsigned`` of just enough bits when the machine bounds its
+    values, else a byte or a short with a run-time range check (``RANGE``)."""
+
+    lo: int
+    hi: int
+
+    def declare(self, name: str, initial: str) -> str:
+        if self.lo >= 0 and self.hi < 256:
+            return _unsigned(name, self.hi, initial)
+        return f"short {name} = {initial}"
+
+
+_STATE = _Type(0, 0)  # a control state: always one of the declared constants
+_BYTE = _Type(0, 255)
+_SHORT = _Type(-32768, 32767)
+_LOCAL_LIMIT = 200_000  # configurations one machine may reach alone before its ranges are given up
+
+
+def _unsigned(name: str, hi: int, initial: str) -> str:
+    bits = max(1, hi.bit_length())
+    return f"bit {name} = {initial}" if bits == 1 else f"unsigned {name} : {bits} = {initial}"
+
+
+def _types(m: Machine) -> dict[str, _Type]:
+    """The range of every variable of ``m`` over the configurations it reaches *alone*, with every
+    input free: the composed system only ever fires ``m``'s own transitions on some inputs (and
+    appends initial configurations), so this contains every value it can hold there. A variable
+    that grows without bound alone (an epoch counter: the system bounds it, the machine does not)
+    gets a byte (a short below zero) and the run-time range check."""
+    names = m.var_names
+    ints = {v.name for v in m.variables if v.type is not bool}
+    lo = dict.fromkeys(names, 0)
+    hi = dict.fromkeys(names, 0)
+    wide: set[str] = set()
+    choices = [dict(zip(m.inputs, combo, strict=True))
+               for combo in itertools.product((False, True), repeat=len(m.inputs))]
+    if any(t is not bool for t in m.inputs.values()):
+        wide = set(ints)
+    start = m.initial_config()
+    seen = {start}
+    todo = [start]
+    while todo and not wide >= ints:
+        cfg = todo.pop()
+        for k, v in zip(names, cfg[1], strict=True):
+            lo[k], hi[k] = min(lo[k], int(v)), max(hi[k], int(v))
+            if k in ints and not -128 <= int(v) <= 255:
+                wide.add(k)
+        if any(not -128 <= int(v) <= 255 for v in cfg[1]):
+            continue  # past any byte: this variable is unbounded alone; stop following it
+        for inputs in choices:
+            for _t, nxt in m.fire_all(cfg, None, inputs):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        if len(seen) > _LOCAL_LIMIT:
+            wide = set(ints)
+    out: dict[str, _Type] = {}
+    for v in m.variables:
+        if v.type is bool:
+            out[v.name] = _Type(0, 1)
+        elif v.name in wide:
+            out[v.name] = _BYTE if lo[v.name] >= 0 else _SHORT
+        else:
+            out[v.name] = _Type(lo[v.name], hi[v.name])
+    return out
+
+
 _LITERAL = re.compile(r"^(\(-\d+\)|\d+|[A-Z][A-Z0-9_]*)$")
 """A value that needs no temporary: a number or one of the generated #define constants."""
 
@@ -844,9 +939,18 @@ def generate(system: System, *, trace_states: bool = False) -> PromelaModel:
     return _Gen(system, trace_states=trace_states).generate()
 
 
+def probe(system: System, states: Sequence[State]) -> tuple[str, tuple[str, ...]]:
+    """The probe program for ``states`` (``_Gen.probe``) and the properties its columns name."""
+    gen = _Gen(system)
+    props = tuple(dict.fromkeys(p for p, _ in gen.state_violations()))
+    return gen.probe(states), props
+
+
 def encode(system: System, state: State) -> dict[str, int]:
     """The Promela variables' values for an explorer state of ``system``."""
     return _Gen(system).encode(state)
 
 
-__all__ = ["OPS", "QUIESCENT", "RANGE", "STATE_CHECK", "Choice", "Option", "PromelaModel", "generate"]
+__all__ = [
+    "OPS", "QUIESCENT", "RANGE", "STATE_CHECK", "Choice", "Option", "PromelaModel", "encode", "generate", "probe",
+]
