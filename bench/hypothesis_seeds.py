@@ -8,8 +8,9 @@ at the mutant's scenario: how many of seeds 0..N-1 catch it with the mutant's pr
 cases each seed ran before stopping (the replay of the failing case included), and the shrunk trace
 lengths next to the explorer's shortest. Per default scenario, on the reference model: distinct
 states reached against the explorer's exhaustive count, system steps per test case (mean and
-maximum), walks from Init and the deepest one, test cases run and seconds, for the derandomized
-run ``pipeproof check`` does and as the mean over the seeds.
+maximum), walks (stretches from Init or from where a quiescent walk went back to) and the longest
+path from Init, test cases run and seconds, for the derandomized run ``pipeproof check`` does, and
+the distinct states as the mean over the seeds.
 """
 
 from __future__ import annotations
