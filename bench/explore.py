@@ -1,20 +1,25 @@
-"""Explorer speed: states/s and total time at the default bounds and at larger ones.
+"""Explorer speed: states/s at the default bounds (and larger ones), compiled path vs reference.
 
-Run: .venv/bin/python bench/explore.py [--large]
+Run: .venv/bin/python bench/explore.py [--rounds N] [--large]
 
-Prints one line per instance. The default scenarios are what `pipeproof check` explores; the
-larger instances (--large) are what the bound flags reach. Speed is reported as states per second
-next to a baseline measured in the same run (a plain BFS over tuples doing the same hashing
-work, no model), because this machine is shared and absolute numbers drift.
+Each round explores every default scenario twice, alternately: with the compiled path
+(``explore``'s default, model/check/compiled.py) and with the reference BFS over
+``System.successors`` (``fast=False``), so both see the same machine load. Per scenario it
+prints the median over the rounds. Speed is also reported as a ratio to a baseline measured in
+the same run (a plain BFS over tuples doing the same hashing work, no model), because this
+machine is shared and absolute numbers drift; the line to read is "compiled / reference".
+The larger instances (--large) run the compiled path only (the reference needs minutes and
+gigabytes there).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import deque
 
-from pipeproof.model.check.explorer import explore
+from pipeproof.model.check.explorer import ExploreResult, explore
 from pipeproof.model.scenarios import DEFAULT_SCENARIOS
 from pipeproof.model.system import Bounds, System
 
@@ -36,20 +41,39 @@ def baseline(n: int) -> float:
     return len(seen) / (time.perf_counter() - start)
 
 
+def _median(runs: list[ExploreResult]) -> ExploreResult:
+    r = runs[-1]
+    r.seconds = statistics.median(x.seconds for x in runs)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--large", action="store_true", help="also explore larger instances (minutes)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per path; medians are reported (default 3)")
+    ap.add_argument("--large", action="store_true", help="also explore larger instances (compiled path, minutes)")
     args = ap.parse_args()
-    base = baseline(200_000)
-    print(f"baseline bare BFS: {base:,.0f} states/s")
-    total_states = 0
-    total_s = 0.0
+    bases: list[float] = []
+    runs: dict[tuple[str, str], list[ExploreResult]] = {}
+    for _ in range(args.rounds):
+        bases.append(baseline(200_000))
+        for sc in DEFAULT_SCENARIOS:
+            for path, fast in (("compiled", True), ("reference", False)):
+                runs.setdefault((path, sc.name), []).append(explore(System(sc.bounds), fast=fast))
+    base = statistics.median(bases)
+    print(f"baseline bare BFS: {base:,.0f} states/s (median of {args.rounds})")
+    totals: dict[str, tuple[int, float]] = {}
     for sc in DEFAULT_SCENARIOS:
-        r = explore(System(sc.bounds))
-        total_states += r.states
-        total_s += r.seconds
-        print(f"default {sc.name:<10} {r.summary()}  ratio to baseline {r.states_per_second / base:.3f}")
-    print(f"default total: {total_states} states in {total_s:.2f} s ({total_states / total_s:,.0f} states/s)")
+        for path in ("compiled", "reference"):
+            r = _median(runs[(path, sc.name)])
+            n, s = totals.get(path, (0, 0.0))
+            totals[path] = (n + r.states, s + r.seconds)
+            print(f"{path:<9} {sc.name:<10} {r.summary()}  ratio to baseline {r.states_per_second / base:.3f}")
+    rate = {}
+    for path, (n, s) in totals.items():
+        rate[path] = n / s
+        print(f"default total, {path:<9}: {n} states in {s:.2f} s ({rate[path]:,.0f} states/s),"
+              f" ratio to baseline {rate[path] / base:.3f}")
+    print(f"compiled / reference states/s = {rate['compiled'] / rate['reference']:.1f}x")
     if args.large:
         for name, b in (
             ("2u x 2s x 2e untimed", Bounds(users=2, sessions_per_user=2, events_per_user=2, ack_timeout=0,

@@ -30,6 +30,7 @@ Everything is built lazily during one exploration and thrown away after it.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, cast
 
@@ -309,6 +310,7 @@ class Compiled:
             (self.kinds0, self.resume0), (self.resume0, self.epoch0), (self.epoch0, self.width),
         )
         assert len(self.field_ranges) == len(State._fields)
+        self._slice_fields = operator.itemgetter(*(slice(a, z) for a, z in self.field_ranges))
         self.conns, self.ctxs, self.runs, self.events, self.kinds = (_Table() for _ in range(5))
         self.covered: dict[str, set[str]] = {}
         self.routes = self._probe_routes()
@@ -359,7 +361,7 @@ class Compiled:
 
     def fields(self, base: tuple[int, ...]) -> Vec:
         """One value per ``State`` field (its range of the base), then the base: what state checks probe."""
-        return (*(base[a:z] for a, z in self.field_ranges), base)
+        return (*self._slice_fields(base), base)
 
     # -- memoized functions ----------------------------------------------------------------------
     def _probe_routes(self) -> list[list[bool]] | None:

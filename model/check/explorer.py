@@ -194,7 +194,6 @@ def _explore_compiled(
     quiescence = c.state_memo(QUIESCENCE, quiescent_violations) if any(i.name == QUIESCENCE for i in invs) else None
     base0 = c.encode(system.initial())
     bases = [base0]
-    vecs = [c.vectorize(base0)]
     parents = [-1]
     vias = [-1]  # the index, among its parent's steps, of the step that found each state
     seen = {base0: 0}
@@ -246,7 +245,7 @@ def _explore_compiled(
             level_end = len(bases)
         base = bases[i]
         k = -1
-        for leaf in c.expand(vecs[i]):
+        for leaf in c.expand(c.vectorize(base)):
             for item in leaf:
                 k += 1
                 transitions += 1
@@ -263,7 +262,6 @@ def _explore_compiled(
                 bases.append(nxt)
                 parents.append(i)
                 vias.append(k)
-                vecs.append(c.vectorize(nxt))
                 if state_memos:
                     fv = c.fields(nxt)
                     for name, memo in state_memos:
