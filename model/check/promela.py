@@ -883,11 +883,11 @@ def _types(m: Machine) -> dict[str, _Type]:
     todo = [start]
     while todo and not wide >= ints:
         cfg = todo.pop()
-        for k, v in zip(names, cfg[1], strict=True):
-            lo[k], hi[k] = min(lo[k], int(v)), max(hi[k], int(v))
-            if k in ints and not -128 <= int(v) <= 255:
+        for k, value in zip(names, cfg[1], strict=True):
+            lo[k], hi[k] = min(lo[k], int(value)), max(hi[k], int(value))
+            if k in ints and not -128 <= int(value) <= 255:
                 wide.add(k)
-        if any(not -128 <= int(v) <= 255 for v in cfg[1]):
+        if any(not -128 <= int(value) <= 255 for value in cfg[1]):
             continue  # past any byte: this variable is unbounded alone; stop following it
         for inputs in choices:
             for _t, nxt in m.fire_all(cfg, None, inputs):

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "token": ("pipeproof.commands.token", "mint a JWT for a user (local testing)"),
     "conform": ("pipeproof.commands.conform", "run the conformance kit against a server (or --serve the reference)"),
     "trace-check": ("pipeproof.commands.trace_check", "check a JSONL audit log against the model"),
+    "export": ("pipeproof.commands.export", "write the composed model as Promela for SPIN"),
 }
 
 

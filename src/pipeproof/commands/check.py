@@ -25,6 +25,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: derandomized)")
     p.add_argument("--max-states", type=int, default=2_000_000, help="explorer state budget per scenario")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--engine", choices=("explorer", "spin"), default="explorer",
+                   help="spin: model-check with SPIN instead (for bounds the explorer cannot reach; docs/proofs.md)")
     p.add_argument("--jobs", type=int, default=0,
                    help="worker processes for the checkers (default 0: one per core; 1: no workers)")
     p.add_argument("--mutants", action="store_true",
@@ -105,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     from pipeproof.errors import ModelError
     from pipeproof.model.check.checks import CheckOptions, render_closes, render_table, run_checks
 
+    if args.engine == "spin":
+        from pipeproof.commands.export import check_with_spin
+
+        return check_with_spin(args, _scenarios)
     if args.explain:
         return _explain(args.explain)
     if args.mutants:
