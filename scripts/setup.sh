@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up pipeproof from a clean clone: a virtualenv in .venv with the package (editable) and its
-# test tools, plus the system programs it uses: graphviz's `dot` (diagrams) and Chromium (the
-# report's browser test). As root the programs are installed with apt; otherwise this says
+# test tools, plus the system programs it uses: graphviz's `dot` (diagrams), SPIN and a C compiler
+# (`pipeproof check --engine spin`) and Chromium (the report's browser test). As root the programs are installed with apt; otherwise this says
 # exactly what to install. Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,8 @@ done
 
 missing=()
 command -v dot >/dev/null 2>&1 || missing+=(graphviz)
+command -v spin >/dev/null 2>&1 || missing+=(spin)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -25,7 +27,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   else
     echo "setup: missing system packages: ${missing[*]}" >&2
     echo "setup: install them with: sudo apt-get install ${missing[*]}" >&2
-    echo "setup: (without graphviz, 'pipeproof diagrams' writes DOT sources only)" >&2
+    echo "setup: (without graphviz, 'pipeproof diagrams' writes DOT sources only;" >&2
+    echo "setup:  without spin and gcc, 'pipeproof check --engine spin' reports unknown)" >&2
   fi
 fi
 
