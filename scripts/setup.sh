@@ -2,7 +2,8 @@
 # Set up pipeproof from a clean clone: a virtualenv in .venv with the package (editable) and its
 # test tools, plus the system programs it uses: graphviz's `dot` (diagrams), SPIN and a C compiler
 # (`pipeproof check --engine spin`) and Chromium (the report's browser test). As root the programs
-# are installed with apt; otherwise this says exactly what to install. Safe to run again: it only does what is missing.
+# are installed with apt; otherwise this says exactly what to install. Safe to run again: it only
+# does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
