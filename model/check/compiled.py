@@ -124,7 +124,7 @@ class _Table:
         return got
 
 
-class _Item:
+class Item:
     """One step of a memoized rule: its writes to base positions, its coverage, its checks.
 
     ``checks`` holds, per step invariant that had something to say or must be asked each time,
@@ -397,7 +397,7 @@ class Compiled:
 
         return evaluate
 
-    def _item(self, t: _Tracer, local: _Local, before: State | None) -> _Item:
+    def _item(self, t: _Tracer, local: _Local, before: State | None) -> Item:
         vec = t.vec
         writes: list[tuple[int, Any]] = []
         for name, index, value in local.writes:
@@ -444,7 +444,7 @@ class Compiled:
                     checks.append((inv, None))
                 elif msgs:
                     checks.append((inv, msgs))
-        return _Item(tuple(writes), local, cover, tuple(checks))
+        return Item(tuple(writes), local, cover, tuple(checks))
 
     def state_memo(self, name: str, check: Callable[[System, State], list[str]]) -> _Memo:
         """A state check memoized on the fields it reads (probe ``fields(base)``)."""
@@ -460,7 +460,7 @@ class Compiled:
         return _Memo(name, evaluate)
 
     # -- successors ------------------------------------------------------------------------------
-    def expand(self, vec: Vec) -> list[tuple[_Item, ...]]:
+    def expand(self, vec: Vec) -> list[tuple[Item, ...]]:
         """The memoized steps of the state ``vec``, rule by rule in ``System.successors`` order."""
         groups = self.groups
         if groups is None:
@@ -492,7 +492,7 @@ class Compiled:
                 groups.append(_Group(pos if pos is not None else 0, [memo]))
         return groups
 
-    def successors(self, base: tuple[int, ...]) -> list[tuple[_Item, tuple[int, ...]]]:
+    def successors(self, base: tuple[int, ...]) -> list[tuple[Item, tuple[int, ...]]]:
         """(item, next base) for every step of ``base``, in order (for tests and cross-checks)."""
         out = []
         for leaf in self.expand(self.vectorize(base)):
@@ -503,10 +503,14 @@ class Compiled:
                 out.append((item, tuple(nxt)))
         return out
 
-    def step(self, base: tuple[int, ...], k: int) -> Step:
-        """The ``k``-th step of ``base`` as ``System.successors`` gives it (with its ``State``)."""
+    def step(self, base: tuple[int, ...], k: int, after: tuple[int, ...]) -> Step:
+        """The ``k``-th step of ``base`` as ``System.successors`` gives it (with its ``State``),
+        which must lead to ``after``: a counterexample's path is rebuilt from these."""
         state = self.decode(base)
         for j, step in enumerate(self.system.successors(state)):
             if j == k:
+                if step.after != self.decode(after):
+                    break
                 return step
-        raise IndexError(f"state has no step {k}")
+        raise ModelDefinitionError("system", "deterministic_rules",
+                                   f"step {k} of {state} is not the one the compiled explorer took")

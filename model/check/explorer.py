@@ -5,6 +5,12 @@ enabled step is taken, and every invariant is checked on every state and step. B
 order makes the first violation found for a property a shortest one; its trace is rebuilt from
 parent links and printed step by step (actor, action, and each component's state change).
 States in which no action is enabled are checked for quiescence.
+
+Two paths give the same result: the compiled one (the default: interned states, the successor
+function's rules and the invariants memoized on what they read; model/check/compiled.py) and
+the reference, a plain search over ``System.successors`` and ``State`` objects
+(``fast=False``), which the compiled one is tested against (tests/model/check/test_compiled.py)
+and measured against (bench/explore.py).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pipeproof.model.check.compiled import Compiled, _Item
+from pipeproof.model.check.compiled import Compiled, Item
 from pipeproof.model.invariants import INVARIANTS, Invariant, quiescent_violations
 from pipeproof.model.system import State, Step, System
 
@@ -179,7 +185,8 @@ def _explore_compiled(
     stop_when: frozenset[str] | None,
     keep: list[State] | None = None,
 ) -> ExploreResult:
-    """The reference loop over interned states (same order, same verdicts; docs/model.md, "explorer").
+    """The reference loop's search over interned states: same order, so same verdicts and traces
+    (docs/model.md, "explorer").
 
     States are numbered in discovery order, which is breadth-first order, so the queue is the list
     of states itself; each remembers its parent and the index of the step that found it, and a
@@ -199,20 +206,21 @@ def _explore_compiled(
     seen = {base0: 0}
     covered = c.covered
 
-    def record(prop: str, message: str, index: int, k: int) -> None:
+    def record(prop: str, message: str, index: int, last: tuple[int, tuple[int, ...]] | None = None) -> None:
         if prop in violations:
             return
-        links = [] if k < 0 else [(index, k)]
+        # (from, step index, to) back to the initial state; a step violation adds its own step.
+        links = [] if last is None else [(index, last[0], last[1])]
         while parents[index] >= 0:
-            links.append((parents[index], vias[index]))
+            links.append((parents[index], vias[index], bases[index]))
             index = parents[index]
-        path = tuple(c.step(bases[j], kk) for j, kk in reversed(links))
+        path = tuple(c.step(bases[a], kk, z) for a, kk, z in reversed(links))
         violations[prop] = Counterexample(prop, message, tuple(system.describe_step(s) for s in path), path)
 
     def done() -> bool:
         return stop_when is not None and stop_when <= set(violations)
 
-    def slow(item: _Item, index: int, k: int, nxt: tuple[int, ...]) -> None:
+    def slow(item: Item, index: int, k: int, nxt: tuple[int, ...]) -> None:
         if item.fresh:
             for machine, key in item.cover:
                 covered.setdefault(machine, set()).add(key)
@@ -226,13 +234,13 @@ def _explore_compiled(
                 step = Step(*item.local[:4], c.decode(nxt))
                 msgs = tuple(inv.step_check(system, step, c.decode(bases[index])))
             if msgs:
-                record(inv.name, msgs[0], index, k)
+                record(inv.name, msgs[0], index, (k, nxt))
 
     fv = c.fields(base0)
     for name, memo in state_memos:
         msgs = memo.get(fv)
         if msgs:
-            record(name, msgs[0], 0, -1)
+            record(name, msgs[0], 0)
     transitions = 0
     quiescent = 0
     depth = 0
@@ -268,7 +276,7 @@ def _explore_compiled(
                         if name not in violations:
                             msgs = memo.get(fv)
                             if msgs:
-                                record(name, msgs[0], j, -1)
+                                record(name, msgs[0], j)
                 if j + 1 >= max_states:
                     truncated = True
                     break
@@ -279,7 +287,7 @@ def _explore_compiled(
             if quiescence is not None and QUIESCENCE not in violations:
                 msgs = quiescence.get(c.fields(base))
                 if msgs:
-                    record(QUIESCENCE, msgs[0], i, -1)
+                    record(QUIESCENCE, msgs[0], i)
         i += 1
         if truncated:
             result.complete = False
