@@ -65,10 +65,10 @@ from pipeproof.core.delivery import (
     ack_wait,
     restored_runner,
 )
-from pipeproof.errors import StoreError
+from pipeproof.errors import LeaseLost, StoreError
 from pipeproof.model.delivery import delivery_machine
 from pipeproof.model.spec import Runner
-from pipeproof.protocol import DeliveryState
+from pipeproof.protocol import TERMINAL_KINDS, DeliveryState
 
 from .audit import AuditWriter, TracedMachine
 from .delivery_metrics import DeliveryMetrics
@@ -98,8 +98,13 @@ class DeliveryService:
         metrics: DeliveryMetrics,
         *,
         rng: random.Random | None = None,
+        holder: str | None = None,
     ) -> None:
         self.settings = settings
+        # The node id whose run leases fence every append (section 6): an event is stored only
+        # while this node holds its run (Store.submit_append_events). None: no fence (a bare
+        # DeliveryService whose producers are not leased runs).
+        self.holder = holder
         self.store = store
         self.audit = audit
         self.metrics = metrics
@@ -255,21 +260,24 @@ class DeliveryService:
             while stream.outbox:
                 batch, stream.outbox = stream.outbox, []
                 stream.appending = len(batch)
+                async with stream.gate:
+                    try:
+                        records = await self.store.submit_append_events(
+                            stream.context_id,
+                            [(o.run_id, o.kind, o.payload) for o in batch],
+                            time.time(),
+                            sent=stream.core.append_sent(),
+                            holder=self.holder,
+                        )
+                    except StoreError as exc:
+                        self._refuse(stream, batch, exc)
+                        batch = []
+                        continue
+                    finally:
+                        stream.appending = 0
+                    commands = self._track_batch(stream, records)
                 try:
-                    records = await self.store.submit_append_events(
-                        stream.context_id,
-                        [(o.run_id, o.kind, o.payload) for o in batch],
-                        time.time(),
-                        sent=stream.core.append_sent(),
-                    )
-                except StoreError as exc:
-                    self._refuse(stream, batch, exc)
-                    batch = []
-                    continue
-                finally:
-                    stream.appending = 0
-                try:
-                    await self._deliver_batch(stream, batch, records)
+                    await self._deliver_batch(stream, batch, records, commands)
                 except StoreError as exc:
                     # Stored and tracked, but a write after the send (mark_sent, mark_pending,
                     # escalate) failed: the events stay in delivery, nothing queued behind them
@@ -290,13 +298,19 @@ class DeliveryService:
             stream.users -= 1
             self._maybe_forget(stream)
 
-    async def _deliver_batch(self, stream: Stream, batch: list[Outgoing], records: list[EventRecord]) -> None:
-        """Hand a committed batch to the core, send what it offers (seq order), then answer its
-        durable producers."""
+    def _track_batch(self, stream: Stream, records: list[EventRecord]) -> Sequence[Command]:
+        """Hand a committed batch to the core; returns what it offers."""
         for record in records:
             self.metrics.appended_kind(record.kind).inc()
         commands = stream.core.appended(records, time.monotonic())
         self._tracked(stream, len(records))
+        return commands
+
+    async def _deliver_batch(
+        self, stream: Stream, batch: list[Outgoing], records: list[EventRecord], commands: Sequence[Command]
+    ) -> None:
+        """Send what the core offers for a committed batch (seq order), then answer its durable
+        producers."""
         if commands:
             async with stream.lock:
                 await self._run(stream, commands)
@@ -317,14 +331,21 @@ class DeliveryService:
 
     def _refuse(self, stream: Stream, batch: list[Outgoing], exc: StoreError) -> None:
         """A batch was not stored: it and everything queued behind it are dropped (sending the
-        later ones would leave a gap in their runs), and each producer hears of it."""
+        later ones would leave a gap in their runs), and each producer hears of it. When the
+        store refused it because runs were taken over (LeaseLost), the producers of the other
+        runs in it hear of a plain store failure: their leases are not lost."""
         dropped = batch + stream.outbox
         stream.outbox = []
         self.metrics.append_failures.inc(len(dropped))
         log.warning(
             "stream %s: %d events not stored (%s); their runs are told", stream.context_id, len(dropped), exc
         )
-        self._tell(stream, dropped, exc)
+        if isinstance(exc, LeaseLost):
+            others = StoreError(exc.operation, "refused with the events of a run taken over by another node")
+            self._tell(stream, [o for o in dropped if o.run_id in exc.run_ids], exc)
+            self._tell(stream, [o for o in dropped if o.run_id not in exc.run_ids], others)
+        else:
+            self._tell(stream, dropped, exc)
         stream.room.set()
 
     def _hand_off(self, stream: Stream, work: Coroutine[Any, Any, None], what: str) -> None:
@@ -428,9 +449,11 @@ class DeliveryService:
     async def _escalate(self, stream: Stream, command: EscalateEvent) -> None:
         """Record an escalation the core made: the store, the metric and the log (section 5)."""
         self._released(stream, 1)
+        stream.settling.add(command.seq)  # still live in the store until this write: not adoptable
         try:
             stored = await self.store.escalate(stream.context_id, command.seq, command.reason)
         finally:
+            stream.settling.discard(command.seq)
             self._maybe_forget(stream)
         self.metrics.escalations.labels(reason=command.reason).inc()
         if stored.state is not DeliveryState.ESCALATED:
@@ -452,7 +475,40 @@ class DeliveryService:
             # Shielded: a socket closing under us must not cut a store write from its transitions.
             await asyncio.shield(self._register(stream, session, resume_last_seq))
 
+    async def adopt(self, context_id: str, user: str) -> list[EventRecord]:
+        """Track the context's unfinished events that the store holds and this node does not
+        (stored by another node, or by this one before a restart) and offer them to the
+        context's READY sessions here; returns them (section 5: a resume redelivers whichever
+        node it lands on). Raises StoreError."""
+        with self._using(context_id, user) as stream:
+            adopted = await asyncio.shield(self._adopt(stream))
+            if adopted and stream.sessions:
+                async with stream.lock:
+                    await self._run(stream, [SendEvent(r.seq) for r in adopted])
+            return adopted
+
+    async def _adopt(self, stream: Stream) -> list[EventRecord]:
+        async with stream.gate:
+            records = await self.store.unacked_after(stream.context_id, 0)
+            fresh = [r for r in records if r.seq not in stream.settling]
+            adopted = stream.core.restore(fresh, time.monotonic())
+            if adopted:
+                self._tracked(stream, len(adopted))
+                log.info("stream %s: adopted %d stored events", stream.context_id, len(adopted))
+            return adopted
+
+    def holds_terminal(self, context_id: str, run_id: str) -> bool:
+        """Whether the run's terminal event is still in delivery on this node (it reaches the
+        context's sessions here)."""
+        stream = self.streams.get(context_id)
+        return stream is not None and any(
+            e.record.run_id == run_id and e.record.kind in TERMINAL_KINDS for e in stream.core.live.values()
+        )
+
     async def _register(self, stream: Stream, session: Session, resume_last_seq: int | None) -> None:
+        # What other nodes stored for the context first, so that the resume acks it and the
+        # session is offered it like this node's own events.
+        await self._adopt(stream)
         if resume_last_seq is not None:
             await self._ack(stream, resume_last_seq, session.session_id, resume=True)
         async with stream.lock:

@@ -40,11 +40,18 @@ class DeliveryMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        # outcome: completed, failed, or lease_lost (stopped here: another node took it over).
         self.runs = Counter("pipeproof_runs", "Finished runs, by outcome", ["outcome"], registry=r)
         self.run_rejections = Counter(
             "pipeproof_run_rejections", "run.start refused, by code", ["code"], registry=r
         )
         self.runs_active = Gauge("pipeproof_runs_active", "Runs accepted and not finished", registry=r)
+        self.runs_taken_over = Counter(
+            "pipeproof_runs_taken_over",
+            "Runs this node ended for a dead node, or for its own previous process, by agent_failed code (section 6)",
+            ["code"],
+            registry=r,
+        )
         for reason in EscalationReason:
             self.escalations.labels(reason=reason)
         # Labelled children resolved once: ``labels()`` costs a lock and a dict walk per call,

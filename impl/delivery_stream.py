@@ -63,6 +63,11 @@ class Stream:
     outbox: list[Outgoing] = field(default_factory=list)  # queued, not yet handed to the store
     appender: asyncio.Task[None] | None = None  # commits the outbox batch by batch (publish)
     refused: dict[str, StoreError] = field(default_factory=dict)  # run_id -> why its events were dropped
+    # Held by the appender from its commit to handing the records to the core, and by an adoption
+    # of stored events (DeliveryService.adopt) from its read to its restore: so an event this node
+    # just appended is never also adopted as another node's.
+    gate: asyncio.Lock = field(default_factory=asyncio.Lock)
+    settling: set[int] = field(default_factory=set)  # let go by the core, store write in flight
     due: float = -NEVER  # what the clock sleeps until; -inf while it is awake and will recompute
 
     @property
@@ -76,7 +81,8 @@ class Stream:
 
     def idle(self) -> bool:
         """Nothing live, queued or in progress, and no run left to tell: the stream may go."""
-        return not self.core.live and not self.sessions and self.users == 0 and not self.outbox and not self.refused
+        return (not self.core.live and not self.sessions and self.users == 0 and not self.outbox
+                and not self.refused and not self.settling)
 
     def wake(self) -> None:
         """Wake the clock if the core now has a deadline before what it sleeps until. Most

@@ -26,6 +26,18 @@ machine's emissions, in its order:
 * Shutdown: no new runs; waiting runs end ``agent_failed`` (``shutdown``); running runs get
   ``shutdown_grace`` to finish, then are cancelled and end ``agent_failed`` (``shutdown``). Their
   events stay in the store for resume after the restart.
+* Leases (section 6, "When a node dies"; :mod:`~pipeproof.impl.leases`): every run this node
+  accepts is held under a lease in the store, renewed every ``lease_renew_interval``. At startup,
+  then every interval, the node claims the runs whose node died (their lease expired; at startup
+  also those its own node id held, and on SQLite, a single-node store, every unfinished run) and
+  ends each as its node would have: an open tool pair is closed, then ``agent_failed`` with
+  ``interrupted`` (the node's own previous process) or ``node_lost`` (another node's lease ran
+  out), or ``cancelled`` if a cancel was recorded for it. A run whose lease another node took
+  while this one stalled appends nothing more (the fence raises ``LeaseLost``).
+* ``run.cancel`` always gets an answer: the run's terminal event for a run this node runs, or a
+  run held elsewhere (the cancel is recorded in the store, the holder or the node taking the run
+  over honours it, and this node hands the terminal event to its sessions once the run ended);
+  ``error`` ``run_not_found`` or ``run_finished`` otherwise.
 """
 
 from __future__ import annotations
@@ -36,21 +48,23 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeproof.errors import RunRejected, StoreError
+from pipeproof.errors import LeaseLost, RunRejected, StoreError
 from pipeproof.model.run import Run, run_machine
 from pipeproof.model.spec import Runner
+from pipeproof.protocol import TERMINAL_KINDS, ErrorCode, FailureCode
 from pipeproof.protocol.frames import Ack, ErrorFrame, RunAccepted, RunCancel, RunStart
 
 from .agents import Agent, AgentFailed, AgentRequest, DemoAgent, FinalAnswer, StepStream, Thinking, ToolCall
 from .audit import TracedMachine
 from .delivery import DeliveryMetrics, DeliveryService, restored_runner
 from .handlers import Session
+from .leases import RunLeases
 from .sender import SendFailed
-from .store import Store
+from .store import ClaimScope, RunRecord, Store
 from .tools import ToolOutcome, ToolRegistry, default_registry, execute
 
 if TYPE_CHECKING:
@@ -59,6 +73,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeproof.runs")
 
 _DURABLE: Final = frozenset({"agent_completed", "agent_failed", "tool_executing"})
+
+_TAKEOVER_DETAIL: Final[Mapping[str, str]] = {
+    FailureCode.INTERRUPTED: "the server stopped while the run was in progress",
+    FailureCode.CANCELLED: "cancelled; the node running it stopped",
+}
 
 CANCEL_SETTLE_SECONDS: Final = 2.0
 """After shutdown_grace, how long cancelled runs get to append their agent_failed."""
@@ -79,6 +98,16 @@ class _Run:
     task: asyncio.Task[None] | None = None
     in_agent: bool = False  # the driver task is suspended inside the agent's step
     cancel_sent: bool = False  # _request_cancel cancelled the driver task to interrupt that step
+    lease_lost: bool = False  # another node took the run over: it must not emit again
+
+
+@dataclass
+class _RemoteCancel:
+    """A run.cancel of a run another node holds (or held): answered once the run has ended."""
+
+    context_id: str
+    user: str
+    sessions: list[Session] = field(default_factory=list)
 
 
 class _Cancelled(Exception):
@@ -101,64 +130,201 @@ class AgentRuntime:
         self._running: dict[str, _Run] = {}
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.leases: RunLeases | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._startup_claims: list[tuple[ClaimScope, str]] = []  # retried each round until done
+        self._remote_cancels: dict[str, _RemoteCancel] = {}  # run_id -> the cancels to answer
 
     # -- lifecycle (impl/app.py) ---------------------------------------------------------------
 
     def start(self, state: ServerState, store: Store) -> None:
-        """The store is open: build delivery and recover unfinished events in the background."""
+        """The store is open: build delivery and the leases, recover unfinished events and take
+        over orphaned runs in the background, then keep the leases (section 6)."""
         self._state, self._store = state, store
+        settings = state.settings
         self.metrics = DeliveryMetrics(state.metrics) if self.metrics is None else self.metrics
-        self.delivery = DeliveryService(state.settings, store, state.audit, self.metrics)
-        self._machine = run_machine(state.settings.run_max_steps)
+        self.delivery = DeliveryService(settings, store, state.audit, self.metrics, holder=settings.node_id)
+        self._machine = run_machine(settings.run_max_steps)
+        self.leases = RunLeases(
+            store, node_id=settings.node_id, ttl=settings.run_lease_ttl, renew_interval=settings.lease_renew_interval
+        )
+        # SQLite is the single-node store: whatever it holds unfinished at startup was this node's
+        # before it stopped. On PostgreSQL only this node id's own leases are its previous
+        # process's (other nodes may be alive); the others wait for their lease to expire.
+        self._startup_claims = (
+            [("all", FailureCode.INTERRUPTED)] if store.dialect == "sqlite" else [("own", FailureCode.INTERRUPTED)]
+        )
         self._spawn(self._recover(), "runs-recover")
 
     async def _recover(self) -> None:
-        """Section 6 after a crash: unfinished events back into delivery, then every run the
-        dead process left unfinished ends with agent_failed (code ``interrupted``), closing an
-        open tool pair first, so no run of a crashed process stays silent.
-
-        Only on SQLite, the single-node store: with PostgreSQL another node may be running the
-        run (run leases would be needed to tell a dead node from a live one).
-        """
-        assert self.delivery is not None and self._store is not None and self._state is not None
+        """Section 6 after a crash: unfinished events back into delivery, then the runs a dead
+        process left unfinished are taken over and ended (:meth:`_take_over`), then the lease
+        loop starts. A store failure here is retried by the loop's rounds."""
+        assert self.delivery is not None
         await self.delivery.recover()
-        if self._store.dialect != "sqlite":
+        await self._claim_round()
+        self._lease_task = asyncio.get_running_loop().create_task(self._lease_loop(), name="runs-leases")
+        self._lease_task.add_done_callback(self._lease_loop_done)
+
+    # -- leases (section 6, "When a node dies") ------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        """Every ``lease_renew_interval``: renew this node's leases, take over expired ones,
+        answer the cancels of runs held elsewhere that have ended."""
+        assert self.leases is not None
+        while True:
+            await asyncio.sleep(self.leases.renew_interval)
+            await self._renew_round()
+            await self._claim_round()
+            await self._answer_remote_cancels()
+
+    def _lease_loop_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A bug: this node's leases now expire and other nodes take its runs over (the fence
+            # stops them here), so the failure is loud but not fatal to the runs' users.
+            log.error("the run lease loop failed; this node's runs will be taken over", exc_info=task.exception())
+
+    def _lease_store_failed(self, what: str, exc: StoreError) -> None:
+        # Expected when the store is down: the next round retries. Meanwhile the fence keeps a run
+        # whose lease may have run out from appending (section 6).
+        assert self._state is not None
+        self._state.metrics.store_errors.labels(type=exc.code).inc()
+        log.warning("run leases: %s failed: %s", what, exc)
+
+    async def _renew_round(self) -> None:
+        assert self.leases is not None
+        try:
+            renewal = await self.leases.renew()
+        except StoreError as exc:
+            self._lease_store_failed("renewal", exc)
             return
-        for record in await self._store.unfinished_runs():
-            events = await self._store.run_events(record.context_id, record.run_id)
-            kinds = [e.kind for e in events]
-            if any(k in ("agent_completed", "agent_failed") for k in kinds):
-                continue  # ended, but the state write was lost with the process
-            state = (
-                Run.ACCEPTED
-                if not kinds
-                else Run.TOOL_RUNNING
-                if kinds[-1] == "tool_executing"
-                else Run.RUNNING
-            )
-            steps = sum(1 for k in kinds if k in ("agent_thinking", "tool_executing"))
-            runner = restored_runner(self._machine, state, {"cancel_requested": False, "steps": steps})
-            machine = TracedMachine(
-                self._machine,
-                "run",
-                record.run_id,
-                self._state.audit,
-                user=record.user_id,
-                context_id=record.context_id,
-                runner=runner,
-            )
-            run = _Run(record.run_id, record.context_id, record.user_id, record.request_id, "", [], machine)
-            if state is Run.TOOL_RUNNING:
-                data = events[-1].data
-                run.open_call = (str(data.get("tool_call_id", "")), str(data.get("tool", "")))
-            self._runs[run.run_id] = run
-            assert self.metrics is not None
-            self.metrics.runs_active.inc()
+        for run_id in renewal.lost:
+            self._lease_lost(run_id)
+        for run_id in renewal.cancelled:
+            await self._stored_cancel(run_id)
+
+    async def _claim_round(self) -> None:
+        """Take over what the startup claims name (until each has succeeded once), then every
+        run whose lease expired."""
+        assert self.leases is not None
+        rounds = [*self._startup_claims, ("expired", FailureCode.NODE_LOST)]
+        for scope, code in rounds:
             try:
-                await self._fail(run, "interrupted", "the server stopped while the run was in progress")
+                claimed = await self.leases.claim(scope)
             except StoreError as exc:
-                await self._store_failed(run, exc)
+                self._lease_store_failed(f"claim ({scope})", exc)
+                return
+            if (scope, code) in self._startup_claims:
+                self._startup_claims.remove((scope, code))
+            for record in claimed:
+                await self._take_over(record, code)
+
+    async def _take_over(self, record: RunRecord, code: str) -> None:
+        """End a run this node just claimed as its dead node would have (section 6): an open tool
+        pair is closed, then ``agent_failed`` with ``code`` (``cancelled`` when a cancel was
+        recorded for it), through the normal delivery path, so this node's sessions of the
+        context get it and a resume anywhere redelivers it from the store."""
+        assert self.leases is not None and self._store is not None and self._state is not None
+        assert self.metrics is not None
+        if record.run_id in self._runs:
+            return  # already running here (a claim cannot name it: the claim excludes held runs)
+        try:
+            events = await self._store.run_events(record.context_id, record.run_id)
+        except StoreError as exc:
+            # Not ended: the lease this node now holds runs out and the run is claimed again.
+            self.leases.release(record.run_id)
+            self._lease_store_failed(f"take over {record.run_id}", exc)
+            return
+        kinds = [e.kind for e in events]
+        ended = next((k for k in kinds if k in TERMINAL_KINDS), None)
+        if ended is not None:
+            # It ended, but the state write was lost with its process: record it, or every
+            # takeover round would claim it again.
+            self.leases.release(record.run_id)
+            state = Run.COMPLETED if ended == "agent_completed" else Run.FAILED
+            self._spawn(self._store.set_run_state(record.run_id, state.name), f"run-state-{record.run_id}")
+            return
+        run = self._restored(record, events)
+        if record.cancel_requested:
+            code = FailureCode.CANCELLED  # the user asked first: the run ends as cancelled
+        self._runs[run.run_id] = run
+        self.metrics.runs_active.inc()
+        self.metrics.runs_taken_over.labels(code=code).inc()
+        log.warning("run %s: taken over from node %s, ending it (%s)", run.run_id, record.owner_node, code)
+        detail = _TAKEOVER_DETAIL.get(code, "the node running the run stopped; its lease expired")
+        await self._end_here(run, self._fail(run, code, detail))
+
+    def _restored(self, record: RunRecord, events: list[Any]) -> _Run:
+        """A run rebuilt from its stored events, its machine where they left it."""
+        assert self._state is not None
+        kinds = [e.kind for e in events]
+        state = Run.ACCEPTED if not kinds else Run.TOOL_RUNNING if kinds[-1] == "tool_executing" else Run.RUNNING
+        steps = sum(1 for k in kinds if k in ("agent_thinking", "tool_executing"))
+        runner = restored_runner(self._machine, state, {"cancel_requested": False, "steps": steps})
+        machine = TracedMachine(
+            self._machine,
+            "run",
+            record.run_id,
+            self._state.audit,
+            user=record.user_id,
+            context_id=record.context_id,
+            runner=runner,
+        )
+        run = _Run(record.run_id, record.context_id, record.user_id, record.request_id, "", [], machine)
+        if state is Run.TOOL_RUNNING:
+            data = events[-1].data
+            run.open_call = (str(data.get("tool_call_id", "")), str(data.get("tool", "")))
+        return run
+
+    def _lease_lost(self, run_id: str) -> None:
+        """Another node took ``run_id`` over (this one did not renew in time): stop it here
+        without a step of its own; that node ends it."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        run.lease_lost = True
+        log.warning("run %s: lease lost to another node, which ends the run", run_id)
+        queue = self._queues.get(run.context_id)
+        if queue is not None and run in queue:
+            queue.remove(run)
             self._ended(run)
+            return
+        # Running: wake the driver (as a cancel would); its next append raises LeaseLost.
+        self._interrupt(run)
+
+    async def _stored_cancel(self, run_id: str) -> None:
+        """A cancel another node recorded for a run this node holds: honour it as if it came
+        from a socket here (section 4)."""
+        run = self._runs.get(run_id)
+        if run is None or run.cancel.is_set() or run.lease_lost:
+            return
+        await self._cancel(run, {"recorded": True})
+
+    async def _answer_remote_cancels(self) -> None:
+        """Answer the cancels of runs held elsewhere that have ended: the terminal event, adopted
+        from the store into delivery here, or ``run_finished`` when it is no longer in delivery
+        (the session had it before)."""
+        assert self._store is not None and self.delivery is not None
+        for run_id, pending in list(self._remote_cancels.items()):
+            pending.sessions = [s for s in pending.sessions if not getattr(s, "closed", False)]
+            if not pending.sessions:
+                del self._remote_cancels[run_id]
+                continue
+            try:
+                record = await self._store.find_run(run_id)
+                if record is None or not record.finished:
+                    continue
+                del self._remote_cancels[run_id]
+                await self.delivery.adopt(pending.context_id, pending.user)
+            except StoreError as exc:
+                self._lease_store_failed(f"answering the cancel of {run_id}", exc)
+                return
+            if self.delivery.holds_terminal(pending.context_id, run_id):
+                continue  # it reaches the sessions here like any event of the context
+            finished = ErrorFrame(code=ErrorCode.RUN_FINISHED, detail=f"the run has ended ({record.state})")
+            for session in pending.sessions:
+                with contextlib.suppress(SendFailed):
+                    await session.send(finished)
 
     async def stop(self, grace: float) -> None:
         """Section 6: finish or fail every run, then stop delivery (the store keeps the rest)."""
@@ -179,6 +345,12 @@ class AgentRuntime:
                 for task in pending:
                     log.error("run task %s did not end after cancel; cancelling it", task.get_name())
                     task.cancel()
+        if self._lease_task is not None:
+            # The runs have ended (or been cancelled): nothing is left to renew or take over.
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+        self._remote_cancels.clear()
         if self._tasks:
             # Let the last run-state writes land; then stop whatever is left.
             _, left = await asyncio.wait(set(self._tasks), timeout=CANCEL_SETTLE_SECONDS)
@@ -242,22 +414,33 @@ class AgentRuntime:
             runner=Runner(self._machine, engine="declaration"),
         )
         tools = list(frame.tools) if frame.tools is not None else self.tools.names()
+        leases = self.leases
+        assert leases is not None
+        # Held before the write that grants it, so a takeover claim of this node never names it
+        # (claims exclude the runs it holds); the fence counts from before that write.
+        granted_at, expires = leases.stamp()
+        leases.hold(run_id, granted_at)
         try:
             await self._validate(session, frame, tools)
             record, created = await store.create_run(
-                session.context_id, frame.request_id, session.user, time.time(), run_id=run_id
+                session.context_id, frame.request_id, session.user, time.time(), run_id=run_id,
+                owner_node=leases.node_id, lease_expires=expires,
             )
         except RunRejected as exc:
+            leases.release(run_id)
             machine.fire("validate_fail", {"code": exc.code, "request_id": frame.request_id})
             self.metrics.run_rejections.labels(code=exc.code).inc()
             await session.send(ErrorFrame(code=exc.code, request_id=frame.request_id, detail=exc.detail))
             return
         except StoreError as exc:
+            leases.release(run_id)
             machine.fire("validate_fail", {"code": exc.code, "request_id": frame.request_id})
             await self._reply_store_error(session, exc, frame.request_id)
             return
         if not created:
-            # The same request_id reached the store before (another socket, or before a restart).
+            # The same request_id reached the store before (another socket, another node, or
+            # before a restart): the same run_id, whatever became of the run since (section 4).
+            leases.release(run_id)
             self._by_request[key] = record.run_id
             await session.send(RunAccepted(request_id=frame.request_id, run_id=record.run_id))
             return
@@ -275,28 +458,52 @@ class AgentRuntime:
             self._schedule(run.context_id)
 
     async def on_run_cancel(self, session: Session, frame: RunCancel) -> None:
+        """Section 4: every run.cancel is answered.
+
+        A run this node runs: the cancel is honoured here and the run's terminal event is the
+        answer. A run of the context that this node does not run (another node holds it, or
+        held it and died): the cancel is recorded in the store, the holder honours it at its
+        next renewal (a node taking the run over ends it ``cancelled``), and once the run has
+        ended this node hands its terminal event to its sessions of the context. Otherwise an
+        ``error``: ``run_not_found`` (no such run, or another user's: section 3), ``run_finished``
+        (it has ended), or the store failure's code.
+        """
         run = self._runs.get(frame.run_id)
-        if run is None or run.context_id != session.context_id:
+        if run is not None and run.context_id == session.context_id and not run.lease_lost:
+            await self._cancel(run, {"session_id": session.session_id})
+            return
+        store = self._store
+        if store is None:
+            await session.send(ErrorFrame(code=ErrorCode.RUN_NOT_FOUND, detail="no such run"))
+            return
+        try:
+            record = await store.find_run(frame.run_id)
+            if record is not None and record.context_id == session.context_id and not record.finished:
+                record = await store.record_run_cancel(frame.run_id)
+        except StoreError as exc:
+            await self._reply_store_error(session, exc, None)
+            return
+        if record is None or record.context_id != session.context_id:
             # Another user's run answers exactly like a run that does not exist (section 3).
-            found = self._store is not None and await self._owned_run(session, frame.run_id)
-            if not found:
-                await session.send(ErrorFrame(code="run_not_found", detail="no such run"))
-            return  # a finished run: its terminal event already says how it ended
+            await session.send(ErrorFrame(code=ErrorCode.RUN_NOT_FOUND, detail="no such run"))
+            return
+        if record.finished:
+            await session.send(ErrorFrame(code=ErrorCode.RUN_FINISHED, detail=f"the run has ended ({record.state})"))
+            return
+        pending = self._remote_cancels.setdefault(record.run_id, _RemoteCancel(record.context_id, record.user_id))
+        if session not in pending.sessions:
+            pending.sessions.append(session)
+
+    async def _cancel(self, run: _Run, detail: Mapping[str, Any]) -> None:
+        """Cancel a run this node runs (section 4): a waiting run ends at once, a running one at
+        its next step."""
         queue = self._queues.get(run.context_id)
         if queue is not None and run in queue:
             queue.remove(run)
-            self._request_cancel(run, "cancelled", {"session_id": session.session_id})
+            self._request_cancel(run, "cancelled", detail)
             await self._finish_unstarted(run)
             return
-        self._request_cancel(run, "cancelled", {"session_id": session.session_id})
-
-    async def _owned_run(self, session: Session, run_id: str) -> bool:
-        assert self._store is not None
-        try:
-            record = await self._store.find_run(run_id)
-        except StoreError:
-            return False
-        return record is not None and record.context_id == session.context_id
+        self._request_cancel(run, "cancelled", detail)
 
     async def _reply_store_error(self, session: Session, exc: StoreError, request_id: str | None) -> None:
         if self._state is not None:
@@ -348,32 +555,34 @@ class AgentRuntime:
         if run.machine.can("cancel"):
             run.cancel_code = code
             run.machine.fire("cancel", {**detail, "code": code})
-            run.cancel.set()
-            if run.in_agent and run.task is not None and not run.cancel_sent:
-                # Interrupt the agent's step now (see _step); elsewhere the driver checks
-                # ``run.cancel`` before each step.
-                run.cancel_sent = True
-                run.task.cancel()
+            self._interrupt(run)
+
+    @staticmethod
+    def _interrupt(run: _Run) -> None:
+        """Wake the run's driver: the agent's step is interrupted now (see _step); elsewhere the
+        driver checks ``run.cancel`` before each step."""
+        run.cancel.set()
+        if run.in_agent and run.task is not None and not run.cancel_sent:
+            run.cancel_sent = True
+            run.task.cancel()
 
     async def _finish_unstarted(self, run: _Run) -> None:
         """A run cancelled before it started: exactly one agent_failed, no agent_started."""
         self._request_cancel(run, run.cancel_code, {"why": run.cancel_code})
-        try:
-            await self._emit(
-                run, "agent_failed", {"code": run.cancel_code, "detail": "cancelled before start"}
-            )
-        except StoreError as exc:
-            await self._store_failed(run, exc)
-        self._ended(run)
+        await self._end_here(
+            run, self._emit(run, "agent_failed", {"code": run.cancel_code, "detail": "cancelled before start"})
+        )
 
     def _ended(self, run: _Run) -> None:
         if self._runs.pop(run.run_id, None) is None:
             return
         assert self.metrics is not None
+        if self.leases is not None:
+            self.leases.release(run.run_id)
         self.metrics.runs_active.dec()
         state = run.machine.state
-        self.metrics.runs.labels(outcome=state.name.lower()).inc()
-        if self._store is not None and state in (Run.COMPLETED, Run.FAILED):
+        self.metrics.runs.labels(outcome="lease_lost" if run.lease_lost else state.name.lower()).inc()
+        if self._store is not None and state in (Run.COMPLETED, Run.FAILED) and not run.lease_lost:
             self._spawn(self._store.set_run_state(run.run_id, state.name), f"run-state-{run.run_id}")
         if self._running.get(run.context_id) is run:
             del self._running[run.context_id]
@@ -384,6 +593,10 @@ class AgentRuntime:
     async def _emit(self, run: _Run, kind: str, data: Mapping[str, Any]) -> None:
         """Fire ``kind`` on the run machine, then append and send the event it emits."""
         assert self.delivery is not None
+        if self.leases is not None and not self.leases.valid(run.run_id):
+            # The fence (section 6): the lease may have run out while this node stalled; renew
+            # it before appending, and append nothing if another node has taken the run over.
+            await self.leases.ensure(run.run_id)
         # Events already queued may have been refused by the store: then this step is not taken
         # (StoreError ends the run with agent_failed right after its last stored event).
         self.delivery.check_run(run.context_id, run.run_id)
@@ -396,10 +609,22 @@ class AgentRuntime:
         )
 
     async def _drive(self, run: _Run) -> None:
+        await self._end_here(run, self._execute(run))
+
+    async def _end_here(self, run: _Run, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (the run's steps, or its last one), then let the run go. A store failure
+        ends it with agent_failed (``_store_failed``); a lease another node took (LeaseLost)
+        ends it here with nothing more appended: that node ends it (section 6)."""
         try:
-            await self._execute(run)
-        except StoreError as exc:
-            await self._store_failed(run, exc)
+            try:
+                await work
+            except LeaseLost:
+                raise
+            except StoreError as exc:
+                await self._store_failed(run, exc)
+        except LeaseLost as exc:
+            log.warning("run %s: stopped here, another node took it over: %s", run.run_id, exc)
+            run.lease_lost = True
         finally:
             self._ended(run)
 
@@ -412,6 +637,8 @@ class AgentRuntime:
         try:
             await self._fail(run, exc.code, f"store failed during {exc.operation}")
             return
+        except LeaseLost:
+            raise  # another node ends the run: nothing to tell from here
         except StoreError as again:
             log.error("run %s: agent_failed could not be stored either: %s", run.run_id, again)
         stream = self.delivery.streams.get(run.context_id) if self.delivery is not None else None

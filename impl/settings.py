@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -162,6 +163,21 @@ class Settings(BaseSettings):
     shutdown_grace: PositiveSeconds = 10.0
     memory_limit_mb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
+    # Section 6, "When a node dies": each unfinished run is held under a lease by the node running
+    # it. A fresh id per process by default, so a restarted node is a new node and takes its old
+    # runs over only once their leases expire; an id kept across restarts (unique among the live
+    # processes) lets the restarted node end its own old runs at once.
+    node_id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex,
+        min_length=1,
+        max_length=128,
+        description="this process's node id, unique among the nodes sharing a store",
+    )
+    run_lease_ttl: PositiveSeconds = 10.0
+    run_lease_renew_interval: PositiveSeconds | None = Field(
+        default=None, description="lease renewal and takeover scan period; unset means run_lease_ttl / 3"
+    )
+
     audit_log: str | None = Field(
         default=None, description='"stdout", "off", or a file path; unset means data_dir/audit.jsonl'
     )
@@ -189,6 +205,14 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("node_id")
+    @classmethod
+    def _check_node_id(cls, value: str) -> str:
+        # Stored and logged as it is: no NUL, no blank id that would look like none at all.
+        if "\x00" in value or not value.strip():
+            raise ValueError("must be a non-blank id without NUL")
+        return value
+
     @field_validator("audit_log")
     @classmethod
     def _check_audit_log(cls, value: str | None) -> str | None:
@@ -206,6 +230,14 @@ class Settings(BaseSettings):
     def heartbeat_ms(self) -> int:
         """``heartbeat_ms`` as sent in ``connection_ack`` (PROTOCOL section 1)."""
         return round(self.heartbeat_interval * 1000)
+
+    @property
+    def lease_renew_interval(self) -> float:
+        """Seconds between lease renewals and takeover scans (section 6): the setting, or a third
+        of the lease TTL when it is unset."""
+        if self.run_lease_renew_interval is not None:
+            return self.run_lease_renew_interval
+        return self.run_lease_ttl / 3
 
     def resolved_database_url(self) -> str:
         """``database_url``, or the embedded default ``sqlite+aiosqlite`` file ``data_dir/pipeproof.db``."""
@@ -339,6 +371,7 @@ def validate_for_startup(settings: Settings) -> None:
 
     * ``prod`` + HS256: ``PIPEPROOF_JWT_SECRET`` must be set, at least 32 bytes, and not a
       placeholder (see :func:`is_placeholder_secret`, which also rejects :data:`DEV_JWT_SECRET`).
+    * the run lease is renewed more often than it lasts (section 6).
     * RS256 in any env: ``PIPEPROOF_JWT_PUBLIC_KEY`` must be a PEM public key; there is no dev
       fallback because no built-in key pair would be safe to ship. A private key, if given, must
       parse too.
@@ -349,6 +382,11 @@ def validate_for_startup(settings: Settings) -> None:
         # strand them: resume lands on a new context (section 3) and never sees them.
         raise ConfigError(env_name("context_ttl"), f"{settings.context_ttl:g}s is below the delivery horizon "
                           f"({horizon:.0f}s: every ack wait at max_attempts, plus resume_window)")
+    if settings.lease_renew_interval >= settings.run_lease_ttl:
+        # A lease renewed no more often than it lasts expires under a live node, which then
+        # loses its runs to a takeover (section 6).
+        raise ConfigError(env_name("run_lease_renew_interval"), f"{settings.lease_renew_interval:g}s is not "
+                          f"below PIPEPROOF_RUN_LEASE_TTL ({settings.run_lease_ttl:g}s)")
     if settings.jwt_algorithm == "HS256":
         if settings.env == "prod":
             setting = env_name("jwt_secret")

@@ -24,7 +24,7 @@ from typing import Any, Final
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pipeproof.errors import StoreError, StoreIntegrityError
+from pipeproof.errors import LeaseLost, StoreError, StoreIntegrityError
 from pipeproof.protocol import LIVE_STATES, DeliveryState, EscalationReason
 
 from .hotsql import (
@@ -40,7 +40,7 @@ from .hotsql import (
     execute_batch,
 )
 from .records import ESCALATION_REASONS, EventRecord, encode_event_data, event_from_row, now_or_clock
-from .schema import events
+from .schema import events, runs
 from .writer import GroupCommitStore
 
 _LIVE_VALUES: Final = tuple(state.value for state in DeliveryState if state in LIVE_STATES)
@@ -92,6 +92,7 @@ class EventStream(GroupCommitStore):
         now: float,
         *,
         sent: bool = False,
+        holder: str | None = None,
     ) -> asyncio.Future[list[EventRecord]]:
         """Append several events, ``(run_id, kind, payload)`` in order, as one write (section 5);
         each payload is its data as :func:`encode_event_data` encoded it (so a producer finds
@@ -103,26 +104,64 @@ class EventStream(GroupCommitStore):
         previous one committed, as one write, guarantees that. Returns a future (resolved after
         the COMMIT) rather than a coroutine: ``asyncio.shield`` of a future costs no task.
         Cancelling the future withdraws the write if the writer has not started it. ``sent``: see :meth:`append_event`.
+
+        With ``holder`` (a node id) the events are stored only if that node still holds the lease
+        of each of their runs (section 6): the same transaction reads the runs' owners, locking
+        the rows against a takeover until COMMIT, so an event of a node whose run was taken over
+        is never stored after the taking node's terminal event; otherwise the future fails with
+        :class:`~pipeproof.errors.LeaseLost` naming the runs, and nothing is stored.
         """
         stamp = float(now)
-        items = [(context_id, run_id, kind, payload, stamp, sent) for run_id, kind, payload in events]
+        items = [(context_id, run_id, kind, payload, stamp, sent, holder) for run_id, kind, payload in events]
         if not items:
             raise ValueError("no events to append")
         return self._submit_one("append_event", self._append_batches, items)
 
     async def _append_batches(self, conn: AsyncConnection, batches: list[Any]) -> list[Any]:
         """Merged multi-event appends: the group's events in queue order through one
-        :meth:`_append_many`; a write whose events are refused (an unknown context) is refused
-        as a whole, which rolls the group back and commits each write alone."""
-        outcomes = await self._append_many(conn, [item for batch in batches for item in batch])
+        :meth:`_append_many`; a write whose events are refused (an unknown context, a run whose
+        lease its holder lost) is refused as a whole, which rolls the group back and commits
+        each write alone."""
+        lost = await self._runs_not_held(conn, [item for batch in batches for item in batch])
+        fenced: list[LeaseLost | None] = []
+        for batch in batches:
+            taken = frozenset(item[1] for item in batch if item[6] is not None and (item[6], item[1]) in lost)
+            fenced.append(
+                LeaseLost("append_event", f"runs {', '.join(sorted(taken))}: another node holds the lease", taken)
+                if taken else None
+            )
+        kept = [item for batch, refusal in zip(batches, fenced, strict=True) if refusal is None for item in batch]
+        outcomes = await self._append_many(conn, kept) if kept else []
         result: list[Any] = []
         start = 0
-        for batch in batches:
+        for batch, refusal in zip(batches, fenced, strict=True):
+            if refusal is not None:
+                result.append(refusal)
+                continue
             mine = outcomes[start : start + len(batch)]
             start += len(batch)
             refused = next((o for o in mine if isinstance(o, StoreError)), None)
             result.append(refused if refused is not None else mine)
         return result
+
+    async def _runs_not_held(self, conn: AsyncConnection, items: list[Any]) -> set[tuple[str, str]]:
+        """``(holder, run_id)`` of the items whose holder no longer holds the run's lease. The rows
+        of the runs still held are locked (``FOR SHARE`` on PostgreSQL; SQLite has one writer at a
+        time) until COMMIT, so no takeover claim can slip in before these events are stored."""
+        wanted: dict[str, set[str]] = {}
+        for item in items:
+            if item[6] is not None:
+                wanted.setdefault(item[6], set()).add(item[1])
+        lost: set[tuple[str, str]] = set()
+        for holder, run_ids in wanted.items():
+            rows = await conn.execute(
+                select(runs.c.run_id)
+                .where(runs.c.run_id.in_(sorted(run_ids)), runs.c.owner_node == holder)
+                .with_for_update(read=True)
+            )
+            held = {str(r.run_id) for r in rows}
+            lost.update((holder, run_id) for run_id in run_ids - held)
+        return lost
 
     async def _append_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
         """Merged appends: one seq bump for every context of the group, one multi-row insert.
@@ -134,7 +173,7 @@ class EventStream(GroupCommitStore):
         """
         counts: dict[str, int] = {}
         latest: dict[str, float] = {}
-        for context_id, _run_id, _kind, _payload, now, _sent in items:
+        for context_id, _run_id, _kind, _payload, now, _sent, _holder in items:
             counts[context_id] = counts.get(context_id, 0) + 1
             latest[context_id] = max(latest.get(context_id, now), now)
         bumped = await self._execute_batch(
@@ -144,7 +183,7 @@ class EventStream(GroupCommitStore):
         next_seq = {str(c): int(after) - counts[str(c)] for c, after in bumped}
         outcomes: list[Any] = []
         rows: list[tuple[Any, ...]] = []
-        for context_id, run_id, kind, payload, now, sent in items:
+        for context_id, run_id, kind, payload, now, sent, _holder in items:
             seq = next_seq.get(context_id)
             if seq is None:
                 outcomes.append(StoreIntegrityError("append_event", f"no context {context_id!r}"))

@@ -10,6 +10,7 @@
         peer violations, raised where the wire is read: ``InvalidMessage``, ``AuthError``,
         ``ConnectionLimitExceeded``, ``CloseRequested`` (protocol/frames.py, impl/)
     ``StoreError``: the durable store failed; each subclass says how (docs/protocol.md section 3)
+        ``LeaseLost``: the store refused a run's write: another node holds its lease (section 6)
     ``AuditWriteFailed``: the audit log could not be written; its lines are kept for a retry
     ``ConfigError``: a setting is invalid or unsafe
     ``RunRejected``: a run.start failed a prerequisite (section 4); ``code`` is the error frame's
@@ -119,6 +120,22 @@ class StorePoolExhausted(StoreError):
 
 class StoreIntegrityError(StoreError):
     code = "store_integrity_error"
+
+
+class LeaseLost(StoreError):
+    """This node no longer holds the lease of the runs ``run_ids`` (section 6, "When a node dies").
+
+    Another node took them over after their lease expired (this node was stalled or cut off from
+    the store for longer than the lease TTL), and that node ends them: this one must append nothing
+    more for them. Raised by an append the store refused for that reason (nothing of it was
+    stored), and by a renewal that found the lease gone before a run's next step fired.
+    """
+
+    code = "lease_lost"
+
+    def __init__(self, operation: str, detail: str, run_ids: frozenset[str] = frozenset()) -> None:
+        self.run_ids = run_ids
+        super().__init__(operation, detail)
 
 
 class StoreRollbackFailed(StoreError):

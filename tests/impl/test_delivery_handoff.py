@@ -150,9 +150,9 @@ async def test_events_queued_together_are_one_all_or_nothing_write_then_sent_in_
     writes: list[int] = []
     submit = store.submit_append_events
 
-    def counting(context_id: str, events: Any, now: float, *, sent: bool = False) -> Any:
+    def counting(context_id: str, events: Any, now: float, *, sent: bool = False, holder: str | None = None) -> Any:
         writes.append(len(events))
-        return submit(context_id, events, now, sent=sent)
+        return submit(context_id, events, now, sent=sent, holder=holder)
 
     store.submit_append_events = counting  # type: ignore[method-assign]
     for n in range(4):

@@ -7,104 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from server_harness import SECRET, init_frame
+from process_harness import ServerProcess
+from server_harness import init_frame
 from websockets.asyncio.client import connect
 
-from pipeproof.impl.auth import mint_token
-from pipeproof.impl.settings import Settings
-
 pytestmark = pytest.mark.slow
-
-# Exactly what ``pipeproof serve`` runs, without importing the other sub-commands.
-SERVE = (
-    "import argparse, sys\n"
-    "from pipeproof.commands import serve\n"
-    "parser = argparse.ArgumentParser()\n"
-    "serve.configure(parser)\n"
-    "sys.exit(serve.run(parser.parse_args(sys.argv[1:])))\n"
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """``pipeproof serve`` in a child process on a loopback port with a tmp data dir."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = _free_port()
-        self.env = {
-            **os.environ,
-            "PIPEPROOF_ENV": "test",
-            "PIPEPROOF_JWT_SECRET": SECRET,
-            "PIPEPROOF_DATA_DIR": str(data_dir),
-            "PIPEPROOF_ACK_TIMEOUT": "0.5",
-            "PIPEPROOF_ACK_JITTER": "0",
-            "PIPEPROOF_MAX_ATTEMPTS": "4",
-            "PIPEPROOF_RESUME_WINDOW": "30",
-            "PIPEPROOF_SHUTDOWN_GRACE": "1",
-        }
-        self.env.pop("PIPEPROOF_DATABASE_URL", None)
-        self.settings = Settings(_env_file=None, env="test", jwt_secret=SECRET)  # type: ignore[call-arg]
-        self.log = data_dir.parent / f"server-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServerProcess:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, "--port", str(self.port), "--log-level", "warning"],
-            env=self.env, stdout=out, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.http}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(self.log.read_text())
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def token(self, user: str = "alice") -> str:
-        return mint_token(self.settings, user)
-
-    def stream(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.http}/v1/events?after=0&limit=1000",
-                      headers={"Authorization": f"Bearer {self.token()}"}, timeout=5)
-        events: list[dict[str, Any]] = r.json()["events"]
-        return events
 
 
 async def test_kill_9_mid_run_then_restart_and_resume_loses_nothing(tmp_path: Path) -> None:

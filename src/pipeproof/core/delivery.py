@@ -365,28 +365,41 @@ class DeliveryCore(Generic[R]):
                 out.append(SendEvent(record.seq))
         return tuple(out)
 
-    def restore(self, records: Iterable[R], now: float) -> None:
-        """Unfinished events read back from the store after a restart (seq order).
+    def restore(self, records: Iterable[R], now: float) -> list[R]:
+        """Unfinished events read back from the store, which this node does not track: after a
+        restart, or stored by another node (section 5: a resume redelivers whichever node it
+        lands on). Returns those it took; a seq already tracked here is left alone.
 
-        A SENT one went out before the restart: it awaits its ack (a resume acks it), and is then
-        resent or escalated. A PENDING one waits for a session for ``resume_window``.
+        A SENT one went out from a process that is not this one: it awaits its ack (a resume acks
+        it), and is then resent or escalated. A PENDING one waits for a session for
+        ``resume_window`` (or is offered at once, by the shell, when a session is there).
         """
+        taken: list[R] = []
+        top = next(reversed(self.live), 0)  # the highest seq tracked (live is in seq order)
         for record in records:
+            if record.seq in self.live:
+                continue
             sent = record.state is DeliveryState.SENT
             values: dict[str, Value] = {
                 "attempt": record.attempt, "waited": 0, "idle": 0, "age": 0, "delivered": record.attempt > 0,
             }
             start = DeliveryState.SENT if sent else DeliveryState.PENDING
             entry = self._track(record, restored_runner(self.machine, start, values), now)
-            entry.frame_attempt = record.attempt
+            taken.append(record)
             if sent:
-                # The attempt in flight died with the old process (its socket is gone): its ack
-                # wait is over now, so the event goes back to PENDING and is resent as the next
-                # attempt (or escalated at max_attempts), never as a copy of the old one.
+                # The attempt in flight was written by another process (its socket is not ours):
+                # its ack wait is over now, so the event goes back to PENDING and is resent as the
+                # next attempt (or escalated at max_attempts), never as a copy of the old one, so
+                # a joining session gets no catch-up of it (frame_attempt stays 0).
                 entry.stored_sent = record.attempt
                 self._await_ack(entry, now)
             elif not self.sessions:
                 self._idle(entry, now)
+        if taken and taken[0].seq < top:
+            # Insertion order is seq order (acks and offers walk it so): an event of another node
+            # may fall below the ones this node appended since.
+            self.live = dict(sorted(self.live.items()))
+        return taken
 
     def sent(self, transmit: Transmit[R], written: int, now: float) -> tuple[Command, ...]:
         """The frame of ``transmit`` was queued on ``written`` of its sessions: fire ``send``

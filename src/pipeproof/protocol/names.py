@@ -96,9 +96,26 @@ class ErrorCode(enum.StrEnum):
     INVALID_INPUT = "invalid_input"
     OVER_CAPACITY = "over_capacity"
     RUN_NOT_FOUND = "run_not_found"
+    RUN_FINISHED = "run_finished"
     RUNS_UNAVAILABLE = "runs_unavailable"
     CONTEXT_EXPIRED = "context_expired"
     INTERNAL = "internal"
+
+
+class FailureCode(enum.StrEnum):
+    """``data.code`` of the ``agent_failed`` events the reference server emits itself (section 4).
+
+    An agent may end its run with a code of its own (``AgentFailed``), and a run whose events the
+    store refuses ends with that StoreError's code (``store_unavailable``...); docs/protocol.md
+    lists both beside these."""
+
+    CANCELLED = "cancelled"
+    TOOL_ERROR = "tool_error"
+    INTERNAL = "internal"
+    STEP_LIMIT = "step_limit"
+    SHUTDOWN = "shutdown"
+    INTERRUPTED = "interrupted"
+    NODE_LOST = "node_lost"
 
 
 class FrameType(enum.StrEnum):
