@@ -24,7 +24,12 @@ explorer's inner loop cheap:
   Reads are seen through a proxy (:class:`_Watched`) that records every attribute and item
   access, so no check is ever skipped that could fire.
 
-Everything is built lazily during one exploration and thrown away after it.
+The one assumption is the model's own: rules, checks and the route function are pure functions
+of what they are given (no clock, no randomness, nothing kept between calls, no identity or type
+test on the state object, which the proxy cannot see). A rule caught reading differently on the
+same answers is refused with a ``ModelDefinitionError``, and a counterexample's rebuilt path must
+reach the states the search recorded. Everything is built lazily during one exploration and
+thrown away after it.
 """
 
 from __future__ import annotations
