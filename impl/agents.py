@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
 from pipeproof.errors import PipeproofError
+from pipeproof.protocol import FailureCode
 
 from .tools import ToolOutcome
 
@@ -116,7 +117,7 @@ class DemoAgent:
             outcome = yield call
             if outcome is None or not outcome.ok:
                 code = outcome.code if outcome is not None else "none"
-                raise AgentFailed("tool_error", f"{call.tool} failed: {code}")
+                raise AgentFailed(FailureCode.TOOL_ERROR, f"{call.tool} failed: {code}")
             answers.append(_summarise(call, outcome))
         yield Thinking("All tool calls succeeded; composing the answer.")
         yield FinalAnswer("; ".join(answers) if answers else "Nothing to do.")

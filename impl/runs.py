@@ -93,7 +93,7 @@ class _Run:
     tools: list[str]
     machine: TracedMachine
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    cancel_code: str = "cancelled"
+    cancel_code: str = FailureCode.CANCELLED
     open_call: tuple[str, str] | None = None  # (tool_call_id, tool) between the pair's events
     task: asyncio.Task[None] | None = None
     in_agent: bool = False  # the driver task is suspended inside the agent's step
@@ -161,7 +161,12 @@ class AgentRuntime:
         process left unfinished are taken over and ended (:meth:`_take_over`), then the lease
         loop starts. A store failure here is retried by the loop's rounds."""
         assert self.delivery is not None
-        await self.delivery.recover()
+        try:
+            await self.delivery.recover()
+        except StoreError as exc:
+            # The events stay in the store: a session joining adopts its context's (section 5).
+            # The leases must be kept all the same, or this node's runs would be taken over.
+            self._lease_store_failed("recovering unfinished events", exc)
         await self._claim_round()
         self._lease_task = asyncio.get_running_loop().create_task(self._lease_loop(), name="runs-leases")
         self._lease_task.add_done_callback(self._lease_loop_done)
@@ -333,14 +338,14 @@ class AgentRuntime:
             queue = self._queues.pop(context_id)
             while queue:
                 run = queue.popleft()
-                run.cancel_code = "shutdown"
+                run.cancel_code = FailureCode.SHUTDOWN
                 await self._finish_unstarted(run)
         running = [r.task for r in self._running.values() if r.task is not None]
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             if pending:
                 for run in list(self._running.values()):
-                    self._request_cancel(run, "shutdown", {"why": "shutdown_grace elapsed"})
+                    self._request_cancel(run, FailureCode.SHUTDOWN, {"why": "shutdown_grace elapsed"})
                 _, pending = await asyncio.wait(pending, timeout=CANCEL_SETTLE_SECONDS)
                 for task in pending:
                     log.error("run task %s did not end after cancel; cancelling it", task.get_name())
@@ -500,10 +505,10 @@ class AgentRuntime:
         queue = self._queues.get(run.context_id)
         if queue is not None and run in queue:
             queue.remove(run)
-            self._request_cancel(run, "cancelled", detail)
+            self._request_cancel(run, FailureCode.CANCELLED, detail)
             await self._finish_unstarted(run)
             return
-        self._request_cancel(run, "cancelled", detail)
+        self._request_cancel(run, FailureCode.CANCELLED, detail)
 
     async def _reply_store_error(self, session: Session, exc: StoreError, request_id: str | None) -> None:
         if self._state is not None:
@@ -706,7 +711,7 @@ class AgentRuntime:
                 await self._fail(run, run.cancel_code, "cancelled")
                 return
             except StopAsyncIteration:
-                await self._fail(run, "internal", "the agent ended without a final answer")
+                await self._fail(run, FailureCode.INTERNAL, "the agent ended without a final answer")
                 return
             except AgentFailed as exc:
                 await self._fail(run, exc.code, exc.detail)
@@ -717,20 +722,20 @@ class AgentRuntime:
                 # Conversion, not swallowing: a crash inside the agent ends the run with
                 # agent_failed (internal), which the user receives; the traceback is logged.
                 log.exception("run %s: the agent crashed", run.run_id)
-                await self._fail(run, "internal", type(exc).__name__)
+                await self._fail(run, FailureCode.INTERNAL, type(exc).__name__)
                 return
             outcome = None
             if isinstance(step, Thinking):
                 if not m.can("agent_thinking"):
                     await self._fail(
-                        run, "step_limit", f"more than {self._machine.params['max_steps']} steps"
+                        run, FailureCode.STEP_LIMIT, f"more than {self._machine.params['max_steps']} steps"
                     )
                     return
                 await self._emit(run, "agent_thinking", {"text": step.text})
             elif isinstance(step, ToolCall):
                 if not m.can("tool_executing"):
                     await self._fail(
-                        run, "step_limit", f"more than {self._machine.params['max_steps']} steps"
+                        run, FailureCode.STEP_LIMIT, f"more than {self._machine.params['max_steps']} steps"
                     )
                     return
                 calls += 1
@@ -750,7 +755,7 @@ class AgentRuntime:
                 await self._emit(run, "agent_completed", {"answer": step.text})
                 return
             else:
-                await self._fail(run, "internal", f"unknown step {type(step).__name__}")
+                await self._fail(run, FailureCode.INTERNAL, f"unknown step {type(step).__name__}")
                 return
 
     async def _step(self, run: _Run, gen: StepStream, outcome: ToolOutcome | None) -> Any:

@@ -1,5 +1,7 @@
-"""Runs survive their node (PROTOCOL section 6, "When a node dies"; docs/deploy.md), over real
-``pipeproof serve`` processes on one PostgreSQL database each test: a run's lease, its takeover
+"""Runs survive their node (PROTOCOL section 6, "When a node dies"; docs/deploy.md).
+
+First :class:`~pipeproof.impl.leases.RunLeases` alone (its fence arithmetic, with a fake clock and
+store), then real ``pipeproof serve`` processes on one PostgreSQL database each test: a run's lease, its takeover
 after ``kill -9`` (on the node's own restart and on another node), the answers to a retried
 ``run.start`` and to ``run.cancel`` on a node that does not run the run, two nodes racing to take
 the same runs over, and a stalled node that finds its run taken over.
@@ -14,7 +16,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,101 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from websockets.asyncio.client import ClientConnection
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+from pipeproof.errors import LeaseLost
+from pipeproof.impl.leases import Renewal, RunLeases
+from pipeproof.impl.store import RunRecord
+
+pytestmark = pytest.mark.slow
+postgres = pytest.mark.postgres
 
 TTL, RENEW = 1.5, 0.3
 SLEEPING = 'hello\n/sleep {"seconds": 10}\nbye'
+
+
+# -- RunLeases: the bookkeeping and the fence ----------------------------------------------------
+
+
+class FakeStore:
+    """The two lease calls of a store, answered from a dict run_id -> (owner, cancel_requested)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, bool]] = {}
+        self.calls: list[tuple[str, Any]] = []
+
+    async def renew_run_leases(self, node_id: str, run_ids: list[str], lease_expires: float) -> dict[str, bool]:
+        self.calls.append(("renew", sorted(run_ids)))
+        return {r: self.rows[r][1] for r in run_ids if r in self.rows and self.rows[r][0] == node_id}
+
+    async def claim_runs(self, node_id: str, now: float, lease_expires: float, *, scope: str,
+                         exclude: Collection[str]) -> list[RunRecord]:
+        self.calls.append(("claim", sorted(exclude)))
+        taken = [r for r, (owner, _) in self.rows.items() if owner == "dead" and r not in exclude]
+        for r in taken:
+            self.rows[r] = (node_id, False)
+        return [RunRecord(r, "c", "req", "u", "ACCEPTED", 0.0, 0.0, node_id, lease_expires) for r in taken]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def leases_on(store: FakeStore, clock: Clock) -> RunLeases:
+    return RunLeases(store, node_id="me", ttl=1.5, renew_interval=0.3,  # type: ignore[arg-type]
+                     wall=lambda: 1_000.0 + clock.t, monotonic=clock)
+
+
+async def test_the_fence_holds_for_ttl_minus_one_renewal_then_asks_the_store() -> None:
+    store, clock = FakeStore(), Clock()
+    leases = leases_on(store, clock)
+    granted_at, expires = leases.stamp()
+    assert expires == 1_000.0 + 100.0 + 1.5
+    store.rows["r"] = ("me", False)
+    leases.hold("r", granted_at)
+    clock.t += 1.19
+    assert leases.valid("r")
+    await leases.ensure("r")
+    assert store.calls == []  # inside the fence: no store round trip
+    clock.t += 0.02  # 1.21 s since the grant: past ttl - renew_interval
+    assert not leases.valid("r")
+    await leases.ensure("r")  # renewed in the store, valid again
+    assert store.calls == [("renew", ["r"])] and leases.valid("r")
+    store.rows["r"] = ("other", False)  # taken over while this node stalled
+    clock.t += 5
+    with pytest.raises(LeaseLost) as lost:
+        await leases.ensure("r")
+    assert lost.value.run_ids == {"r"} and leases.lost("r") and not leases.holds("r")
+    with pytest.raises(LeaseLost):
+        await leases.ensure("r")
+    assert len(store.calls) == 2  # known lost: no second round trip
+    leases.release("r")
+    assert not leases.lost("r")
+
+
+async def test_a_renewal_reports_lost_leases_and_recorded_cancels_and_claims_skip_held_runs() -> None:
+    store, clock = FakeStore(), Clock()
+    leases = leases_on(store, clock)
+    store.rows.update({"mine": ("me", False), "cancelled": ("me", True), "gone": ("other", False),
+                       "orphan": ("dead", False)})
+    granted_at, _ = leases.stamp()
+    for run_id in ("mine", "cancelled", "gone"):
+        leases.hold(run_id, granted_at)
+    renewal = await leases.renew()
+    assert (renewal.lost, renewal.cancelled) == ({"gone"}, {"cancelled"})
+    assert sorted(leases.held()) == ["cancelled", "mine"]
+    claimed = await leases.claim("expired")
+    assert [r.run_id for r in claimed] == ["orphan"] and leases.holds("orphan")
+    assert store.calls[-1] == ("claim", ["cancelled", "mine"])  # never its own live runs
+    assert await RunLeases(store, node_id="x", ttl=1, renew_interval=0.5).renew() == Renewal(  # type: ignore[arg-type]
+        frozenset(), frozenset())
+    with pytest.raises(ValueError):
+        RunLeases(store, node_id="x", ttl=1, renew_interval=1)  # type: ignore[arg-type]
+
+
+# -- server processes on PostgreSQL ---------------------------------------------------------------
 
 
 @pytest.fixture
@@ -122,6 +215,7 @@ async def terminals(url: str, run_id: str) -> list[str]:
 # -- a single node on PostgreSQL ------------------------------------------------------------------
 
 
+@postgres
 async def test_a_restarted_node_with_a_stable_id_ends_its_own_runs_at_once(nodes: Nodes, database: str) -> None:
     # A lease of 30 s that the restart does not wait for: the same node id means the lease is this
     # node's own, left by its previous process.
@@ -145,6 +239,7 @@ async def test_a_restarted_node_with_a_stable_id_ends_its_own_runs_at_once(nodes
     await ws.close()
 
 
+@postgres
 async def test_a_restarted_node_with_a_fresh_id_ends_its_old_runs_when_their_lease_expires(
     nodes: Nodes, database: str
 ) -> None:
@@ -167,6 +262,7 @@ async def test_a_restarted_node_with_a_fresh_id_ends_its_old_runs_when_their_lea
 # -- two nodes on one database --------------------------------------------------------------------
 
 
+@postgres
 async def test_a_run_of_a_killed_node_is_taken_over_by_another_and_resumed_there(
     nodes: Nodes, database: str
 ) -> None:
@@ -198,6 +294,7 @@ async def test_a_run_of_a_killed_node_is_taken_over_by_another_and_resumed_there
     await ws.close()
 
 
+@postgres
 async def test_a_cancel_on_another_node_is_honoured_by_the_owner_and_answered_where_it_was_sent(
     nodes: Nodes, database: str
 ) -> None:
@@ -219,6 +316,7 @@ async def test_a_cancel_on_another_node_is_honoured_by_the_owner_and_answered_wh
     await ws_b.close()
 
 
+@postgres
 async def test_a_cancel_of_a_dead_nodes_run_is_honoured_by_the_takeover(nodes: Nodes, database: str) -> None:
     a, b = nodes.start(ttl=3, renew=0.5), nodes.start(ttl=3, renew=0.5)
     ws_a, run_id, acked = await start_sleeping_run(a)
@@ -233,6 +331,7 @@ async def test_a_cancel_of_a_dead_nodes_run_is_honoured_by_the_takeover(nodes: N
     await ws.close()
 
 
+@postgres
 async def test_two_nodes_taking_over_at_once_end_each_run_exactly_once(nodes: Nodes, database: str) -> None:
     # B and C scan for expired leases twenty times a second, so their claims overlap when A's
     # leases run out: one conditional UPDATE each, and the database lets one of them take a run.
@@ -270,6 +369,7 @@ async def test_two_nodes_taking_over_at_once_end_each_run_exactly_once(nodes: No
     assert b.metric("pipeproof_illegal_transitions_total") == c.metric("pipeproof_illegal_transitions_total") == 0
 
 
+@postgres
 async def test_a_stalled_node_whose_run_was_taken_over_appends_nothing_more(nodes: Nodes, database: str) -> None:
     a, b = nodes.start(), nodes.start()
     ws_a, _ = await a.connect()

@@ -218,6 +218,24 @@ async def test_cancel_while_running_cancels_the_tool_and_fails_the_run(start_run
     await other.close()
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+async def test_a_cancel_of_a_finished_run_is_answered_run_finished(start_runtime: Factory) -> None:
+    # Section 4: every run.cancel gets an answer, also for a run that has ended (here or on
+    # another node), which used to get none.
+    server = start_runtime()
+    client = await Client.connect(server)
+    run = await client.start("done", "hello")
+    await client.until_terminal(run["run_id"])
+    await asyncio.sleep(0.3)  # its state is stored
+    await client.send({"type": "run.cancel", "run_id": run["run_id"]})
+    assert await client.reply() == {"type": "error", "code": "run_finished", "detail": "the run has ended (COMPLETED)"}
+    other = await Client.connect(server, "bob")  # another user's finished run is not found, as ever
+    await other.send({"type": "run.cancel", "run_id": run["run_id"]})
+    assert (await other.reply())["code"] == "run_not_found"
+    await client.close()
+    await other.close()
+
+
 @pytest.mark.parametrize("swallow", [False, True])
 async def test_cancel_interrupts_the_agent_inside_its_step(start_runtime: Factory, swallow: bool) -> None:
     # The cancel reaches the agent at its await (the driver task is cancelled and the

@@ -290,3 +290,27 @@ def test_serve_refuses_unusable_paths_with_exit_2_before_the_banner(tmp_path: Pa
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert setting in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
     assert "listening on" not in proc.stdout
+
+
+def test_each_process_gets_a_fresh_node_id_unless_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Section 6: the run leases name the node; a random id per process start by default.
+    first, second = load_settings(), load_settings()
+    assert first.node_id != second.node_id and len(first.node_id) == 32
+    monkeypatch.setenv("PIPEPROOF_NODE_ID", "node-a")
+    assert load_settings().node_id == "node-a"
+    for bad in ("", "   ", "a\x00b", "x" * 129):
+        with pytest.raises(ConfigError, match="PIPEPROOF_NODE_ID"):
+            load_settings(node_id=bad)
+
+
+def test_the_lease_is_renewed_every_third_of_its_ttl_by_default_and_must_be_renewed_within_it() -> None:
+    s = load_settings()
+    assert (s.run_lease_ttl, s.lease_renew_interval) == (10.0, pytest.approx(10.0 / 3))
+    assert load_settings(run_lease_ttl=3.0).lease_renew_interval == pytest.approx(1.0)
+    assert load_settings(run_lease_renew_interval=2.0).lease_renew_interval == 2.0
+    validate_for_startup(load_settings(run_lease_ttl=2.0, run_lease_renew_interval=1.9))
+    for renew in (2.0, 5.0):
+        with pytest.raises(ConfigError, match="PIPEPROOF_RUN_LEASE_RENEW_INTERVAL"):
+            validate_for_startup(load_settings(run_lease_ttl=2.0, run_lease_renew_interval=renew))
+    with pytest.raises(ConfigError, match="PIPEPROOF_RUN_LEASE_TTL"):
+        load_settings(run_lease_ttl=0)

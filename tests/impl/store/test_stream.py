@@ -14,6 +14,7 @@ import random
 import pytest
 from store_harness import T0, T_WALL, TTL, Opener, contexts_for, new_context, spy_merge, stored
 
+from pipeproof.errors import LeaseLost
 from pipeproof.impl.store import EventState, Store
 from pipeproof.protocol import EscalationReason
 
@@ -266,3 +267,30 @@ async def test_repeated_transitions_of_one_event_in_a_group_apply_as_in_queue_or
         (EventState.ESCALATED, 3, T_WALL + 5),
         (EventState.PENDING, 0, T_WALL),
     ]
+
+
+async def test_a_holders_appends_are_stored_only_while_it_holds_the_runs_lease(store: Store) -> None:
+    # Section 6: an append made for a node (``holder``) is fenced on the run's lease in the same
+    # transaction, so a node whose run was taken over stores nothing more for it.
+    cid, other = await contexts_for(store, 2)
+    run, _ = await store.create_run(cid, "req", "user-0", T_WALL, owner_node="a", lease_expires=T_WALL + 10)
+    (first,) = await store.submit_append_events(cid, [(run.run_id, "agent_started", "{}")], T_WALL, holder="a")
+    await store.claim_runs("b", T_WALL + 20, T_WALL + 30)
+    with pytest.raises(LeaseLost) as lost:
+        await store.submit_append_events(cid, [(run.run_id, "agent_thinking", "{}")], T_WALL + 21, holder="a")
+    assert (lost.value.run_ids, lost.value.code) == (frozenset({run.run_id}), "lease_lost")
+    # Grouped with other writes: only the fenced one is refused, and it spent no seq.
+    sizes = spy_merge(store, "_append_many")
+    fenced, theirs, unfenced = await asyncio.gather(
+        store.submit_append_events(cid, [(run.run_id, "tool_completed", "{}")], T_WALL + 22, holder="a"),
+        store.submit_append_events(cid, [(run.run_id, "agent_failed", "{}")], T_WALL + 22, holder="b"),
+        store.submit_append_events(other, [("run-x", "agent_thinking", "{}")], T_WALL + 22),
+        return_exceptions=True,
+    )
+    assert isinstance(fenced, LeaseLost)
+    assert not isinstance(theirs, BaseException) and [r.seq for r in theirs] == [first.seq + 1]
+    assert not isinstance(unfenced, BaseException) and [r.seq for r in unfenced] == [1]
+    assert sizes[0] == 2  # one group (its fenced write left out), then each write alone
+    assert [e.kind for e in await store.events_after(cid, 0)] == ["agent_started", "agent_failed"]
+    with pytest.raises(LeaseLost):  # a run with no row at all is held by nobody
+        await store.submit_append_events(other, [("run-x", "agent_thinking", "{}")], T_WALL, holder="a")
