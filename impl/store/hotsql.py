@@ -1,4 +1,5 @@
-"""The hot statements (PROTOCOL section 5): the SQL of append, mark_sent, ack, mark_pending and escalate.
+"""The hot statements (PROTOCOL section 5): the SQL of append, mark_sent, ack, mark_pending and escalate
+(and of the run-lease fence every fenced append reads, section 6).
 
 These run for every event, several times, so they are plain SQL strings rendered once per shape
 and handed to the driver as they are (``exec_driver_sql``; on SQLite straight to aiosqlite, see
@@ -82,8 +83,10 @@ def event_from_values(row: Sequence[Any]) -> EventRecord:
 DIALECT_WORDS: Final[Mapping[str, Mapping[str, str]]] = {
     # ``unindexed``: SQLite's unary ``+`` keeps its planner from using an index for the term it
     # prefixes; PostgreSQL's statistics-driven planner needs no hint.
-    "sqlite": {"greatest": "max", "unindexed": "+"},
-    "postgresql": {"greatest": "GREATEST", "unindexed": ""},
+    # ``share_runs``: lock the runs rows read against a concurrent UPDATE until COMMIT; SQLite
+    # has one writer at a time, so a read in a write transaction is already that.
+    "sqlite": {"greatest": "max", "unindexed": "+", "share_runs": ""},
+    "postgresql": {"greatest": "GREATEST", "unindexed": "", "share_runs": " FOR SHARE OF runs"},
 }
 
 
@@ -175,8 +178,17 @@ SELECT_EVENTS: Final = BatchStatement(
     "JOIN events ON events.context_id = b.context_id AND events.seq = b.seq",
 )
 
+HELD_RUNS: Final = BatchStatement(
+    "held_runs",
+    (("run_id", "text"), ("owner", "text")),
+    # The fence of a node's appends (section 6): which of these runs each node still holds. A row
+    # read here cannot be taken over (claimed) by another node before this transaction commits.
+    "SELECT runs.run_id, runs.owner_node FROM {batch} "
+    "JOIN runs ON runs.run_id = b.run_id AND runs.owner_node = b.owner{share_runs}",
+)
+
 SQL_CACHE: dict[tuple[str, str, int], str] = {}
-"""Rendered hot SQL by (dialect, statement, padded batch size; 0 on PostgreSQL). Bounded: 7
+"""Rendered hot SQL by (dialect, statement, padded batch size; 0 on PostgreSQL). Bounded: 8
 statements x (9 SQLite sizes + 1 PostgreSQL shape)."""
 
 

@@ -31,6 +31,7 @@ from .hotsql import (
     ACK_THROUGH,
     BUMP_SEQ,
     ESCALATE,
+    HELD_RUNS,
     INSERT_EVENTS,
     MARK_PENDING,
     MARK_SENT,
@@ -40,7 +41,7 @@ from .hotsql import (
     execute_batch,
 )
 from .records import ESCALATION_REASONS, EventRecord, encode_event_data, event_from_row, now_or_clock
-from .schema import events, runs
+from .schema import events
 from .writer import GroupCommitStore
 
 _LIVE_VALUES: Final = tuple(state.value for state in DeliveryState if state in LIVE_STATES)
@@ -148,20 +149,11 @@ class EventStream(GroupCommitStore):
         """``(holder, run_id)`` of the items whose holder no longer holds the run's lease. The rows
         of the runs still held are locked (``FOR SHARE`` on PostgreSQL; SQLite has one writer at a
         time) until COMMIT, so no takeover claim can slip in before these events are stored."""
-        wanted: dict[str, set[str]] = {}
-        for item in items:
-            if item[6] is not None:
-                wanted.setdefault(item[6], set()).add(item[1])
-        lost: set[tuple[str, str]] = set()
-        for holder, run_ids in wanted.items():
-            rows = await conn.execute(
-                select(runs.c.run_id)
-                .where(runs.c.run_id.in_(sorted(run_ids)), runs.c.owner_node == holder)
-                .with_for_update(read=True)
-            )
-            held = {str(r.run_id) for r in rows}
-            lost.update((holder, run_id) for run_id in run_ids - held)
-        return lost
+        wanted = {(item[6], item[1]) for item in items if item[6] is not None}
+        if not wanted:
+            return set()
+        rows = await self._execute_batch(conn, HELD_RUNS, [(run_id, holder) for holder, run_id in sorted(wanted)])
+        return wanted - {(str(owner), str(run_id)) for run_id, owner in rows}
 
     async def _append_many(self, conn: AsyncConnection, items: list[Any]) -> list[Any]:
         """Merged appends: one seq bump for every context of the group, one multi-row insert.

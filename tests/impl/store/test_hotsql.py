@@ -103,7 +103,8 @@ def test_sqlite_ack_uses_the_live_state_index(tmp_path: Path) -> None:
 def test_hot_statements_name_only_delivery_states(dialect: str) -> None:
     statements = [value for value in vars(hotsql).values() if isinstance(value, hotsql.BatchStatement)]
     assert {s.name for s in statements} == {
-        "bump_seq", "insert_events", "mark_sent", "mark_pending", "escalate", "ack_through", "select_events"
+        "bump_seq", "insert_events", "mark_sent", "mark_pending", "escalate", "ack_through", "select_events",
+        "held_runs",
     }
     states = {state.value for state in DeliveryState}
     for statement in statements:
