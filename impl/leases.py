@@ -67,6 +67,7 @@ class RunLeases:
         self._wall = wall
         self._monotonic = monotonic
         self._valid_until: dict[str, float] = {}  # run_id -> monotonic end of the fence
+        self._granting: set[str] = set()  # runs whose granting write (create_run) is in flight
         self._lost: set[str] = set()
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -76,19 +77,29 @@ class RunLeases:
         write that grants it, so the fence never outlasts the stored lease."""
         return self._monotonic(), self._wall() + self.ttl
 
+    def granting(self, run_id: str) -> None:
+        """A write granting this node ``run_id``'s lease is about to be queued: until
+        :meth:`hold` (it committed) or :meth:`release` (it did not), no claim of this node names
+        the run, and no renewal does either (the row may not exist yet: a renewal would find
+        nothing and take the lease for lost)."""
+        self._granting.add(run_id)
+
     def hold(self, run_id: str, granted_at: float) -> None:
         """This node holds ``run_id``'s lease, granted (or renewed) by a write started at
         ``granted_at`` (monotonic, from :meth:`stamp`)."""
         self._valid_until[run_id] = granted_at + self.ttl - self.renew_interval
+        self._granting.discard(run_id)
         self._lost.discard(run_id)
 
     def release(self, run_id: str) -> None:
-        """The run ended here (or was lost and its driver stopped): stop renewing it, forget it."""
+        """The run ended here (or was lost and its driver stopped, or its lease was never
+        granted): stop renewing it, forget it."""
         self._valid_until.pop(run_id, None)
+        self._granting.discard(run_id)
         self._lost.discard(run_id)
 
     def held(self) -> list[str]:
-        """The runs this node holds, in no particular order."""
+        """The runs this node holds (not those still being granted), in no particular order."""
         return list(self._valid_until)
 
     def holds(self, run_id: str) -> bool:
@@ -144,7 +155,7 @@ class RunLeases:
         """Take the runs ``scope`` names (see Store.claim_runs) and hold them; raises StoreError.
         The runs this node holds are never claimed (its own live runs are not orphans)."""
         granted_at, expires = self.stamp()
-        skip = set(exclude) | set(self._valid_until)
+        skip = set(exclude) | set(self._valid_until) | self._granting
         claimed = await self.store.claim_runs(self.node_id, self._wall(), expires, scope=scope, exclude=skip)
         for record in claimed:
             self.hold(record.run_id, granted_at)

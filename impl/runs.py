@@ -319,11 +319,11 @@ class AgentRuntime:
                 record = await self._store.find_run(run_id)
                 if record is None or not record.finished:
                     continue
-                del self._remote_cancels[run_id]
                 await self.delivery.adopt(pending.context_id, pending.user)
             except StoreError as exc:
                 self._lease_store_failed(f"answering the cancel of {run_id}", exc)
-                return
+                return  # kept: the next round tries again
+            del self._remote_cancels[run_id]
             if self.delivery.holds_terminal(pending.context_id, run_id):
                 continue  # it reaches the sessions here like any event of the context
             finished = ErrorFrame(code=ErrorCode.RUN_FINISHED, detail=f"the run has ended ({record.state})")
@@ -421,10 +421,10 @@ class AgentRuntime:
         tools = list(frame.tools) if frame.tools is not None else self.tools.names()
         leases = self.leases
         assert leases is not None
-        # Held before the write that grants it, so a takeover claim of this node never names it
+        # Marked before the write that grants it, so a takeover claim of this node never names it
         # (claims exclude the runs it holds); the fence counts from before that write.
         granted_at, expires = leases.stamp()
-        leases.hold(run_id, granted_at)
+        leases.granting(run_id)
         try:
             await self._validate(session, frame, tools)
             record, created = await store.create_run(
@@ -449,6 +449,7 @@ class AgentRuntime:
             self._by_request[key] = record.run_id
             await session.send(RunAccepted(request_id=frame.request_id, run_id=record.run_id))
             return
+        leases.hold(run_id, granted_at)
         machine.fire("validate_ok", {"request_id": frame.request_id})
         run = _Run(run_id, session.context_id, session.user, frame.request_id, frame.input, tools, machine)
         self._runs[run_id] = run

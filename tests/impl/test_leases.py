@@ -109,12 +109,18 @@ async def test_a_renewal_reports_lost_leases_and_recorded_cancels_and_claims_ski
     granted_at, _ = leases.stamp()
     for run_id in ("mine", "cancelled", "gone"):
         leases.hold(run_id, granted_at)
+    # A run being created: its row may not be committed yet, so a renewal must not ask for it
+    # (it would find nothing and take the lease for lost), and a claim must not take it.
+    leases.granting("new")
     renewal = await leases.renew()
+    assert store.calls[-1] == ("renew", ["cancelled", "gone", "mine"])
     assert (renewal.lost, renewal.cancelled) == ({"gone"}, {"cancelled"})
     assert sorted(leases.held()) == ["cancelled", "mine"]
     claimed = await leases.claim("expired")
     assert [r.run_id for r in claimed] == ["orphan"] and leases.holds("orphan")
-    assert store.calls[-1] == ("claim", ["cancelled", "mine"])  # never its own live runs
+    assert store.calls[-1] == ("claim", ["cancelled", "mine", "new"])  # never its own live runs
+    leases.hold("new", granted_at)
+    assert sorted(leases.held()) == ["cancelled", "mine", "new", "orphan"]
     assert await RunLeases(store, node_id="x", ttl=1, renew_interval=0.5).renew() == Renewal(  # type: ignore[arg-type]
         frozenset(), frozenset())
     with pytest.raises(ValueError):
