@@ -50,6 +50,7 @@ def test_a_timeout_is_unknown_never_proved() -> None:
         assert proof.verdict != "proved" or all(o.result == "unsat" for o in obligations)
 
 
+@pytest.mark.slow
 def test_check_rows_report_unknown_on_timeout() -> None:
     rows = z3_rows(CheckOptions(z3_timeout_ms=1, extra={"z3_bmc": False, "confirm_depth": 2}))
     assert rows and all(r.method == "z3" for r in rows)
@@ -62,6 +63,7 @@ def test_check_rows_report_unknown_on_timeout() -> None:
         assert "BMC to depth 2 on every scenario" in r.detail, r.detail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["handle_before_ready", "cancel_before_start_lost"])
 def test_check_rows_on_a_broken_model_say_violated_with_a_replayed_trace(name: str) -> None:
     """The audit saw ``unknown`` here: BMC ran only when a CTI came back, and at full strength Z3
