@@ -37,6 +37,10 @@ from pipeproof.model.scenarios import Scenario
 from pipeproof.model.system import State, Step, System, SystemModel, reference_model
 
 APT_LINE = "sudo apt-get install spin gcc"
+STORAGES = ("hash", "ma", "bitstate")
+MIN_HASH_FACTOR = 100.0
+"""A bitstate search this sparse (bits per stored state) or sparser misses very few states (pan's own
+advice, "best if > 100"); below it a clean search is reported unknown."""
 
 
 class SpinUnavailable(PipeproofError):
@@ -61,9 +65,18 @@ class PanOptions:
     depth: int = 1_000_000  # -m, the first try; raised tenfold while the search hits it
     max_depth: int = 100_000_000
     hash_bits: int = 24  # -w: 2^bits hash slots (pan chains collisions, so this is speed, not soundness)
-    collapse: bool = False  # -DCOLLAPSE: compress stored states (about 3x less memory, slower)
+    # "hash": every state stored whole (exhaustive, fastest); "ma": stored as a minimised automaton
+    # (exhaustive, about 30x less memory, about 4x slower); "bitstate": supertrace, a bit array of
+    # memory_mb (approximate: a hash collision prunes a state, so "holds" needs a hash factor of
+    # 100 or more). -DCOLLAPSE is not offered: it compresses per process, and the whole state is
+    # one process's globals here.
+    storage: str = "hash"
     optimize: str = "-O2"
     timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, not {self.storage!r}")
 
 
 @dataclass
@@ -78,6 +91,8 @@ class SpinResult:
     complete: bool = True
     reason: str = ""  # why the search is not complete
     memory_mb: float = 0.0
+    approximate: bool = False  # bitstate: a clean search covered almost every state, not provably all
+    hash_factor: float | None = None  # bitstate: bits per stored state
     violations: dict[str, Counterexample] = field(default_factory=dict)
     output: str = ""  # pan's report
 
@@ -114,13 +129,25 @@ def build(model: PromelaModel, workdir: Path, options: PanOptions = PanOptions()
     timings["spin"] = time.perf_counter() - start
     if done.returncode != 0 or not (workdir / "pan.c").exists():
         raise ModelError(f"spin -a rejected the generated Promela: {(done.stdout + done.stderr).strip()[-2000:]}")
-    flags = ["-DSAFETY", "-DNOREDUCE", f"-DMEMLIM={options.memory_mb}", *(["-DCOLLAPSE"] if options.collapse else [])]
+    base = ["-DSAFETY", "-DNOREDUCE", "-DNOFAIR", f"-DMEMLIM={options.memory_mb}"]
+    storage = {"hash": [], "bitstate": ["-DBITSTATE"], "ma": []}[options.storage]
     start = time.perf_counter()
-    done = _run([gcc, options.optimize, *flags, "-o", "pan", "pan.c"], workdir)
+    _compile(gcc, options, [*base, *storage], workdir)
+    if options.storage == "ma":
+        # -DMA needs the state vector's size, which pan reports on a search cut at depth 1.
+        probe = _run(["./pan", "-m1", "-w10", "-n"], workdir).stdout
+        size = re.search(r"State-vector (\d+) byte", probe)
+        if size is None:
+            raise ModelError(f"pan did not report its state vector size: {probe[-1000:]}")
+        _compile(gcc, options, [*base, f"-DMA={size.group(1)}"], workdir)
     timings["gcc"] = time.perf_counter() - start
+    return timings
+
+
+def _compile(gcc: str, options: PanOptions, flags: Sequence[str], workdir: Path) -> None:
+    done = _run([gcc, options.optimize, *flags, "-o", "pan", "pan.c"], workdir)
     if done.returncode != 0:
         raise SpinUnavailable("gcc", f"pan did not compile: {done.stderr.strip()[-2000:]}")
-    return timings
 
 
 def search(workdir: Path, options: PanOptions = PanOptions()) -> tuple[str, int]:
@@ -130,7 +157,7 @@ def search(workdir: Path, options: PanOptions = PanOptions()) -> tuple[str, int]
     while True:
         for old in workdir.glob("model.pml*.trail"):
             old.unlink()
-        done = _run(["./pan", "-c0", "-e", "-n", f"-m{depth}", f"-w{options.hash_bits}"], workdir,
+        done = _run(["./pan", "-c0", "-e", "-n", f"-m{depth}", f"-w{_hash_bits(options)}"], workdir,
                     options.timeout_s)
         out = done.stdout + done.stderr
         if "max search depth too small" not in out or depth >= options.max_depth:
@@ -138,9 +165,21 @@ def search(workdir: Path, options: PanOptions = PanOptions()) -> tuple[str, int]
         depth = min(depth * 10, options.max_depth)
 
 
+def _hash_bits(options: PanOptions) -> int:
+    """-w: the hash table's slots, or for bitstate the largest bit array that leaves half of the
+    memory budget to pan's stack and its own tables."""
+    if options.storage != "bitstate":
+        return options.hash_bits
+    return max(10, min(40, (options.memory_mb * 4 * 2**20).bit_length() - 1))
+
+
+_NUMBER = r"([\d.]+(?:e[+-]\d+)?)"
+
+
 def _int(pattern: str, text: str) -> int:
-    found = re.search(pattern, text)
-    return int(found.group(1)) if found else 0
+    """A count from pan's report (printed with 8 significant digits: exact below 10^8)."""
+    found = re.search(pattern.replace("(N)", _NUMBER), text)
+    return int(float(found.group(1))) if found else 0
 
 
 def verify(system: System, options: PanOptions = PanOptions(), workdir: Path | None = None) -> SpinResult:
@@ -162,13 +201,21 @@ def verify(system: System, options: PanOptions = PanOptions(), workdir: Path | N
             result.complete, result.reason = False, f"pan ran past {options.timeout_s} s"
         result.timings["pan"] = time.perf_counter() - begin
         result.output = out
-        result.states = _int(r"(\d+) states, stored", out)
-        result.transitions = max(_int(r"(\d+) transitions \(= stored\+matched\)", out) - 1, 0)
-        result.depth = _int(r"depth reached (\d+)", out)
+        result.states = _int(r"(N) states, stored", out)
+        result.transitions = max(_int(r"(N) transitions \(= stored\+matched\)", out) - 1, 0)
+        result.depth = _int(r"depth reached (N)", out)
+        factor = re.search(r"hash factor:\s*" + _NUMBER, out)
+        result.hash_factor = float(factor.group(1)) if factor else None
         found = re.search(r"([\d.]+)\s+total actual memory usage", out)
         result.memory_mb = float(found.group(1)) if found else 0.0
         if result.complete:
-            result.complete, result.reason = _completeness(out, depth)
+            result.complete, result.reason = _completeness(out, depth, options, result.states)
+        if result.complete and options.storage == "bitstate":
+            result.approximate = True
+            if result.hash_factor is None or result.hash_factor < MIN_HASH_FACTOR:
+                result.complete = False
+                result.reason = (f"bitstate search too dense (hash factor {result.hash_factor}, needs"
+                                 f" {MIN_HASH_FACTOR:.0f}): give it more memory")
         begin = time.perf_counter()
         errors = [(m.group(2), m.end()) for m in _ERROR.finditer(out)]
         trails = [m.group(1) for m in _WROTE.finditer(out)]
@@ -186,11 +233,13 @@ def verify(system: System, options: PanOptions = PanOptions(), workdir: Path | N
     return result
 
 
-def _completeness(out: str, depth: int) -> tuple[bool, str]:
+def _completeness(out: str, depth: int, options: PanOptions, states: int) -> tuple[bool, str]:
     if "max search depth too small" in out:
         return False, f"the search went deeper than -m{depth}"
     if "reached -DMEMLIM bound" in out or "out of memory" in out:
-        return False, "pan ran out of its memory limit (-DMEMLIM); try collapse compression or more memory"
+        hint = " (storage 'ma' holds about 30x more states in the same memory)" if options.storage == "hash" else ""
+        return False, (f"pan reached its memory limit of {options.memory_mb} MB with {states:,} states stored:"
+                       f" the instance is larger than that{hint}")
     if "Search not completed" in out or "states, stored" not in out:
         return False, "pan stopped before the search was complete"
     return True, ""
@@ -287,8 +336,9 @@ def spin_rows(
         if why:
             rows.append(Row(inv.machine, inv.name, "spin", "unknown", states, seconds, detail="; ".join(why)))
         else:
+            approx = [f"{sc.name}: bitstate, hash factor {r.hash_factor:g}" for sc, r in results if r.approximate]
             rows.append(Row(inv.machine, inv.name, "spin", "holds", states, seconds,
-                            detail=", ".join(sc.name for sc in scenarios)))
+                            detail="; ".join(approx) or ", ".join(sc.name for sc in scenarios)))
     return rows
 
 
