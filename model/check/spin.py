@@ -103,6 +103,15 @@ class SpinResult:
                 f" ({steps}), {self.memory_mb:.0f} MB, {status}")
 
 
+def default_memory_mb() -> int:
+    """pan's memory limit for a command-line run: half of what the machine has free, at most 8 GB
+    (about 200 million states stored whole), so a search that outgrows it stops with a reason
+    instead of pushing the machine into swap."""
+    import psutil
+
+    return int(max(512, min(8192, psutil.virtual_memory().available // 2 // 2**20)))
+
+
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -267,7 +276,6 @@ def replay(system: System, model: PromelaModel, ids: Sequence[int], prop: str) -
     """The explorer's counterexample for a SPIN trail: each option is matched to the successor
     ``System.successors`` offers, and the property's own check must fail at the end."""
     state: State = system.initial()
-    before = state
     path: list[Step] = []
     checked = False
     for n, oid in enumerate(ids, 1):
@@ -281,19 +289,83 @@ def replay(system: System, model: PromelaModel, ids: Sequence[int], prop: str) -
         if not steps:
             raise TraceMismatch(f"{prop}: step {n} of the SPIN trail, {option.action}{option.args}, is not a step "
                                 f"the explorer offers there")
-        before, state = state, steps[0].after
+        state = steps[0].after
         path.append(steps[0])
+    spin_steps = len(path)
+    if not _violations(system, path, prop, step_property=not checked):
+        raise TraceMismatch(f"SPIN reports {prop} violated after {spin_steps} steps, but the model holds it there")
+    path = shrink(system, [_key(s) for s in path], prop, step_property=not checked)
+    messages = _violations(system, path, prop, step_property=not checked)
+    return Counterexample(prop, messages[0], tuple(system.describe_step(s) for s in path), tuple(path))
+
+
+def _violations(system: System, path: Sequence[Step], prop: str, step_property: bool) -> list[str]:
+    """What the property's own check reports at the end of ``path`` (empty: it holds there)."""
     inv = BY_NAME[prop]
-    messages: list[str] = []
-    if not checked and path and inv.step_check is not None:
-        messages = inv.step_check(system, path[-1], before)
-    if not messages and inv.state_check is not None:
-        messages = inv.state_check(system, state)
+    state = path[-1].after if path else system.initial()
+    if step_property:
+        if not path or inv.step_check is None:
+            return []
+        before = path[-2].after if len(path) > 1 else system.initial()
+        return inv.step_check(system, path[-1], before)
+    messages = inv.state_check(system, state) if inv.state_check is not None else []
     if not messages and prop == QUIESCENCE and next(iter(system.successors(state)), None) is None:
         messages = quiescent_violations(system, state)
-    if not messages:
-        raise TraceMismatch(f"SPIN reports {prop} violated after {len(path)} steps, but the model holds it there")
-    return Counterexample(prop, messages[0], tuple(system.describe_step(s) for s in path), tuple(path))
+    return messages
+
+
+_StepKey = tuple[str, tuple[int, ...], tuple[tuple[str, tuple[int, ...], str], ...]]
+
+
+def _key(step: Step) -> _StepKey:
+    """What names a step independently of the state it is taken in: its action, its arguments
+    and the component transitions it fires."""
+    return step.action, step.args, tuple((f.family, f.index, f.transition.key) for f in step.firings)
+
+
+def _follow(system: System, keys: Sequence[_StepKey], prop: str, step_property: bool,
+            budget: list[int]) -> list[Step] | None:
+    """The steps ``keys`` name, taken from the initial state, cut at the first violation of
+    ``prop``; None if some step is not offered where it is taken or nothing is violated."""
+    state = system.initial()
+    path: list[Step] = []
+    for key in keys:
+        budget[0] -= 1
+        step = next((s for s in system.successors(state) if _key(s) == key), None)
+        if step is None:
+            return None
+        path.append(step)
+        state = step.after
+        if _violations(system, path, prop, step_property):
+            return path
+    return None
+
+
+def shrink(system: System, keys: Sequence[_StepKey], prop: str, step_property: bool,
+           effort: int = 20_000) -> list[Step]:
+    """A SPIN trail made short: pan's search is depth-first, so its trail carries steps the
+    violation does not need. Greedily drop one step at a time while what is left still replays
+    through ``System.successors`` and still violates ``prop`` (cut at its first violation), until
+    no single step can go or ``effort`` successor computations are spent. Every step of the
+    result is one the explorer offers; it is short, not necessarily shortest (the explorer's
+    breadth-first trace is)."""
+    if not keys:
+        return []  # violated in the initial state
+    budget = [effort]
+    best = _follow(system, keys, prop, step_property, budget)
+    if best is None:
+        raise TraceMismatch(f"the replayed SPIN trail for {prop} does not replay by its step names")
+    changed = True
+    while changed and budget[0] > 0:
+        changed = False
+        for i in reversed(range(len(best))):
+            if budget[0] <= 0:
+                break
+            trial = [_key(s) for k, s in enumerate(best) if k != i]
+            found = _follow(system, trial, prop, step_property, budget)
+            if found is not None:
+                best, changed = found, True
+    return best
 
 
 # -- the check table ----------------------------------------------------------------------------
@@ -349,9 +421,11 @@ __all__ = [
     "SpinUnavailable",
     "TraceMismatch",
     "build",
+    "default_memory_mb",
     "replay",
     "replay_ids",
     "search",
+    "shrink",
     "spin_rows",
     "verify",
 ]

@@ -82,7 +82,7 @@ def check_with_spin(args: argparse.Namespace, scenarios: Callable[[argparse.Name
     exit codes of ``pipeproof check`` (1: a violation; 2: unknown, e.g. spin is not installed)."""
     from pipeproof.errors import ModelError
     from pipeproof.model.check.checks import render_table
-    from pipeproof.model.check.spin import spin_rows
+    from pipeproof.model.check.spin import PanOptions, default_memory_mb, spin_rows
 
     try:
         chosen = cast("tuple[Scenario, ...]", tuple(scenarios(args)))
@@ -90,7 +90,7 @@ def check_with_spin(args: argparse.Namespace, scenarios: Callable[[argparse.Name
         print(f"pipeproof check: {exc}", file=sys.stderr)
         return 2
     log = (lambda _m: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    rows = spin_rows(chosen, log=log)
+    rows = spin_rows(chosen, options=PanOptions(memory_mb=default_memory_mb()), log=log)
     for reason in sorted({r.detail for r in rows if r.verdict == "unknown" and r.detail}):
         print(f"pipeproof check: spin could not decide: {reason}", file=sys.stderr)
     if args.json:
