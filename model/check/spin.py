@@ -64,7 +64,10 @@ class PanOptions:
     memory_mb: int = 8192  # -DMEMLIM: pan stops (unknown) instead of exhausting the machine
     depth: int = 1_000_000  # -m, the first try; raised tenfold while the search hits it
     max_depth: int = 100_000_000
-    hash_bits: int = 24  # -w: 2^bits hash slots (pan chains collisions, so this is speed, not soundness)
+    # -w: 2^bits hash slots; pan chains collisions, so this is speed, not soundness. None: one
+    # slot per 256 bytes of the memory limit (chains of about six when the memory is full; pan
+    # clears the whole table at start, about 0.2 s per 2^25 slots).
+    hash_bits: int | None = None
     # "hash": every state stored whole (exhaustive, fastest); "ma": stored as a minimised automaton
     # (exhaustive, about 30x less memory, about 4x slower); "bitstate": supertrace, a bit array of
     # memory_mb (approximate: a hash collision prunes a state, so "holds" needs a hash factor of
@@ -177,9 +180,11 @@ def search(workdir: Path, options: PanOptions = PanOptions()) -> tuple[str, int]
 def _hash_bits(options: PanOptions) -> int:
     """-w: the hash table's slots, or for bitstate the largest bit array that leaves half of the
     memory budget to pan's stack and its own tables."""
-    if options.storage != "bitstate":
+    if options.storage == "bitstate":
+        return max(10, min(40, (options.memory_mb * 4 * 2**20).bit_length() - 1))
+    if options.hash_bits is not None:
         return options.hash_bits
-    return max(10, min(40, (options.memory_mb * 4 * 2**20).bit_length() - 1))
+    return max(16, min(32, (options.memory_mb * 2**20 // 256).bit_length() - 1))
 
 
 _NUMBER = r"([\d.]+(?:e[+-]\d+)?)"
