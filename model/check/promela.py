@@ -9,8 +9,9 @@ exactly the explorer's (model/check/explorer.py):
   stream as ``events_per_user`` delivery slots plus its length and its event kinds, each session's
   resume claim and context epoch. Slots past a stream's length keep the delivery machine's initial
   configuration and kind 0, and no other variable is in the vector (property flags and
-  temporaries are ``hidden``), so the map from an explorer ``State`` to a Promela state is a
-  bijection on the reachable states;
+  temporaries are ``hidden``), so the map from an explorer ``State`` to a Promela state
+  (``encode``) is a bijection on the reachable states. Each variable is an ``unsigned`` of the
+  bits its machine needs for the values it reaches alone (``_types``);
 - **one do-option per explorer step**: a system action of model/composition.py at concrete
   arguments, with each component transition it may fire chosen statically where the explorer tries
   every enabled transition (``fire_all``) and as an in-order chain where it takes the first enabled
@@ -23,12 +24,13 @@ exactly the explorer's (model/check/explorer.py):
   send/send_failed of the oldest sendable event, cumulative acks, resume, run appends with the room
   rule, the clock tick, detach on close, routing) is generated here, mirroring model/system.py
   action by action. A routing function this module has no mirror for is an error, never a guess;
-- **properties**: every invariant of model/invariants.py becomes checks inside the steps: step
-  properties on the firings (with their before-state), state properties on the state a step leaves
-  behind (only the clauses that read something the step writes), quiescence on the deadlock a
-  ``timeout`` option sees. Each property has a hidden flag so pan reports its first violation once
-  and goes on (``-c0 -e``: one trail per violated property). ``#define ONLY k`` arms only property
-  ``k`` (1-based in ``PromelaModel.properties``) so a trail replays to its own violation.
+- **properties**: every invariant of model/invariants.py becomes assertions: step properties
+  inside each step, on the firings and their before-state; state properties in one more option,
+  enabled only in a state that violates one (so it adds no transition where they hold);
+  quiescence in a ``timeout`` option. Each property has a hidden flag so pan reports its first
+  violation once and goes on (``-c0 -e``: one trail per violated property). ``#define ONLY k``
+  arms only property ``k`` (1-based in ``PromelaModel.properties``) so a trail replays to its own
+  violation.
 
 Each option prints ``STEP <id>``: a replayed trail names its options, and ``PromelaModel.options``
 maps an id back to the action, its arguments and its statically chosen transitions
@@ -56,7 +58,6 @@ from pipeproof.model.spec import Config, Kind, Machine, Transition
 from pipeproof.model.system import SEND_ERROR, State, System, input_choices, reads_inputs, same_user
 from pipeproof.protocol import Property
 
-FAMILY_MACHINE: dict[str, str] = {"conn": "connection", "ctx": "context", "run": "run", "event": "delivery"}
 RANGE = "value_out_of_range"
 """The flag raised when a computed value does not fit its Promela type: the encoding, not the model,
 is at fault, so a run that raises it is inconclusive."""
@@ -167,19 +168,21 @@ class _Chain:
 
 @dataclass
 class _Draft:
+    """One option being built: its enabling conditions, the transitions it fires by construction,
+    its in-order chains and the glue's own writes (``extra``)."""
+
     action: str
     args: tuple[int, ...]
     guard: list[str] = field(default_factory=list)
     static: list[_Firing] = field(default_factory=list)
     chains: list[_Chain] = field(default_factory=list)
     extra: list[tuple[str, str]] = field(default_factory=list)  # (variable, value on the pre-state)
-    writes: set[tuple[str, int]] = field(default_factory=set)  # (family, session or user) touched
     sessions: list[int] = field(default_factory=list)  # sessions the step reads through
     ack_session: int | None = None
 
-    def copy(self, action: str | None = None) -> _Draft:
-        return _Draft(action or self.action, self.args, list(self.guard), list(self.static), list(self.chains),
-                      list(self.extra), set(self.writes), list(self.sessions), self.ack_session)
+    def copy(self) -> _Draft:
+        return _Draft(self.action, self.args, list(self.guard), list(self.static), list(self.chains),
+                      list(self.extra), list(self.sessions), self.ack_session)
 
 
 class _Gen:
@@ -308,6 +311,8 @@ class _Gen:
 
     # -- step properties (model/invariants.py, the step_check of each) ---------------------------
     def step_violations(self, f: _Firing, d: _Draft) -> list[tuple[str, str]]:
+        """(property, condition on the pre-state) for each step property ``f`` may violate inside
+        option ``d``; "1" where the transition alone decides it."""
         t = f.transition
         out: list[tuple[str, str]] = []
         if f.family == "conn":
@@ -440,11 +445,10 @@ class _Gen:
                 if not reads_inputs(t, inputs):
                     continue
                 f = self.firing("conn", (s,), t, {k: _const(v) for k, v in inputs.items()})
-                d = _Draft(name or ca.name, (s,), [self.enabled(f)], [f], sessions=[s], writes={("conn", s)})
+                d = _Draft(name or ca.name, (s,), [self.enabled(f)], [f], sessions=[s])
                 if t.source in ATTACHED and t.target not in ATTACHED:
                     u = self.system.owner(s)
                     d.chains.append(_Chain("ctx", (u,), "detach", {}, "1"))
-                    d.writes.add(("ctx", u))
                 yield d
 
     def client_drafts(self) -> Iterator[_Draft]:
@@ -459,7 +463,6 @@ class _Gen:
                         d.guard += [f"({self.st('conn', (s,))} == {self.const('conn', Conn.OPEN)})",
                                     self.prefix_at_least(u, 1)]
                         d.extra.append((f"resume{s}", self.prefix(u)))
-                        d.writes.add(("resume", s))
                         yield d
             if Conn.READY not in active:
                 continue
@@ -473,13 +476,12 @@ class _Gen:
                     yield d
             for t in self.transitions("run", "cancel"):
                 f = self.firing("run", (u,), t)
-                yield _Draft("client_cancel", (s,), [self.live(s), self.enabled(f)], [f], writes={("run", u)})
+                yield _Draft("client_cancel", (s,), [self.live(s), self.enabled(f)], [f])
 
     def ack_through(self, d: _Draft, u: int, n: int) -> None:
         """System._ack_through: every live event 1..n takes its first enabled ack, or no step."""
         for i in range(n):
             d.chains.append(_Chain("event", self.ev(u, i), "ack", {}, _not(self.terminal(u, i))))
-        d.writes.add(("event", u))
 
     def server_drafts(self) -> Iterator[_Draft]:
         for s in range(self.S):
@@ -491,15 +493,14 @@ class _Gen:
         for u in range(self.U):
             for t in self.transitions("ctx", "expire"):
                 f = self.firing("ctx", (u,), t)
-                yield _Draft("server_expire_context", (u,), [self.enabled(f)], [f], writes={("ctx", u)})
+                yield _Draft("server_expire_context", (u,), [self.enabled(f)], [f])
             yield from self.run_drafts(u)
             has = self.has_session(u)
             for i in range(self.K):
                 for event in ("ack_timeout", "no_session_timeout"):
                     for t in self.transitions("event", event):
                         f = self.firing("event", self.ev(u, i), t, {"has_session": has})
-                        yield _Draft(f"server_{event}", self.ev(u, i), [self.in_stream(u, i), self.enabled(f)], [f],
-                                     writes={("event", u)})
+                        yield _Draft(f"server_{event}", self.ev(u, i), [self.in_stream(u, i), self.enabled(f)], [f])
 
     def resolve_drafts(self, s: int) -> Iterator[_Draft]:
         """System._resolve_steps: atomic get-or-create, then READY or a limit rejection."""
@@ -514,8 +515,7 @@ class _Gen:
                     f = self.firing("conn", (s,), t)
                     seen = self.post(cf, epoch) if conn_event == "auth_ok" else "0"
                     d = _Draft("server_resolve", (s,), [self.enabled(cf), self.enabled(f)], [cf, f],
-                               extra=[(f"epoch_seen{s}", seen)], sessions=[s],
-                               writes={("ctx", u), ("conn", s), ("epoch_seen", s)})
+                               extra=[(f"epoch_seen{s}", seen)], sessions=[s])
                     if conn_event != "auth_ok":
                         yield d
                         continue
@@ -546,14 +546,13 @@ class _Gen:
                     for t in self.transitions("event", "send"):
                         f = self.firing("event", e, t)
                         yield _Draft("server_send", (s, *e), [*oldest, self.enabled(deliver), self.enabled(f)],
-                                     [deliver, f], sessions=[s], writes={("conn", s), ("event", u)})
+                                     [deliver, f], sessions=[s])
                     for ft in self.transitions("event", "send_failed"):
                         failed = self.firing("event", e, ft)
                         for d in self.conn_drafts(s, SEND_ERROR, "server_send_failed"):
                             d.args = (s, *e)
                             d.guard = [*oldest, self.enabled(deliver), *d.guard, self.enabled(failed)]
                             d.static.append(failed)
-                            d.writes.add(("event", u))
                             yield d
 
     def run_drafts(self, u: int) -> Iterator[_Draft]:
@@ -566,7 +565,7 @@ class _Gen:
                 continue
             for t in self.transitions("run", event):
                 f = self.firing("run", (u,), t)
-                base = _Draft(f"server_run_{event}", (u,), [live_ctx, self.enabled(f)], [f], writes={("run", u)})
+                base = _Draft(f"server_run_{event}", (u,), [live_ctx, self.enabled(f)], [f])
                 if event not in AGENT_EVENTS:
                     yield base
                     continue
@@ -582,7 +581,6 @@ class _Gen:
                                 *((self.var("event", e, name), _const(v))
                                   for name, v in zip(self.m.delivery.var_names, init_vals, strict=True)),
                                 (f"kind{u}_{n + 1}", _kind(event)), (self.length(u), str(n + 1))]
-                    d.writes |= {("event", u), ("kind", u)}
                     yield d
 
     def clock_drafts(self) -> Iterator[_Draft]:
@@ -595,7 +593,6 @@ class _Gen:
                 when = _all([self.in_stream(u, i), _not(self.terminal(u, i))])
                 live.append(when)
                 d.chains.append(_Chain("event", self.ev(u, i), "tick", {"has_session": has}, when))
-            d.writes.add(("event", u))
         d.guard.append(_any(live))
         yield d
 
