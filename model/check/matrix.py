@@ -11,7 +11,10 @@ reported), ``missed`` otherwise. What each checker does per mutant:
   absence: the explorer and Z3 columns are the guarantees);
 - z3: the induction step over the symbolic universe yields a counterexample to induction (CTI) for
   the mutant's property, and BMC from Init on the scenario's bounds turns it into a real trace; only
-  the BMC trace counts as caught.
+  the BMC trace counts as caught;
+- spin: the mutant's scenario generated as Promela (model/check/promela.py), searched by pan, and
+  the trail replayed through ``System.successors`` (model/check/spin.py); ``unavailable`` when
+  spin or gcc is not installed (the detail says how to install them), never ``caught``.
 """
 
 from __future__ import annotations
@@ -26,12 +29,18 @@ from typing import Any
 
 from pipeproof.model.check.explorer import explore
 from pipeproof.model.check.hypothesis_check import run_system
+from pipeproof.model.check.spin import PanOptions, SpinUnavailable, verify
 from pipeproof.model.check.z3check import BMC_DEPTH, bmc, prove, verdicts
 from pipeproof.model.check.z3props import PROPERTY_BY_NAME, closure
 from pipeproof.model.mutants import MUTANTS, Mutant
 from pipeproof.model.system import System
 
-CHECKERS = ("explorer", "hypothesis", "z3")
+CHECKERS = ("explorer", "hypothesis", "z3", "spin")
+GUARANTEES = ("explorer", "z3", "spin")
+"""The exhaustive or proof-backed columns: a miss in one of them fails ``check --mutants``."""
+SPIN_OPTIONS = PanOptions(optimize="-O0", hash_bits=18)
+"""pan for the zoo: every mutant's scenario is under 60,000 states, so an unoptimised pan (gcc -O0
+compiles in a fraction of -O2's time) with a small hash table is the fastest end to end."""
 
 
 @dataclass
@@ -52,7 +61,7 @@ class MatrixOptions:
 class MatrixCell:
     mutant: str
     checker: str  # explorer | hypothesis | z3
-    verdict: str  # caught | missed
+    verdict: str  # caught | missed | unavailable (spin only: not installed)
     trace_length: int | None
     property: str  # the property that caught it (the mutant's target when missed)
     seconds: float
@@ -120,8 +129,24 @@ def _z3(m: Case, opts: MatrixOptions) -> MatrixCell:
                       f"BMC depth {r.depth}; CTI: {cti}")
 
 
+def _spin(m: Case, opts: MatrixOptions) -> MatrixCell:
+    start = time.perf_counter()
+    try:
+        r = verify(m.system, SPIN_OPTIONS)
+    except SpinUnavailable as exc:
+        return MatrixCell(m.name, "spin", "unavailable", None, m.prop, time.perf_counter() - start, detail=str(exc))
+    cex = r.violations.get(m.prop)
+    if cex is None:
+        return MatrixCell(m.name, "spin", "missed", None, m.prop, r.seconds,
+                          detail=f"{r.states} states, no violation of {m.prop}"
+                          + ("" if r.complete else f" (incomplete: {r.reason})"))
+    return MatrixCell(m.name, "spin", "caught", len(cex.steps), m.prop, r.seconds,
+                      [*cex.steps, f"=> {cex.message}"],
+                      f"scenario {m.scenario}, {r.states} states; trail replayed through the explorer")
+
+
 RUNNERS: dict[str, Callable[[Case, MatrixOptions], MatrixCell]] = {
-    "explorer": _explorer, "hypothesis": _hypothesis, "z3": _z3,
+    "explorer": _explorer, "hypothesis": _hypothesis, "z3": _z3, "spin": _spin,
 }
 
 
@@ -149,8 +174,9 @@ def mutant_matrix(options: MatrixOptions | None = None) -> list[MatrixCell]:
     if jobs == 1:
         done = {(c.name, checker): logged(_cell(checker, c, opts)) for c, checker in work}
     else:
-        # Z3 cells are the long ones (BMC grows with the trace length): start them first.
-        work.sort(key=lambda w: (w[1] != "z3", w[1] != "hypothesis"))
+        # Z3 cells are the long ones (BMC grows with the trace length), then SPIN's compiles:
+        # start them first so the last cells to finish are short ones.
+        work.sort(key=lambda w: ("z3", "spin", "hypothesis", "explorer").index(w[1]))
         worker_opts = replace(opts, log=_no_log, mutants=())
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method)) as pool:
@@ -171,7 +197,7 @@ def render_matrix(cells: Sequence[MatrixCell]) -> str:
         for c in checkers:
             cell = by.get((m, c))
             row.append("-" if cell is None else
-                       f"caught ({cell.trace_length} steps)" if cell.verdict == "caught" else "missed")
+                       f"caught ({cell.trace_length} steps)" if cell.verdict == "caught" else cell.verdict)
         row.append(next(x.property for x in cells if x.mutant == m))
         rows.append(row)
     widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]

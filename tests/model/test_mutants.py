@@ -8,6 +8,7 @@ CI here.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -88,7 +89,30 @@ def test_matrix_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--mutants", "--json", "--only", "ack_before_ready", "--only", "resend_acked",
                  "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {c["checker"] for c in out} == {"explorer", "hypothesis", "z3"}
+    assert {c["checker"] for c in out} == {"explorer", "hypothesis", "z3", "spin"}
     for c in out:
         assert {"mutant", "checker", "verdict", "trace_length", "property"} <= set(c)
         assert c["verdict"] == "caught", c
+
+
+@pytest.mark.skipif(shutil.which("spin") is None or shutil.which("gcc") is None,
+                    reason="spin or gcc is not installed (scripts/setup.sh installs both)")
+def test_spin_catches_every_mutant_with_a_replayed_trail() -> None:
+    cells = mutant_matrix(MatrixOptions(checkers=("spin",)))
+    assert {c.mutant: c.verdict for c in cells} == {m.name: "caught" for m in MUTANTS}
+    for c in cells:
+        # Replayed through System.successors and shrunk: within one step of the shortest.
+        assert c.trace_length is not None and SHORTEST[c.mutant] <= c.trace_length <= SHORTEST[c.mutant] + 1, c
+        assert c.trace[-1].startswith("=> ")
+
+
+def test_without_spin_the_column_says_unavailable_and_the_command_exits_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeproof.model.check import spin as spin_mod
+
+    monkeypatch.setattr(spin_mod.shutil, "which", lambda name: None)
+    (cell,) = mutant_matrix(MatrixOptions(checkers=("spin",), mutants=(BY_NAME["ack_before_ready"],), jobs=1))
+    assert cell.verdict == "unavailable" and "apt-get install spin" in cell.detail
+    assert main(["check", "--mutants", "--only", "ack_before_ready", "--no-hypothesis", "--no-z3", "--jobs", "1",
+                 "--quiet"]) == 2
+    assert "could not run" in capsys.readouterr().err

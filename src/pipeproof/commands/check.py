@@ -20,6 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-explorer", action="store_true", help="skip the exhaustive explorer")
     p.add_argument("--no-hypothesis", action="store_true", help="skip Hypothesis")
     p.add_argument("--no-z3", action="store_true", help="skip the Z3 proofs")
+    p.add_argument("--no-spin", action="store_true", help="with --mutants: skip the SPIN column")
     p.add_argument("--examples", type=int, default=150, help="Hypothesis examples per test (default 150)")
     p.add_argument("--steps", type=int, default=40, help="Hypothesis steps per example (default 40)")
     p.add_argument("--seed", type=int, default=None, help="Hypothesis seed (default: derandomized)")
@@ -75,8 +76,9 @@ def _explain(prop: str) -> int:
 
 
 def _mutants(args: argparse.Namespace) -> int:
-    """Exit 0 when every cell of the explorer and Z3 columns is caught (the guarantees), else 1."""
-    from pipeproof.model.check.matrix import MatrixOptions, mutant_matrix, render_matrix
+    """Exit 0 when every cell of the explorer, Z3 and SPIN columns is caught (the guarantees), 1 when
+    one is missed, 2 when SPIN could not run (not installed)."""
+    from pipeproof.model.check.matrix import GUARANTEES, MatrixOptions, mutant_matrix, render_matrix
     from pipeproof.model.mutants import BY_NAME, MUTANTS
 
     unknown = sorted(set(args.only or ()) - set(BY_NAME))
@@ -85,7 +87,7 @@ def _mutants(args: argparse.Namespace) -> int:
         return 2
 
     checkers = [c for c, off in (("explorer", args.no_explorer), ("hypothesis", args.no_hypothesis),
-                                 ("z3", args.no_z3)) if not off]
+                                 ("z3", args.no_z3), ("spin", args.no_spin)) if not off]
     log = (lambda _m: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     opts = MatrixOptions(checkers=checkers, examples=args.examples, steps=args.steps,
                          seed=0 if args.seed is None else args.seed, log=log, jobs=args.jobs,
@@ -100,7 +102,14 @@ def _mutants(args: argparse.Namespace) -> int:
             if c.verdict == "caught" and c.checker == "z3":
                 print(f"\n{c.mutant} (z3, {c.detail}):")
                 print("\n".join(f"  {i:>3}. {s}" for i, s in enumerate(c.trace, 1)))
-    return 1 if any(c.verdict == "missed" and c.checker in ("explorer", "z3") for c in cells) else 0
+    if any(c.verdict == "missed" and c.checker in GUARANTEES for c in cells):
+        return 1
+    unavailable = [c for c in cells if c.verdict == "unavailable"]
+    if unavailable:
+        print(f"pipeproof check: the {unavailable[0].checker} column could not run: {unavailable[0].detail}",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
