@@ -251,7 +251,8 @@ def _completeness(out: str, depth: int, options: PanOptions, states: int) -> tup
     if "max search depth too small" in out:
         return False, f"the search went deeper than -m{depth}"
     if "reached -DMEMLIM bound" in out or "out of memory" in out:
-        hint = " (storage 'ma' holds about 30x more states in the same memory)" if options.storage == "hash" else ""
+        hint = (" (PanOptions(storage='ma') stores about 30x more states in the same memory, about 4x slower)"
+                if options.storage == "hash" else "")
         return False, (f"pan reached its memory limit of {options.memory_mb} MB with {states:,} states stored:"
                        f" the instance is larger than that{hint}")
     if "Search not completed" in out or "states, stored" not in out:
@@ -405,7 +406,8 @@ def spin_rows(
             rows.append(Row(inv.machine, inv.name, "spin", "violated", states, seconds,
                             [*cex.steps, f"=> {cex.message}"], f"scenario {sc.name}"))
             continue
-        why = [f"{sc.name}: {r.reason}" for sc, r in results if not r.complete]
+        why = [f"{sc.name}: {r.reason}; none of the {r.states:,} states searched violates it"
+               for sc, r in results if not r.complete]
         if unavailable is not None:
             why.append(str(unavailable))
         if inv.name in untranslated:
