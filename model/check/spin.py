@@ -19,12 +19,13 @@ reason, and its rows are ``unknown`` unless a violation was found.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,9 +204,7 @@ def verify(system: System, options: PanOptions = PanOptions(), workdir: Path | N
     start = time.perf_counter()
     model = generate(system)
     result.timings["generate"] = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(prefix="pipeproof-spin-") as tmp:
-        where = workdir or Path(tmp)
-        where.mkdir(parents=True, exist_ok=True)
+    with _workdir(workdir) as where:
         result.timings.update(build(model, where, options))
         begin = time.perf_counter()
         try:
@@ -231,20 +230,35 @@ def verify(system: System, options: PanOptions = PanOptions(), workdir: Path | N
                 result.reason = (f"bitstate search too dense (hash factor {result.hash_factor}, needs"
                                  f" {MIN_HASH_FACTOR:.0f}): give it more memory")
         begin = time.perf_counter()
-        errors = [(m.group(2), m.end()) for m in _ERROR.finditer(out)]
-        trails = [m.group(1) for m in _WROTE.finditer(out)]
-        for (prop, _), trail in zip(errors, trails, strict=False):
+        # "pan:K: assertion violated !(prop)" is written to trail K (model.pmlK.trail, -e).
+        errors = {m.group(1): m.group(2) for m in _ERROR.finditer(out)}
+        trails = {re.sub(r"\D", "", m.group(1)): m.group(1) for m in _WROTE.finditer(out)}
+        for number, prop in errors.items():
+            trail = trails.get(number)
             if prop == RANGE:
                 result.complete = False
                 result.reason = "a value left its Promela type's range (the encoding, not the model)"
                 continue
             if prop in result.violations:
                 continue
+            if trail is None:
+                raise TraceMismatch(f"pan reported {prop} violated (error {number}) but wrote no trail for it")
             ids = replay_ids(where, model, prop, trail)
             result.violations[prop] = replay(system, model, ids, prop)
         result.timings["replay"] = time.perf_counter() - begin
     result.seconds = time.perf_counter() - start
     return result
+
+
+@contextlib.contextmanager
+def _workdir(given: Path | None) -> Iterator[Path]:
+    """``given`` (kept afterwards, to read pan's files), or a temporary directory."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="pipeproof-spin-") as tmp:
+        yield Path(tmp)
 
 
 def _completeness(out: str, depth: int, options: PanOptions, states: int) -> tuple[bool, str]:

@@ -51,3 +51,8 @@ def test_check_with_spin_missing_is_unknown_with_the_apt_line(monkeypatch: pytes
     assert main(["check", "--engine", "spin", "--quiet", *SMALL]) == 2
     captured = capsys.readouterr()
     assert "unknown" in captured.out and "apt-get install spin" in captured.err
+
+
+def test_check_with_spin_refuses_the_other_checkers_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--engine", "spin", "--mutants"]) == 2
+    assert "--mutants and --explain" in capsys.readouterr().err

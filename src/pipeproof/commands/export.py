@@ -84,6 +84,10 @@ def check_with_spin(args: argparse.Namespace, scenarios: Callable[[argparse.Name
     from pipeproof.model.check.checks import render_table
     from pipeproof.model.check.spin import PanOptions, default_memory_mb, spin_rows
 
+    if getattr(args, "mutants", False) or getattr(args, "explain", None):
+        print("pipeproof check: --engine spin checks the model's invariants; --mutants and --explain are the"
+              " other checkers' (run them without --engine spin)", file=sys.stderr)
+        return 2
     try:
         chosen = cast("tuple[Scenario, ...]", tuple(scenarios(args)))
     except ModelError as exc:
