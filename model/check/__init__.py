@@ -1,5 +1,6 @@
 """The checkers of the model: the exhaustive explorer, Hypothesis, Z3 (induction and bounded model
-checking), the verdict table and the mutant matrix (docs/model.md, docs/proofs.md).
+checking), SPIN on Promela generated from the declarations, the verdict table and the mutant matrix
+(docs/model.md, docs/proofs.md).
 
 The declarations they check live one level up, in pipeproof.model; nothing here declares a
 transition.
