@@ -10,7 +10,8 @@ are matched one by one against ``System.successors`` (``replay``), so a SPIN cou
 printed as the explorer prints one (``Counterexample``, each step with its actor, action and every
 component's change) and only after the Python model confirms the violation. A trail the explorer
 cannot follow, or one that does not violate its property, raises :class:`TraceMismatch`: the
-encoding disagrees with the model, never a silent pass.
+encoding disagrees with the model, never a silent pass. The depth-first trail is then shrunk
+(``shrink``) to a short one that still replays and still violates.
 
 pan counts one more transition than the explorer (the initial state it stores); ``SpinResult``
 reports the explorer's count. A search cut short (depth, memory) is ``complete=False`` with the
