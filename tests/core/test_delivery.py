@@ -344,6 +344,19 @@ def adopting_another_nodes_events(cls: CoreClass) -> None:
     assert sh.core.restore([Ev(3)], 1.5) == []
 
 
+def an_ended_event_is_never_adopted_again(cls: CoreClass) -> None:
+    sh = Shell(cls, max_attempts=2)
+    sh.join("a", 0.0)
+    sh.append(0.0, Ev(1, S, 1), Ev(2, S, 1))
+    assert sh.ack(1, "a", 0.5) == [1]
+    sh.tick(1.1)
+    assert sh.core.tick(1.1 + 2.2) == (EscalateEvent(2, EscalationReason.MAX_ATTEMPTS),)
+    # A session joins before the store shows the escalation (its write is in flight), or a store
+    # that never got the word still says SENT: both stay ended here, never tracked twice.
+    assert sh.core.restore([Ev(1, S, 1), Ev(2, S, 2), Ev(3)], 4.0) == [Ev(3)]
+    assert list(sh.core.live) == [3]
+
+
 SCENARIOS = {
     "first_send_and_fan_out": first_send_and_fan_out,
     "acks_are_cumulative_and_clamped": acks_are_cumulative_and_clamped,
@@ -355,6 +368,7 @@ SCENARIOS = {
     "resume_redelivers_in_order": resume_redelivers_in_order,
     "next_deadline": next_deadline,
     "adopting_another_nodes_events": adopting_another_nodes_events,
+    "an_ended_event_is_never_adopted_again": an_ended_event_is_never_adopted_again,
 }
 
 
@@ -471,6 +485,14 @@ class AdoptedLast(DeliveryCore[Ev]):
         return taken
 
 
+class ReadoptsEnded(DeliveryCore[Ev]):
+    """Forgets what it ended: a store behind its machine hands the event back as unfinished."""
+
+    def restore(self, records: Iterable[Ev], now: float) -> list[Ev]:
+        self.ended.clear()
+        return super().restore(records, now)
+
+
 BROKEN: Sequence[tuple[str, CoreClass]] = (
     ("first_send_and_fan_out", FirstSessionOnly),
     ("acks_are_cumulative_and_clamped", UnclampedAck),
@@ -482,6 +504,7 @@ BROKEN: Sequence[tuple[str, CoreClass]] = (
     ("resume_redelivers_in_order", NewestFirst),
     ("next_deadline", DeadlinesDuringAcks),
     ("adopting_another_nodes_events", AdoptedLast),
+    ("an_ended_event_is_never_adopted_again", ReadoptsEnded),
 )
 
 

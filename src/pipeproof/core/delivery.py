@@ -298,6 +298,10 @@ class DeliveryCore(Generic[R]):
     ack_done: int = 0  # ... and the highest one whose ack write has committed
     acking: bool = False  # an ack write is in flight: events <= ack_wanted keep no deadline
     earliest: float = NEVER  # no deadline falls before this (exact after next_deadline())
+    # Seqs this core took to ACKED or ESCALATED. Its machine's word on them is final (section 5:
+    # a terminal state is never left), so a later restore from the store never tracks them again,
+    # even if the store's write is late or (in a broken variant) never comes.
+    ended: set[int] = field(default_factory=set)
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -368,7 +372,7 @@ class DeliveryCore(Generic[R]):
     def restore(self, records: Iterable[R], now: float) -> list[R]:
         """Unfinished events read back from the store, which this node does not track: after a
         restart, or stored by another node (section 5: a resume redelivers whichever node it
-        lands on). Returns those it took; a seq already tracked here is left alone.
+        lands on). Returns those it took; a seq tracked here, or ended here, is left alone.
 
         A SENT one went out from a process that is not this one: it awaits its ack (a resume acks
         it), and is then resent or escalated. A PENDING one waits for a session for
@@ -377,7 +381,7 @@ class DeliveryCore(Generic[R]):
         taken: list[R] = []
         top = next(reversed(self.live), 0)  # the highest seq tracked (live is in seq order)
         for record in records:
-            if record.seq in self.live:
+            if record.seq in self.live or record.seq in self.ended:
                 continue
             sent = record.state is DeliveryState.SENT
             values: dict[str, Value] = {
@@ -582,9 +586,11 @@ class DeliveryCore(Generic[R]):
         a store write; any terminal state leaves the core. None if the event is still live."""
         if isinstance(transition.emits, Escalate):
             del self.live[entry.record.seq]
+            self.ended.add(entry.record.seq)
             return (EscalateEvent(entry.record.seq, transition.emits.reason),)
         if transition.target in self.machine.terminal:
             del self.live[entry.record.seq]
+            self.ended.add(entry.record.seq)
             return _NOTHING
         return None
 
