@@ -231,8 +231,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "heartbeat_suppressed",
         "9. heartbeat failures suppressed: a peer silent for two intervals is logged and kept READY, "
         "holding its slot, instead of being closed",
-        "connection: READY --heartbeat_timeout--> CLOSED (4408) becomes READY --heartbeat_timeout--> READY "
-        "(no close)",
+        "connection: READY --heartbeat_timeout--> CLOSED (close heartbeat_timeout) becomes "
+        "READY --heartbeat_timeout--> READY (no close)",
         _on("connection", lambda m: change(m, "READY--heartbeat_timeout-->CLOSED", target=Conn.READY, emits=None)),
         "timeouts_close_the_socket", "readiness",
     ),
