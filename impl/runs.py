@@ -328,6 +328,9 @@ class AgentRuntime:
                 continue  # it reaches the sessions here like any event of the context
             finished = ErrorFrame(code=ErrorCode.RUN_FINISHED, detail=f"the run has ended ({record.state})")
             for session in pending.sessions:
+                # A socket that cannot take the reply is already ending: a closed one, or a full
+                # queue, which the shell itself closes slow_consumer (impl/session.py send). The
+                # run's end is in the stream either way, so a resume still finds it.
                 with contextlib.suppress(SendFailed):
                     await session.send(finished)
 
