@@ -10,7 +10,7 @@ Rules:
 - ``conn`` actions fire one connection event alone (plus the context ``detach`` an attached socket
   leaving implies) and are interpreted generically; the other ``glue`` kinds name the routine in
   both encodings that supplies their inputs and routing;
-- ``args`` names what the step's ``args`` tuple holds, in order (``session``, ``user``, ``seq``),
+- ``args`` names what the step's ``args`` tuple holds, in order (``session``, ``user``, ``seq``, ``node``),
   which is also how traces and diagrams print a step.
 """
 
@@ -114,6 +114,17 @@ ACTIONS: tuple[Action, ...] = (
            args=("user", "seq"), inputs=("has_session",)),
     Action("server_no_session_timeout", "server", "timeout", (Fires("event", ("no_session_timeout",)),),
            args=("user", "seq"), inputs=("has_session",)),
+    # -- the nodes (docs/model.md, "nodes"; only with more than one) ------------------------------
+    Action("server_node_lost", "server", "node_lost", (Fires("conn", ("peer_close",)), _DETACH), routing="owner",
+           doc="a socket of a crashed node: the client sees it drop, its row leaves the store"),
+    Action("server_node_crash", "server", "crash", (), args=("node",),
+           doc="a node crashes: its sockets drop, its ownership ends, its leases expire in the store"),
+    Action("server_adopt_delivery", "server", "adopt", (), args=("user", "node"),
+           doc="a node takes over a context's delivery from a dead holder (compare-and-set on the lease)"),
+    Action("server_adopt_run", "server", "adopt", (), args=("user", "node"),
+           doc="a node takes over a run from a dead holder (compare-and-set on the run's lease)"),
+    Action("server_relay_catch_up", "server", "catch_up", (), args=("user", "node"),
+           doc="a relay reads the owner's SENT records (a NOTIFY arrived, or its poll) and writes them"),
     # -- the clock --------------------------------------------------------------------------------
     Action("tick", "clock", "tick", (Fires("event", ("tick",)),), args=(), inputs=("has_session",), flag="clock",
            doc="model time passes for every live event at once, unless a deadline is due"),
@@ -153,6 +164,10 @@ def describe_args(action: str, args: tuple[int, ...], owner: int | None = None) 
         return [f"event u{args[0]}#{args[1]}"]
     if names == ("user",) and args:
         return [f"user u{args[0]}"]
+    if names == ("node",) and args:
+        return [f"node n{args[0]}"]
+    if names == ("user", "node") and len(args) == 2:
+        return [f"user u{args[0]}", f"node n{args[1]}"]
     if names == ("session",) and args:
         return [f"session s{args[0]}" + (f" (user u{owner})" if owner is not None else "")]
     return []

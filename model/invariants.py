@@ -244,6 +244,46 @@ def _timeouts_close_the_socket_step(system: System, step: Step, before: State) -
     ]
 
 
+def _one_live_owner_state(system: System, state: State) -> list[str]:
+    out = []
+    for what, masks in (("delivery", state.holds), ("run", state.run_holds)):
+        for u, mask in enumerate(masks):
+            live = [n for n, up in enumerate(state.up) if up and mask >> n & 1]
+            if len(live) > 1:
+                out.append(f"user u{u}'s {what} is owned by {len(live)} live nodes "
+                           + ", ".join(f"n{n}" for n in live) + f" (the store's lease names n{_lease(state, what, u)})")
+    return out
+
+
+def _lease(state: State, what: str, u: int) -> int:
+    return state.lease[u] if what == "delivery" else state.run_lease[u]
+
+
+def _no_session_only_when_none_ready_step(system: System, step: Step, before: State) -> list[str]:
+    out = []
+    for f in step.firings:
+        if f.family != "event" or f.transition.event != "no_session_timeout" or f.after[0] is not Delivery.ESCALATED:
+            continue
+        if before is None:  # a machine alone (the per-machine Hypothesis test): no sessions to read
+            continue
+        u = f.index[0]
+        ready = [s for s in system.sessions_of(u) if system.live_session(before, s)
+                 and (system.bounds.nodes == 1 or before.up[system.node_of(s)])]
+        if ready:
+            out.append(f"event u{u}#{f.index[1]} escalated no_session while session s{ready[0]} of user u{u} is "
+                       f"READY on live node n{system.node_of(ready[0])}")
+    return out
+
+
+def _relay_within_poll_bound_step(system: System, step: Step, before: State) -> list[str]:
+    if step.action != "tick" or before is None:  # None: a machine alone, no relays
+        return []
+    n = system.bounds.nodes
+    return [f"model time passed while relay n{k % n} had not read user u{k // n}'s SENT records"
+            " (its write to the user's session is overdue: past the poll bound)"
+            for k, lag in enumerate(before.behind) if lag and before.up[k % n]]
+
+
 INVARIANTS: tuple[Invariant, ...] = (
     Invariant(Property.NO_MESSAGE_BEFORE_READY, "connection",
               "No client frame is handled unless its socket is READY and connection_ack has gone out.",
@@ -284,6 +324,16 @@ INVARIANTS: tuple[Invariant, ...] = (
               "A connection timeout (init, heartbeat) is never swallowed: it closes the socket with its "
               "documented close code.",
               step_check=_timeouts_close_the_socket_step),
+    Invariant(Property.ONE_LIVE_OWNER, "system",
+              "At most one live node acts as a context's delivery owner, and at most one as a run's holder.",
+              state_check=_one_live_owner_state),
+    Invariant(Property.NO_SESSION_ONLY_WHEN_NONE_READY, "delivery",
+              "No event is escalated no_session while its user holds a READY session on any live node.",
+              step_check=_no_session_only_when_none_ready_step),
+    Invariant(Property.RELAY_WITHIN_POLL_BOUND, "system",
+              "A relay writes the owner's SENT attempts to its sessions within the poll bound: model time "
+              "never passes while a live relay has not read them.",
+              step_check=_relay_within_poll_bound_step),
 )
 
 BY_NAME: dict[str, Invariant] = {i.name: i for i in INVARIANTS}

@@ -236,6 +236,40 @@ MUTANTS: tuple[Mutant, ...] = (
         _on("connection", lambda m: change(m, "READY--heartbeat_timeout-->CLOSED", target=Conn.READY, emits=None)),
         "timeouts_close_the_socket", "readiness",
     ),
+    Mutant(
+        "lease_race_two_owners",
+        "issue 14, part 5 (several nodes): a takeover that reads the lease, sees it expired, then writes "
+        "itself without a compare-and-set, so two live nodes both act as owner",
+        "glue: a node adopts a context's delivery or a run whenever it does not hold it (no compare-and-set "
+        "on the store's lease)",
+        lambda model: replace(model, cas=False),
+        "one_live_owner", "nodes",
+    ),
+    Mutant(
+        "lost_notification_no_poll",
+        "issue 14, part 5 (several nodes): a relay learns of the owner's SENT records only from LISTEN/NOTIFY, "
+        "which can be lost or delayed, and has no poll to fall back on",
+        "glue: no poll: time passes while a relay has not read the store (only a notification, which may "
+        "never come, catches it up)",
+        lambda model: replace(model, poll=False),
+        "relay_within_poll_bound", "nodes",
+    ),
+    Mutant(
+        "escalation_reads_local_sessions",
+        "broken pipe 1 across nodes (issue 14, part 5): the owner decides no_session from its own node's "
+        "sockets instead of re-reading the sessions table, so a user on another node is told nobody is there",
+        "glue: the owner's has_session counts only READY sessions on its own node",
+        lambda model: replace(model, session_view="owner_node"),
+        "no_session_only_when_none_ready", "nodes",
+    ),
+    Mutant(
+        "per_node_limit_counter",
+        "validation gap 7 across nodes (issue 14, part 5): each node counts the account's connections on its "
+        "own sockets, so two nodes together admit more than the limit",
+        "glue: account_full counts the resolving node's attached sockets, not the store's total",
+        lambda model: replace(model, limit_count="per_node"),
+        "connection_limits_respected", "nodes",
+    ),
 )
 
 BY_NAME: dict[str, Mutant] = {m.name: m for m in MUTANTS}

@@ -51,4 +51,13 @@ DEFAULT_SCENARIOS: tuple[Scenario, ...] = (
         "start and the terminal, cancel before and after start, a crash; one attempt per event so the "
         "run's orderings, not retries, fill the space",
     ),
+    Scenario(
+        "nodes",
+        Bounds(users=1, sessions_per_user=2, events_per_user=2, max_attempts=1, ack_timeout=1, resume_window=0,
+               frames=False, drain=False, max_connections_per_user=2, max_connections_per_account=1, nodes=2),
+        "two server nodes sharing one store, one session of the user on each, timed: the run's node owns "
+        "delivery and a session on the other node is written by its relay (read within the poll bound); "
+        "either node crashes mid-delivery or mid-run and the survivor adopts the context and the run; "
+        "the account limit counted in the store across nodes",
+    ),
 )

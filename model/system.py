@@ -76,9 +76,13 @@ class Bounds:
     frames: bool = True  # client data frames (pipelining, handling); off: only init/ack/drop
     clock: bool = True  # model time (timeouts, resume window, liveness horizon)
     drain: bool = True  # server shutdown (DRAINING)
+    # Server nodes sharing one store (docs/model.md, "nodes"); session s lives on node s mod nodes.
+    # 1 is the single-node server: no crash, no relay, the leases never change hands.
+    nodes: int = 1
+    crash: bool = True  # a node may crash (only while another node is up to take over)
 
     def __post_init__(self) -> None:
-        for name in ("users", "sessions_per_user", "events_per_user", "max_attempts"):
+        for name in ("users", "sessions_per_user", "events_per_user", "max_attempts", "nodes"):
             if getattr(self, name) < 1:
                 raise ModelDefinitionError("system", "bounds", f"{name} must be at least 1")
         if self.ack_timeout < 0 or self.resume_window < 0:
@@ -94,10 +98,16 @@ class Bounds:
     def sessions(self) -> int:
         return self.users * self.sessions_per_user
 
+    @property
+    def crashes(self) -> bool:
+        """Whether a node can crash: only with a survivor to take over its work."""
+        return self.crash and self.nodes > 1
+
     def describe(self) -> str:
+        nodes = f" on {self.nodes} nodes" if self.nodes > 1 else ""
         return (
             f"{self.users} users x {self.sessions_per_user} sessions x {self.events_per_user} events"
-            f" x {self.max_attempts} attempts (buffer {self.buffer_max}, ack_timeout {self.ack_timeout},"
+            f" x {self.max_attempts} attempts{nodes} (buffer {self.buffer_max}, ack_timeout {self.ack_timeout},"
             f" resume_window {self.resume_window}, per-user limit {self.max_connections_per_user},"
             f" per-account limit {self.max_connections_per_account})"
         )
@@ -113,6 +123,15 @@ class State(NamedTuple):
     kinds: tuple[tuple[str, ...], ...]  # per user: the agent event kind at each seq
     resume: tuple[int, ...]  # per session: last_seq sent with resume (-1: none)
     epoch_seen: tuple[int, ...]  # per session: context epoch handed to it (0: none)
+    # Nodes (docs/model.md, "nodes"). The store's leases and each node's own belief are apart on
+    # purpose: a takeover that does not compare-and-set leaves two nodes believing they own.
+    up: tuple[bool, ...] = ()  # per node: alive
+    lease: tuple[int, ...] = ()  # per user: the store's delivery lease, its holder node (-1: free)
+    holds: tuple[int, ...] = ()  # per user: bitmask of the nodes acting as the delivery owner
+    run_lease: tuple[int, ...] = ()  # per user: the store's run lease, its holder node
+    run_holds: tuple[int, ...] = ()  # per user: bitmask of the nodes acting as the run's holder
+    behind: tuple[int, ...] = ()  # per (user, node), user * nodes + node: 1 while that relay has
+    # not read the user's latest SENT record from the store (its write to its sessions is due)
 
 
 class Firing(NamedTuple):
@@ -138,6 +157,13 @@ class Step(NamedTuple):
 
 RouteFn = Callable[["System", State, int, int], bool]
 
+SESSION_VIEWS = ("store", "owner_node")
+"""Which READY sessions the delivery owner counts as the user's (``SystemModel.session_view``):
+the store's sessions table, every live node's ("store", the design), or its own node's only."""
+LIMIT_COUNTS = ("store", "per_node")
+"""Where the account's connection count is kept (``SystemModel.limit_count``): in the store,
+across every node ("store", the design), or by each node for its own sockets."""
+
 
 def same_user(system: System, state: State, session: int, user: int) -> bool:
     """A session reads and acks only its own user's stream (docs/protocol.md section 3)."""
@@ -154,6 +180,16 @@ class SystemModel:
     run: Machine
     route: RouteFn = same_user
     name: str = "reference"
+    # Node glue (docs/model.md, "nodes"): each is the design's choice; a mutant flips one.
+    cas: bool = True  # a lease takeover is a compare-and-set on the store's lease
+    poll: bool = True  # a relay also polls the store, so it is never behind when time passes
+    session_view: str = "store"  # see SESSION_VIEWS
+    limit_count: str = "store"  # see LIMIT_COUNTS
+
+    def __post_init__(self) -> None:
+        if self.session_view not in SESSION_VIEWS or self.limit_count not in LIMIT_COUNTS:
+            raise ModelDefinitionError("system", "node_glue",
+                                       f"session_view {self.session_view!r} / limit_count {self.limit_count!r}")
 
 
 def reference_model(bounds: Bounds) -> SystemModel:
@@ -185,6 +221,15 @@ class System:
         k = self.bounds.sessions_per_user
         return range(user * k, (user + 1) * k)
 
+    def node_of(self, session: int) -> int:
+        """The node a session's socket is on: a fixed assignment, so one user's sessions spread
+        over the nodes (docs/model.md, "nodes")."""
+        return session % self.bounds.nodes
+
+    def run_home(self, user: int) -> int:
+        """The node the user's run starts on (where run.start arrived): its first session's."""
+        return self.node_of(user * self.bounds.sessions_per_user)
+
     def initial(self) -> State:
         b = self.bounds
         m = self.model
@@ -196,6 +241,12 @@ class System:
             kinds=tuple(() for _ in range(b.users)),
             resume=tuple(-1 for _ in range(b.sessions)),
             epoch_seen=tuple(0 for _ in range(b.sessions)),
+            up=tuple(True for _ in range(b.nodes)),
+            lease=tuple(-1 for _ in range(b.users)),
+            holds=tuple(0 for _ in range(b.users)),
+            run_lease=tuple(self.run_home(u) for u in range(b.users)),
+            run_holds=tuple(1 << self.run_home(u) for u in range(b.users)),
+            behind=tuple(0 for _ in range(b.users * b.nodes)),
         )
 
     # -- derived facts (inputs to guards) ------------------------------------------------------
@@ -220,12 +271,47 @@ class System:
         return conn[0] is Conn.READY and bool(conn[1][ACK_SENT])
 
     def _has_session(self, v: _Reads, user: int) -> bool:
-        return any(self._live(v.conn(s)) and v.routed(s, user) for s in range(self.bounds.sessions))
+        """A READY, acked session routed to ``user`` on a live node (the store's sessions table,
+        which the owner re-reads before escalating); under the ``owner_node`` view, only one on
+        the delivery owner's own node."""
+        nodes = self.bounds.nodes
+        if self.model.session_view == "owner_node":
+            owner = self._live_owner(v, user)
+            return owner >= 0 and any(self._live(v.conn(s)) and v.routed(s, user)
+                                      for s in range(owner, self.bounds.sessions, nodes))
+        return any(self._live(v.conn(s)) and v.routed(s, user) and (nodes == 1 or v.up(s % nodes))
+                   for s in range(self.bounds.sessions))
 
-    def _account_full(self, v: _Reads) -> bool:
+    def _account_full(self, v: _Reads, node: int = 0) -> bool:
+        """The account's count as the resolving ``node`` sees it: the store's (the sum of every
+        user's registry count, every node's sockets) or, under ``per_node``, its own sockets."""
         # One account holds every user in the finite instance: the per-account limit is global.
-        total = sum(int(v.ctx(u)[1][CONNS]) for u in range(self.bounds.users))
+        if self.model.limit_count == "per_node":
+            total = sum(1 for s in range(node, self.bounds.sessions, self.bounds.nodes)
+                        if v.conn(s)[0] in ATTACHED)
+        else:
+            total = sum(int(v.ctx(u)[1][CONNS]) for u in range(self.bounds.users))
         return total >= self.bounds.max_connections_per_account
+
+    def _live_owner(self, v: _Reads, user: int) -> int:
+        """The lowest live node acting as ``user``'s delivery owner (-1: none, until a survivor
+        adopts the context); with one node, node 0 from the first append on."""
+        holds = v.holds(user)
+        for n in range(self.bounds.nodes):
+            if holds >> n & 1 and (self.bounds.nodes == 1 or v.up(n)):
+                return n
+        return -1
+
+    def _live_run_holder(self, v: _Reads, user: int) -> int:
+        """The lowest live node acting as the holder of ``user``'s run (-1: none)."""
+        holds = v.run_holds(user)
+        for n in range(self.bounds.nodes):
+            if holds >> n & 1 and (self.bounds.nodes == 1 or v.up(n)):
+                return n
+        return -1
+
+    def _node_down(self, v: _Reads, s: int) -> bool:
+        return self.bounds.nodes > 1 and not v.up(s % self.bounds.nodes)
 
     def _delivered_prefix(self, v: _Reads, user: int) -> int:
         n = 0
@@ -281,6 +367,8 @@ class System:
         conn = v.conn(s)
         if not self.model.connection.events_from[conn[0]]:
             return  # a closed socket does nothing
+        if self._node_down(v, s):
+            return  # its node crashed: the socket is gone, only server_node_lost ends it
         for ca in CLIENT_CONN_ACTIONS:
             if not ca.flag or getattr(self.bounds, ca.flag):
                 yield from self._conn_steps(v, s, ca)
@@ -292,12 +380,12 @@ class System:
 
     def _client_ack_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
         conn = v.conn(s)
-        if self.model.connection.events_from[conn[0]] and self._live(conn):
+        if self.model.connection.events_from[conn[0]] and self._live(conn) and not self._node_down(v, s):
             yield from self._ack_steps(v, s)
 
     def _client_cancel_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
         conn = v.conn(s)
-        if not (self.model.connection.events_from[conn[0]] and self._live(conn)):
+        if not (self.model.connection.events_from[conn[0]] and self._live(conn)) or self._node_down(v, s):
             return
         u = self.owner(s)
         cfg = v.run(u)
@@ -343,8 +431,10 @@ class System:
             conn[0], "limit_reject"
         ):
             return
+        if self._node_down(v, s):
+            return
         u = self.owner(s)
-        full = v.account_full()
+        full = v.account_full(self.node_of(s))
         ctx = v.ctx(u)
         for event in ("create", "attach", "reject_limit"):
             for ct, cafter in self._fire(m.context, ctx, event, {"account_full": full}):
@@ -365,7 +455,7 @@ class System:
                     yield _Local("server_resolve", "server", (s,), firings, writes)
 
     def _server_conn_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
-        if not self.model.connection.events_from[v.conn(s)[0]]:
+        if not self.model.connection.events_from[v.conn(s)[0]] or self._node_down(v, s):
             return
         for ca in SERVER_CONN_ACTIONS:
             if not ca.flag or getattr(self.bounds, ca.flag):
@@ -380,9 +470,20 @@ class System:
         delivers = self._fire(m.connection, conn, "deliver")
         if not delivers:
             return  # nothing can be written on this socket (read first: it is the cheapest test)
+        if self._node_down(v, s):
+            return
+        nodes = self.bounds.nodes
+        node = s % nodes
         for u in range(self.bounds.users):
             if not v.routed(s, u):
                 continue
+            if self._live_owner(v, u) < 0:
+                continue  # only the delivery owner decides a send; none until a survivor adopts
+            # The owner records the attempt SENT in the store; a session on another node is written
+            # by that node, a relay, once it has read the record (notification or poll).
+            relay: tuple[_Write, ...] = ()
+            if nodes > 1 and not v.holds(u) >> node & 1:
+                relay = (("behind", u * nodes + node, 1),)
             for i in range(v.stream_len(u)):
                 cfg = v.event(u, i)
                 sends = self._fire(m.delivery, cfg, "send")
@@ -392,7 +493,7 @@ class System:
                     for t, after in sends:
                         firings = (Firing("conn", (s,), ct, conn, cafter), Firing("event", (u, i + 1), t, cfg, after))
                         yield _Local("server_send", "server", (s, u, i + 1), firings,
-                                     (("conns", s, cafter), ("events", (u, i), after)))
+                                     (("conns", s, cafter), ("events", (u, i), after), *relay))
                     for ft, fafter in self._fire(m.delivery, cfg, "send_failed"):
                         for local in self._conn_steps(v, s, SEND_ERROR, "server_send_failed"):
                             yield _Local("server_send_failed", "server", (s, u, i + 1),
@@ -417,6 +518,9 @@ class System:
             if event == "cancel":
                 continue  # the client's action
             for t, after in self._fire(m.run, cfg, event):
+                holder = self._live_run_holder(v, u)
+                if holder < 0:
+                    return  # fenced: a run steps only while a live node holds its lease
                 firings = [Firing("run", (u,), t, cfg, after)]
                 writes: list[_Write] = [("runs", u, after)]
                 if event in AGENT_EVENTS:
@@ -429,6 +533,11 @@ class System:
                     new = m.delivery.initial_config()
                     firings.append(Firing("event", (u, appended + 1), _APPEND, new, new))
                     writes += [("events", (u, appended), new), ("kinds", u, (*v.kinds(u), event))]
+                    # The appending node takes the delivery lease when it is free or its holder's
+                    # node is dead (compare-and-set in the store).
+                    lease = v.lease(u)
+                    if lease < 0 or (self.bounds.nodes > 1 and not v.up(lease)):
+                        writes += [("lease", u, holder), ("holds", u, v.holds(u) | 1 << holder)]
                 yield _Local(f"server_run_{event}", "server", (u,), tuple(firings), tuple(writes))
 
     def _timeout_steps(self, v: _Reads, u: int, i: int) -> Iterator[_Local]:
@@ -440,6 +549,8 @@ class System:
         events = [e for e in ("ack_timeout", "no_session_timeout") if e in m.delivery.events_from[cfg[0]]]
         if not events:
             return
+        if self._live_owner(v, u) < 0:
+            return  # the delivery owner decides resend and escalation; none until a survivor adopts
         has = v.has_session(u)
         for event in events:
             for t, after in m.delivery.fire_all(cfg, event, {"has_session": has}):
@@ -449,6 +560,9 @@ class System:
     def _clock_steps(self, v: _Reads) -> Iterator[_Local]:
         """Model time passes for every live event at once, unless a deadline is due."""
         m = self.model
+        b = self.bounds
+        if b.nodes > 1 and m.poll and any(v.behind(u, n) for u in range(b.users) for n in range(b.nodes)):
+            return  # a relay's poll is due before time passes (the poll bound), like a deadline
         firings: list[Firing] = []
         writes: list[_Write] = []
         for u in range(self.bounds.users):
@@ -468,6 +582,55 @@ class System:
         if firings:
             yield _Local("tick", "clock", (), tuple(firings), tuple(writes))
 
+    # -- nodes (docs/model.md, "nodes") ----------------------------------------------------------
+    def _node_lost_steps(self, v: _Reads, s: int) -> Iterator[_Local]:
+        """A crashed node's socket: the client sees it drop, and the store's row goes with it."""
+        if not self._node_down(v, s) or not self.model.connection.events_from[v.conn(s)[0]]:
+            return
+        yield from self._conn_steps(v, s, NODE_LOST)
+
+    def _crash_steps(self, v: _Reads, n: int) -> Iterator[_Local]:
+        """Node ``n`` crashes: its sockets drop (``server_node_lost``), its in-memory ownership is
+        gone, its leases stay in the store until they expire (a survivor sees a dead holder)."""
+        b = self.bounds
+        if not v.up(n) or not any(v.up(k) for k in range(b.nodes) if k != n):
+            return  # the model keeps one survivor to take over
+        bit = 1 << n
+        writes: list[_Write] = [("up", n, False)]
+        for u in range(b.users):
+            if v.holds(u) & bit:
+                writes.append(("holds", u, v.holds(u) & ~bit))
+            if v.run_holds(u) & bit:
+                writes.append(("run_holds", u, v.run_holds(u) & ~bit))
+            if v.behind(u, n):
+                writes.append(("behind", u * b.nodes + n, 0))
+        yield _Local("server_node_crash", "server", (n,), (), tuple(writes))
+
+    def _adopt_steps(self, v: _Reads, u: int, n: int) -> Iterator[_Local]:
+        """Node ``n`` takes over ``u``'s delivery (the store's unfinished events) or run from a
+        dead holder: a compare-and-set on the lease (``SystemModel.cas``)."""
+        if not v.up(n):
+            return
+        m = self.model
+        bit = 1 << n
+        if not v.holds(u) & bit and any(v.event(u, i)[0] not in m.delivery.terminal
+                                        for i in range(v.stream_len(u))):
+            lease = v.lease(u)
+            if not m.cas or lease < 0 or not v.up(lease):
+                yield _Local("server_adopt_delivery", "server", (u, n), (),
+                             (("lease", u, n), ("holds", u, v.holds(u) | bit)))
+        adoptable = not v.run_holds(u) & bit and v.ctx(u)[0] is Ctx.LIVE and v.run(u)[0] not in m.run.terminal \
+            and not 0 <= self.bounds.runs <= u
+        if adoptable and (not m.cas or not v.up(v.run_lease(u))):
+            yield _Local("server_adopt_run", "server", (u, n), (),
+                         (("run_lease", u, n), ("run_holds", u, v.run_holds(u) | bit)))
+
+    def _catch_up_steps(self, v: _Reads, u: int, n: int) -> Iterator[_Local]:
+        """Relay ``n`` reads ``u``'s SENT records from the store (a NOTIFY arrived, or its poll)
+        and writes them to its sessions."""
+        if v.behind(u, n):
+            yield _Local("server_relay_catch_up", "server", (u, n), (), (("behind", u * self.bounds.nodes + n, 0),))
+
     # -- rendering -----------------------------------------------------------------------------
     def describe_step(self, step: Step) -> str:
         who = {"client": "client", "server": "server", "clock": "clock"}[step.actor]
@@ -478,8 +641,26 @@ class System:
             f"{f.family}[{','.join(map(str, f.index))}] {f.transition.event}: {_show(self, f.family, f.before)}"
             f" -> {_show(self, f.family, f.after)}"
             for f in step.firings
-        )
+        ) or self._describe_node_glue(step)
         return f"{who:<6} {step.action}({', '.join(args)}): {changes}"
+
+    def _describe_node_glue(self, step: Step) -> str:
+        """What a node step (no machine transition: only the store's leases, the nodes' beliefs
+        and the relays' lag) left behind, read off its after-state."""
+        after, a = step.after, step.args
+
+        def nodes(mask: int) -> str:
+            return "{" + ", ".join(f"n{n}" for n in range(self.bounds.nodes) if mask >> n & 1) + "}"
+
+        if step.action == "server_node_crash":
+            return f"node n{a[0]} down (its sockets drop, its leases expire)"
+        if step.action == "server_adopt_delivery":
+            return f"delivery lease of u{a[0]} -> n{after.lease[a[0]]}, owners {nodes(after.holds[a[0]])}"
+        if step.action == "server_adopt_run":
+            return f"run lease of u{a[0]} -> n{after.run_lease[a[0]]}, holders {nodes(after.run_holds[a[0]])}"
+        if step.action == "server_relay_catch_up":
+            return f"relay n{a[1]} read u{a[0]}'s SENT records and wrote them to its sessions"
+        return ""
 
     def machine(self, family: str) -> Machine:
         return {"conn": self.model.connection, "ctx": self.model.context, "run": self.model.run,
@@ -493,6 +674,7 @@ def _show(system: System, family: str, cfg: Config) -> str:
 # The connection half of server_send_failed (its event half is the delivery machine's send_failed).
 SEND_ERROR = Action("server_send_failed", "server", "conn", (Fires("conn", ("send_error",)),),
                      doc="the connection half of server_send_failed")
+NODE_LOST = BY_NAME["server_node_lost"]
 _NO_ACTION = Action("", "server", "", ())
 
 _APPEND = Transition(APPEND, Delivery.PENDING, Delivery.PENDING, doc="appended to the durable stream")
@@ -530,8 +712,14 @@ class _Reads(Protocol):
     def event(self, u: int, i: int) -> Config: ...
     def kinds(self, u: int) -> tuple[str, ...]: ...
     def resume(self, s: int) -> int: ...
+    def up(self, n: int) -> bool: ...
+    def lease(self, u: int) -> int: ...
+    def holds(self, u: int) -> int: ...
+    def run_lease(self, u: int) -> int: ...
+    def run_holds(self, u: int) -> int: ...
+    def behind(self, u: int, n: int) -> int: ...
     def has_session(self, u: int) -> bool: ...
-    def account_full(self) -> bool: ...
+    def account_full(self, n: int = 0) -> bool: ...
     def routed(self, s: int, u: int) -> bool: ...
 
 
@@ -565,11 +753,29 @@ class _StateReads:
     def resume(self, s: int) -> int:
         return self.state.resume[s]
 
+    def up(self, n: int) -> bool:
+        return self.state.up[n]
+
+    def lease(self, u: int) -> int:
+        return self.state.lease[u]
+
+    def holds(self, u: int) -> int:
+        return self.state.holds[u]
+
+    def run_lease(self, u: int) -> int:
+        return self.state.run_lease[u]
+
+    def run_holds(self, u: int) -> int:
+        return self.state.run_holds[u]
+
+    def behind(self, u: int, n: int) -> int:
+        return self.state.behind[u * self.system.bounds.nodes + n]
+
     def has_session(self, u: int) -> bool:
         return self.system._has_session(self, u)
 
-    def account_full(self) -> bool:
-        return self.system._account_full(self)
+    def account_full(self, n: int = 0) -> bool:
+        return self.system._account_full(self, n)
 
     def routed(self, s: int, u: int) -> bool:
         return self.system.model.route(self.system, self.state, s, u)
@@ -592,6 +798,12 @@ def _rules(bounds: Bounds) -> tuple[tuple[_Rule, tuple[int, ...]], ...]:
     for u in range(bounds.users):
         out += [(System._expire_steps, (u,)), (System._run_steps, (u,))]
         out += [(System._timeout_steps, (u, i)) for i in range(bounds.events_per_user)]
+    if bounds.nodes > 1:
+        # Nodes last, so a one-node instance has exactly the rules (and the steps) it had before.
+        out += [(System._node_lost_steps, (s,)) for s in range(bounds.sessions)]
+        out += [(System._crash_steps, (n,)) for n in range(bounds.nodes) if bounds.crashes]
+        out += [(rule, (u, n)) for u in range(bounds.users) for n in range(bounds.nodes)
+                for rule in (System._adopt_steps, System._catch_up_steps)]
     if bounds.clock:
         out.append((System._clock_steps, ()))
     return tuple(out)

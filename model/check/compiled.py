@@ -49,6 +49,10 @@ Vec = tuple[Any, ...]
 
 _MISSING: Any = object()  # no branch for this value yet (distinct from every leaf)
 
+_NODE_FIELDS = {"up": "up0", "lease": "lease0", "holds": "holds0", "run_lease": "rlease0",
+                "run_holds": "rholds0", "behind": "behind0"}
+"""The node fields of ``State`` and their base offsets (each written at a flat index)."""
+
 
 class _Node:
     """An inner node of a decision tree: which position to look at, one child per value seen."""
@@ -266,11 +270,29 @@ class _Tracer:
     def resume(self, s: int) -> int:
         return cast(int, self._read(self.c.resume0 + s))
 
+    def up(self, n: int) -> bool:
+        return cast(bool, self._read(self.c.up0 + n))
+
+    def lease(self, u: int) -> int:
+        return cast(int, self._read(self.c.lease0 + u))
+
+    def holds(self, u: int) -> int:
+        return cast(int, self._read(self.c.holds0 + u))
+
+    def run_lease(self, u: int) -> int:
+        return cast(int, self._read(self.c.rlease0 + u))
+
+    def run_holds(self, u: int) -> int:
+        return cast(int, self._read(self.c.rholds0 + u))
+
+    def behind(self, u: int, n: int) -> int:
+        return cast(int, self._read(self.c.behind0 + u * self.c.nodes + n))
+
     def has_session(self, u: int) -> bool:
         return cast(bool, self._read(self.c.has0 + u))
 
-    def account_full(self) -> bool:
-        return cast(bool, self._read(self.c.full))
+    def account_full(self, n: int = 0) -> bool:
+        return cast(bool, self._read(self.c.full + n))
 
     def routed(self, s: int, u: int) -> bool:
         c = self.c
@@ -294,8 +316,8 @@ class Compiled:
         self.step_invariants = step_invariants
         self.violated = violated
         b = system.bounds
-        S, U, K = b.sessions, b.users, b.events_per_user
-        self.sessions, self.users, self.slots = S, U, K
+        S, U, K, N = b.sessions, b.users, b.events_per_user, b.nodes
+        self.sessions, self.users, self.slots, self.nodes = S, U, K, N
         # Base layout: each State field is a contiguous range (state checks probe whole fields).
         self.conn0 = 0
         self.ctx0 = S
@@ -305,14 +327,22 @@ class Compiled:
         self.kinds0 = self.ev0 + U * K
         self.resume0 = self.kinds0 + U
         self.epoch0 = self.resume0 + S
-        self.width = self.epoch0 + S
+        self.up0 = self.epoch0 + S  # nodes: up per node, then per user the leases and beliefs
+        self.lease0 = self.up0 + N
+        self.holds0 = self.lease0 + U
+        self.rlease0 = self.holds0 + U
+        self.rholds0 = self.rlease0 + U
+        self.behind0 = self.rholds0 + U
+        self.width = self.behind0 + U * N
         # The vector: the base, the base itself (for a route that reads the state), the derived facts.
         self.whole = self.width
         self.has0 = self.whole + 1
         self.full = self.has0 + U
         self.field_ranges = (
             (self.conn0, self.ctx0), (self.ctx0, self.run0), (self.run0, self.len0), (self.len0, self.kinds0),
-            (self.kinds0, self.resume0), (self.resume0, self.epoch0), (self.epoch0, self.width),
+            (self.kinds0, self.resume0), (self.resume0, self.epoch0), (self.epoch0, self.up0),
+            (self.up0, self.lease0), (self.lease0, self.holds0), (self.holds0, self.rlease0),
+            (self.rlease0, self.rholds0), (self.rholds0, self.behind0), (self.behind0, self.width),
         )
         assert len(self.field_ranges) == len(State._fields)
         self._slice_fields = operator.itemgetter(*(slice(a, z) for a, z in self.field_ranges))
@@ -322,7 +352,8 @@ class Compiled:
         self.derived = [
             *(_Memo(f"has_session(u{u})", self._derived(functools.partial(system._has_session, user=u)))
               for u in range(U)),
-            _Memo("account_full", self._derived(system._account_full)),
+            *(_Memo(f"account_full(n{n})", self._derived(functools.partial(system._account_full, node=n)))
+              for n in range(N)),
         ]
         self.rules = [
             _Memo(f"{rule.__name__}{args}", self._rule(rule, args)) for rule, args in _rules(b)
@@ -341,6 +372,7 @@ class Compiled:
             *(self.conns.intern(c) for c in state.conns), *(self.ctxs.intern(c) for c in state.ctxs),
             *(self.runs.intern(c) for c in state.runs), *(len(stream) for stream in state.events), *events,
             *(self.kinds.intern(k) for k in state.kinds), *state.resume, *state.epoch_seen,
+            *state.up, *state.lease, *state.holds, *state.run_lease, *state.run_holds, *state.behind,
         )
 
     def decode(self, base: tuple[int, ...]) -> State:
@@ -356,11 +388,17 @@ class Compiled:
             ),
             kinds=tuple(self.kinds.values[x] for x in base[self.kinds0:self.resume0]),
             resume=base[self.resume0:self.epoch0],
-            epoch_seen=base[self.epoch0:self.width],
+            epoch_seen=base[self.epoch0:self.up0],
+            up=cast(tuple[bool, ...], base[self.up0:self.lease0]),
+            lease=base[self.lease0:self.holds0],
+            holds=base[self.holds0:self.rlease0],
+            run_lease=base[self.rlease0:self.rholds0],
+            run_holds=base[self.rholds0:self.behind0],
+            behind=base[self.behind0:self.width],
         )
 
     def vectorize(self, base: tuple[int, ...]) -> Vec:
-        """The base, itself, then each derived fact (``has_session`` per user, ``account_full``)."""
+        """The base, itself, then each derived fact (``has_session`` per user, ``account_full`` per node)."""
         ext = (*base, base)
         return (*ext, *[memo.get(ext) for memo in self.derived])
 
@@ -431,6 +469,8 @@ class Compiled:
                 writes.append((self.resume0 + index, value))
             elif name == "epoch_seen":
                 writes.append((self.epoch0 + index, value))
+            elif name in _NODE_FIELDS:
+                writes.append((getattr(self, _NODE_FIELDS[name]) + index, value))
             else:
                 raise ModelDefinitionError("system", "declared_fields", f"{local.action} writes unknown field {name!r}")
         system = self.system

@@ -113,6 +113,9 @@ WEIGHTS = (1, 4, 16, 64)  # an action's weight: each case favours a few actions 
 DIVERT_RATES = (1 / 64, 1 / 16, 1 / 4)  # how often a step that leaves the happy path is taken
 HOLD_RATES = (0.0, 0.25, 0.5)  # the chance that a socket is slow (scheduled only when nothing else moves)
 ACTION_NAMES: tuple[str, ...] = tuple(a.name for a in ACTIONS)
+OFF_PATH_ACTIONS = frozenset({"server_node_crash"})
+"""Steps that fire no machine transition but leave the protocol's path all the same: a node crash
+(its sockets' drops are off the path by their own transitions)."""
 
 
 def happy_region(machine: Machine) -> frozenset[Any]:
@@ -206,7 +209,8 @@ class _Walker:
             steps = tuple(self.system.successors(state))
             found = _Node(
                 steps,
-                tuple(any(f.transition.target not in self.happy[f.family] for f in s.firings) for s in steps),
+                tuple(s.action in OFF_PATH_ACTIONS
+                      or any(f.transition.target not in self.happy[f.family] for f in s.firings) for s in steps),
                 tuple(frozenset(f.index[0] for f in s.firings if f.family == "conn") for s in steps),
                 [False] * len(steps),
             )

@@ -55,7 +55,7 @@ from pipeproof.model.expr import Expr, Ops, Value
 from pipeproof.model.invariants import INVARIANTS
 from pipeproof.model.run import AGENT_EVENTS, CANCEL_REQUESTED, TERMINAL_EVENTS
 from pipeproof.model.spec import Config, Kind, Machine, Transition
-from pipeproof.model.system import SEND_ERROR, State, System, input_choices, reads_inputs, same_user
+from pipeproof.model.system import NODE_LOST, SEND_ERROR, State, System, input_choices, reads_inputs, same_user
 from pipeproof.protocol import Property
 
 RANGE = "value_out_of_range"
@@ -197,6 +197,10 @@ class _Gen:
         self.K = self.b.events_per_user
         self.S = self.b.sessions
         self.U = self.b.users
+        self.N = self.b.nodes
+        # Nodes (docs/model.md, "nodes"): a one-node instance has no node variables at all (its
+        # leases are a function of the rest), so its program is the one it always was.
+        self.multi = self.N > 1
         self.machines: dict[str, Machine] = {"conn": self.m.connection, "ctx": self.m.context,
                                              "run": self.m.run, "event": self.m.delivery}
         self.temps = 0
@@ -235,12 +239,46 @@ class _Gen:
         return f"({self.st('conn', (s,))} == {self.const('conn', Conn.READY)} && {self.var('conn', (s,), ack)})"
 
     def has_session(self, u: int) -> str:
-        return _any([self.live(s) for s in range(self.S) if self.route(s, u)])
+        if self.multi and self.m.session_view == "owner_node":
+            low = self.lowest("holds", u)
+            return _any([_all([f"({low} == {s % self.N})", self.live(s)]) for s in range(self.S) if self.route(s, u)])
+        return _any([_all([self.live(s), self.node_up(s)]) for s in range(self.S) if self.route(s, u)])
 
-    def account_full(self) -> str:
+    def account_full(self, s: int) -> str:
+        if self.m.limit_count == "per_node":
+            mine = [f"({self.is_in('conn', (x,), ATTACHED)} -> 1 : 0)" for x in range(s % self.N, self.S, self.N)]
+            return f"(({' + '.join(mine)}) >= {self.b.max_connections_per_account})"
         conns = self.m.context.var_names[CONNS]
         total = " + ".join(self.var("ctx", (u,), conns) for u in range(self.U))
         return f"(({total}) >= {self.b.max_connections_per_account})"
+
+    # -- nodes (model/system.py, "nodes") ------------------------------------------------------
+    def up(self, n: int) -> str:
+        return f"up{n}"
+
+    def node_up(self, s: int) -> str:
+        """The session's node is alive ("1" with one node)."""
+        return self.up(s % self.N) if self.multi else "1"
+
+    def bit(self, name: str, u: int, n: int) -> str:
+        return f"{name}{u}_{n}"
+
+    def holder_live(self, name: str, u: int) -> str:
+        """Some live node acts as ``u``'s delivery owner (``holds``) or run holder (``rholds``)."""
+        if not self.multi:
+            return "1"  # node 0, from the first append on (delivery) or always (the run)
+        return _any([_all([self.bit(name, u, n), self.up(n)]) for n in range(self.N)])
+
+    def lowest(self, name: str, u: int) -> str:
+        """The lowest live node with ``name``'s bit for ``u`` (-1: none), as one expression."""
+        out = "(-1)"
+        for n in range(self.N - 1, -1, -1):
+            out = f"(({self.bit(name, u, n)} && {self.up(n)}) -> {n} : {out})"
+        return out
+
+    def lease_dead_or_free(self, u: int) -> str:
+        """The store's delivery lease of ``u`` is free (0: the holder plus one) or names a dead node."""
+        return _any([f"(lease{u} == 0)", *(f"((lease{u} == {n + 1}) && !{self.up(n)})" for n in range(self.N))])
 
     def terminal(self, u: int, i: int) -> str:
         return self.is_in("event", self.ev(u, i), self.m.delivery.terminal)
@@ -332,6 +370,9 @@ class _Gen:
             sessions = [*d.sessions, *(() if d.ack_session is None else (d.ack_session,))]
             if any(self.system.owner(s) != f.index[0] for s in sessions):
                 out.append((Property.NO_CROSS_USER_READ, "1"))
+            if t.event == "no_session_timeout" and t.target is Delivery.ESCALATED:
+                ready = _any([_all([self.live(s), self.node_up(s)]) for s in self.system.sessions_of(f.index[0])])
+                out.append((Property.NO_SESSION_ONLY_WHEN_NONE_READY, ready))
         elif f.family == "ctx":
             if t.event in ("create", "attach") and not (t.source is Ctx.LIVE and t.event == "attach"):
                 epoch = self.m.context.var_names[EPOCH]
@@ -380,6 +421,12 @@ class _Gen:
             out.append((Property.RUN_EVENTS_WELL_ORDERED, self.ill_ordered(u)))
         total = " + ".join(self.var("ctx", (u,), cn[CONNS]) for u in range(self.U))
         out.append((Property.CONNECTION_LIMITS_RESPECTED, f"(({total}) > {self.b.max_connections_per_account})"))
+        if self.multi:
+            for u in range(self.U):
+                for name in ("holds", "rholds"):
+                    out.append((Property.ONE_LIVE_OWNER, _any([
+                        _all([self.bit(name, u, a), self.up(a), self.bit(name, u, b), self.up(b)])
+                        for a, b in itertools.combinations(range(self.N), 2)])))
         return [(p, c) for p, c in out if p in self.props and c != "0"]
 
     def can_progress(self, u: int, i: int) -> str:
@@ -438,14 +485,16 @@ class _Gen:
         if self.b.clock:
             yield from self.clock_drafts()
 
-    def conn_drafts(self, s: int, ca: Action, name: str | None = None) -> Iterator[_Draft]:
-        """System._conn_steps: the connection event alone, with the detach of a closing socket."""
+    def conn_drafts(self, s: int, ca: Action, name: str | None = None, alive: bool = True) -> Iterator[_Draft]:
+        """System._conn_steps: the connection event alone, with the detach of a closing socket, on
+        a live node (``alive`` false: the socket of a crashed node, server_node_lost)."""
         for inputs in input_choices(ca):
             for t in self.transitions("conn", ca.event):
                 if not reads_inputs(t, inputs):
                     continue
                 f = self.firing("conn", (s,), t, {k: _const(v) for k, v in inputs.items()})
-                d = _Draft(name or ca.name, (s,), [self.enabled(f)], [f], sessions=[s])
+                up = self.node_up(s)
+                d = _Draft(name or ca.name, (s,), [self.enabled(f), up if alive else _not(up)], [f], sessions=[s])
                 if t.source in ATTACHED and t.target not in ATTACHED:
                     u = self.system.owner(s)
                     d.chains.append(_Chain("ctx", (u,), "detach", {}, "1"))
@@ -471,12 +520,13 @@ class _Gen:
                     continue
                 for n in range(1, self.K + 1):
                     d = _Draft("client_ack", (s, v, n), [self.live(s), self.prefix_at_least(v, n),
-                                                         _not(self.terminal(v, n - 1))], ack_session=s)
+                                                         _not(self.terminal(v, n - 1)), self.node_up(s)],
+                               ack_session=s)
                     self.ack_through(d, v, n)
                     yield d
             for t in self.transitions("run", "cancel"):
                 f = self.firing("run", (u,), t)
-                yield _Draft("client_cancel", (s,), [self.live(s), self.enabled(f)], [f])
+                yield _Draft("client_cancel", (s,), [self.live(s), self.node_up(s), self.enabled(f)], [f])
 
     def ack_through(self, d: _Draft, u: int, n: int) -> None:
         """System._ack_through: every live event 1..n takes its first enabled ack, or no step."""
@@ -496,16 +546,20 @@ class _Gen:
                 yield _Draft("server_expire_context", (u,), [self.enabled(f)], [f])
             yield from self.run_drafts(u)
             has = self.has_session(u)
+            owner = self.holder_live("holds", u)
             for i in range(self.K):
                 for event in ("ack_timeout", "no_session_timeout"):
                     for t in self.transitions("event", event):
                         f = self.firing("event", self.ev(u, i), t, {"has_session": has})
-                        yield _Draft(f"server_{event}", self.ev(u, i), [self.in_stream(u, i), self.enabled(f)], [f])
+                        yield _Draft(f"server_{event}", self.ev(u, i),
+                                     [self.in_stream(u, i), owner, self.enabled(f)], [f])
+        if self.multi:
+            yield from self.node_drafts()
 
     def resolve_drafts(self, s: int) -> Iterator[_Draft]:
         """System._resolve_steps: atomic get-or-create, then READY or a limit rejection."""
         u = self.system.owner(s)
-        full = self.account_full()
+        full = self.account_full(s)
         epoch = self.m.context.var_names[EPOCH]
         for event in ("create", "attach", "reject_limit"):
             for ct in self.transitions("ctx", event):
@@ -514,7 +568,7 @@ class _Gen:
                 for t in self.transitions("conn", conn_event):
                     f = self.firing("conn", (s,), t)
                     seen = self.post(cf, epoch) if conn_event == "auth_ok" else "0"
-                    d = _Draft("server_resolve", (s,), [self.enabled(cf), self.enabled(f)], [cf, f],
+                    d = _Draft("server_resolve", (s,), [self.enabled(cf), self.enabled(f), self.node_up(s)], [cf, f],
                                extra=[(f"epoch_seen{s}", seen)], sessions=[s])
                     if conn_event != "auth_ok":
                         yield d
@@ -538,15 +592,23 @@ class _Gen:
                 return _any([self.enabled(self.firing("event", self.ev(u, i), t))
                              for t in self.transitions("event", "send")])
 
+            # Only the live owner decides a send; a session on another node is its relay's, which
+            # is behind until it reads the SENT record (System._send_steps).
+            relay: list[tuple[str, str]] = []
+            if self.multi:
+                n = s % self.N
+                behind, holds = self.bit("behind", u, n), self.bit("holds", u, n)
+                relay = [(behind, f"({behind} || !{holds})")]
             for i in range(self.K):
                 e = self.ev(u, i)
-                oldest = [self.in_stream(u, i), sendable(i), *(_not(sendable(j)) for j in range(i))]
+                oldest = [self.in_stream(u, i), sendable(i), *(_not(sendable(j)) for j in range(i)),
+                          self.node_up(s), self.holder_live("holds", u)]
                 for ct in self.transitions("conn", "deliver"):
                     deliver = self.firing("conn", (s,), ct)
                     for t in self.transitions("event", "send"):
                         f = self.firing("event", e, t)
                         yield _Draft("server_send", (s, *e), [*oldest, self.enabled(deliver), self.enabled(f)],
-                                     [deliver, f], sessions=[s])
+                                     [deliver, f], extra=list(relay), sessions=[s])
                     for ft in self.transitions("event", "send_failed"):
                         failed = self.firing("event", e, ft)
                         for d in self.conn_drafts(s, SEND_ERROR, "server_send_failed"):
@@ -565,7 +627,8 @@ class _Gen:
                 continue
             for t in self.transitions("run", event):
                 f = self.firing("run", (u,), t)
-                base = _Draft(f"server_run_{event}", (u,), [live_ctx, self.enabled(f)], [f])
+                base = _Draft(f"server_run_{event}", (u,), [live_ctx, self.holder_live("rholds", u), self.enabled(f)],
+                              [f])
                 if event not in AGENT_EVENTS:
                     yield base
                     continue
@@ -581,11 +644,53 @@ class _Gen:
                                 *((self.var("event", e, name), _const(v))
                                   for name, v in zip(self.m.delivery.var_names, init_vals, strict=True)),
                                 (f"kind{u}_{n + 1}", _kind(event)), (self.length(u), str(n + 1))]
+                    if self.multi:
+                        # The appending node (the lowest live run holder) takes a free or dead lease.
+                        take, holder = self.lease_dead_or_free(u), self.lowest("rholds", u)
+                        d.extra.append((f"lease{u}", f"({take} -> ({holder} + 1) : lease{u})"))
+                        d.extra += [(self.bit("holds", u, k),
+                                     f"({self.bit('holds', u, k)} || ({take} && ({holder} == {k})))")
+                                    for k in range(self.N)]
                     yield d
+
+    def node_drafts(self) -> Iterator[_Draft]:
+        """System._node_lost_steps, _crash_steps, _adopt_steps, _catch_up_steps, in its rule order."""
+        for s in range(self.S):
+            yield from self.conn_drafts(s, NODE_LOST, alive=False)
+        if self.b.crashes:
+            for n in range(self.N):
+                others = _any([self.up(k) for k in range(self.N) if k != n])
+                clear = [(self.bit(name, u, n), "0") for u in range(self.U) for name in ("holds", "rholds", "behind")]
+                yield _Draft("server_node_crash", (n,), [self.up(n), others], extra=[(self.up(n), "0"), *clear])
+        run_terminal = self.m.run.terminal
+        for u in range(self.U):
+            for n in range(self.N):
+                live = _any([_all([self.in_stream(u, i), _not(self.terminal(u, i))]) for i in range(self.K)])
+                guard = [self.up(n), _not(self.bit("holds", u, n)), live]
+                if self.m.cas:
+                    guard.append(self.lease_dead_or_free(u))
+                yield _Draft("server_adopt_delivery", (u, n), guard,
+                             extra=[(f"lease{u}", str(n + 1)), (self.bit("holds", u, n), "1")])
+                if not 0 <= self.b.runs <= u:
+                    guard = [self.up(n), _not(self.bit("rholds", u, n)),
+                             f"({self.st('ctx', (u,))} == {self.const('ctx', Ctx.LIVE)})",
+                             _not(self.is_in("run", (u,), run_terminal))]
+                    if self.m.cas:
+                        guard.append(_any([f"((rlease{u} == {k}) && !{self.up(k)})" for k in range(self.N)]))
+                    yield _Draft("server_adopt_run", (u, n), guard,
+                                 extra=[(f"rlease{u}", str(n)), (self.bit("rholds", u, n), "1")])
+                behind = self.bit("behind", u, n)
+                yield _Draft("server_relay_catch_up", (u, n), [behind], extra=[(behind, "0")])
+
+    def relay_behind(self) -> str:
+        """Some live relay has not read its user's SENT records (relay_within_poll_bound)."""
+        return _any([_all([self.bit("behind", u, n), self.up(n)]) for u in range(self.U) for n in range(self.N)])
 
     def clock_drafts(self) -> Iterator[_Draft]:
         """System._clock_steps: every live event ticks at once, or the clock does not move."""
         d = _Draft("tick", ())
+        if self.multi and self.m.poll:
+            d.guard.append(_not(_any([self.bit("behind", u, n) for u in range(self.U) for n in range(self.N)])))
         live = []
         for u in range(self.U):
             has = self.has_session(u)
@@ -649,6 +754,8 @@ class _Gen:
         body = [f'printf("STEP {oid}\\n")']
         for f in d.static:
             body += [self.flag(p, cond) for p, cond in self.step_violations(f, d)]
+        if d.action == "tick" and self.multi and Property.RELAY_WITHIN_POLL_BOUND in self.props:
+            body.append(self.flag(Property.RELAY_WITHIN_POLL_BOUND, self.relay_behind()))
         writes = [w for f in d.static for w in self.assignments(f)]
         writes += [(var, value, _BYTE) for var, value in d.extra]
         compute, assign = self.store(writes)
@@ -710,6 +817,15 @@ class _Gen:
         for s in range(self.S):
             # resume holds last_seq (always > 0 when set); 0 stands for the explorer's -1 (none).
             out.append(_unsigned(f"resume{s}", self.K, "0") + "; " + epoch.declare(f"epoch_seen{s}", "0") + ";")
+        if self.multi:
+            # lease holds the holder plus one (0: free); rlease the run's holder.
+            out.append("; ".join(_unsigned(self.up(n), 1, "1") for n in range(self.N)) + ";")
+            for u in range(self.U):
+                home = self.system.run_home(u)
+                line = [_unsigned(f"lease{u}", self.N, "0"), _unsigned(f"rlease{u}", self.N - 1, str(home))]
+                line += [_unsigned(self.bit(name, u, n), 1, "1" if name == "rholds" and n == home else "0")
+                         for name in ("holds", "rholds", "behind") for n in range(self.N)]
+                out.append("; ".join(line) + ";")
         return out
 
     def encode(self, state: State) -> dict[str, int]:
@@ -735,6 +851,17 @@ class _Gen:
                 live = i < len(state.events[u])
                 put("event", self.ev(u, i), state.events[u][i] if live else initial)
                 out[f"kind{u}_{i + 1}"] = _kind_code(state.kinds[u][i]) if live else 0
+        if self.multi:
+            for n in range(self.N):
+                out[self.up(n)] = int(state.up[n])
+            for u in range(self.U):
+                out[f"lease{u}"] = state.lease[u] + 1
+                out[f"rlease{u}"] = state.run_lease[u]
+                for name, mask in (("holds", state.holds[u]), ("rholds", state.run_holds[u])):
+                    for n in range(self.N):
+                        out[self.bit(name, u, n)] = mask >> n & 1
+                for n in range(self.N):
+                    out[self.bit("behind", u, n)] = state.behind[u * self.N + n]
         return out
 
     def probe(self, states: Sequence[State]) -> str:
@@ -830,6 +957,9 @@ _TRANSLATED: tuple[str, ...] = (
     Property.RUN_EVENTS_WELL_ORDERED,
     Property.CANCEL_BEFORE_START_WINS,
     TIMEOUTS_CLOSE,
+    Property.ONE_LIVE_OWNER,
+    Property.NO_SESSION_ONLY_WHEN_NONE_READY,
+    Property.RELAY_WITHIN_POLL_BOUND,
 )
 """The invariants this module has a Promela form for (model/invariants.py is the reference; the
 state-count, mutant and predicate tests in tests/model/check/ hold the two together)."""

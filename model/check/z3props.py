@@ -172,6 +172,16 @@ def _age_accounts_for_time(e: SysEnc, st: St) -> Term:
     return _events(e, st, body)
 
 
+def _owner_is_the_lease(e: SysEnc, st: St) -> Term:
+    def body(user: Term) -> Term:
+        return e.u.forall_node(lambda n: z3.And(
+            z3.Implies(z3.And(z3.Select(st["holds"], user, n), e.node_up(st, n)), z3.Select(st["lease"], user) == n),
+            z3.Implies(z3.And(z3.Select(st["run_holds"], user, n), e.node_up(st, n)),
+                       z3.Select(st["run_lease"], user) == n)), "n")
+
+    return e.u.forall("U", body, "u")
+
+
 @dataclass(frozen=True)
 class Lemma:
     name: str
@@ -210,6 +220,9 @@ LEMMAS: tuple[Lemma, ...] = (
     Lemma("age_accounts_for_time", "A live event's age is covered by the time it could legitimately spend: "
           "age <= idle when never written (and waited = 0), else age <= idle + (attempt-1)*ack_timeout + waited.",
           _age_accounts_for_time, ("clocks_in_range", "attempts_in_range")),
+    Lemma("owner_is_the_lease", "A live node that acts as a context's delivery owner (or a run's holder) is the "
+          "node the store's lease names: every takeover is a compare-and-set from a free lease or a dead "
+          "holder, and a crash forgets the dead node's ownership.", _owner_is_the_lease),
 )
 LEMMA_BY_NAME = {lem.name: lem for lem in LEMMAS}
 
@@ -268,6 +281,18 @@ def _limits_state(e: SysEnc, st: St) -> Term:
 
 def _well_ordered_state(e: SysEnc, st: St) -> Term:
     return e.u.forall("U", lambda user: z3.Select(st["wo"], user) != WO["BAD"], "u")
+
+
+def _one_live_owner_state(e: SysEnc, st: St) -> Term:
+    def body(user: Term) -> Term:
+        def two(field: str) -> Term:
+            return e.u.forall_node(lambda a: e.u.forall_node(lambda b: z3.Implies(
+                z3.And(z3.Select(st[field], user, a), e.node_up(st, a), z3.Select(st[field], user, b),
+                       e.node_up(st, b)), a == b), "b"), "a")
+
+        return z3.And(two("holds"), two("run_holds"))
+
+    return e.u.forall("U", body, "u")
 
 
 StepBody = Callable[[SysEnc, Case], Term]
@@ -346,6 +371,25 @@ def _timeouts_close(e: SysEnc, c: Case) -> Term:
                    for f in c.firings if f.family == "conn" and f.transition.event in TIMEOUT_EVENTS])
 
 
+def _no_false_no_session(e: SysEnc, c: Case) -> Term:
+    out = []
+    pre = c.pre
+    for f in c.firings:
+        if f.family == "event" and f.transition.event == "no_session_timeout" and f.transition.target \
+                is Delivery.ESCALATED and pre is not None:
+            out.append(z3.Not(e.u.exists("S", lambda s, user=f.index[0], pre=pre: z3.And(
+                e.u.owner(s) == user, e.live_session(pre, s), e.session_node_up(pre, s)), "rs")))
+    return z3.And(out)
+
+
+def _relay_within_poll_bound(e: SysEnc, c: Case) -> Term:
+    if c.action != "tick" or c.pre is None or not e.multi:
+        return z3.BoolVal(True)
+    pre = c.pre
+    return e.u.forall("U", lambda user: e.u.forall_node(lambda n: z3.Not(
+        z3.And(z3.Select(pre["behind"], user, n), e.node_up(pre, n))), "rn"), "ru")
+
+
 @dataclass(frozen=True)
 class ZProperty:
     name: str
@@ -402,6 +446,17 @@ PROPERTIES: tuple[ZProperty, ...] = (
     ZProperty("timeouts_close_the_socket", None, _timeouts_close, (),
               "init_timeout and heartbeat_timeout are declared only into CLOSED, each with its close: every "
               "case of Next that fires one satisfies it. Inductive without lemmas."),
+    ZProperty("one_live_owner", _one_live_owner_state, None, ("owner_is_the_lease",),
+              "Two live owners would both be the node the store's lease names, so they are one node: every way "
+              "to become owner (an append, an adoption) is a compare-and-set that needs the lease free or its "
+              "holder dead, and a crash clears the dead node's ownership."),
+    ZProperty("no_session_only_when_none_ready", None, _no_false_no_session, (),
+              "The escalation case re-reads the sessions table: its has_session input is stated exactly (a READY, "
+              "acked session of the user on a live node), and no_session_timeout is guarded by !has_session. "
+              "Inductive without lemmas."),
+    ZProperty("relay_within_poll_bound", None, _relay_within_poll_bound, (),
+              "The tick is guarded by 'no relay is behind' (the poll is due before time passes). Inductive "
+              "without lemmas."),
 )
 PROPERTY_BY_NAME = {p.name: p for p in PROPERTIES}
 

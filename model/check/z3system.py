@@ -46,6 +46,7 @@ from pipeproof.model.context import CONNS, Ctx
 from pipeproof.model.run import AGENT_EVENTS
 from pipeproof.model.spec import Config, Transition
 from pipeproof.model.system import (
+    NODE_LOST,
     SEND_ERROR,
     State,
     SystemModel,
@@ -55,6 +56,10 @@ from pipeproof.model.system import (
 )
 
 FAMILY_MACHINE = {"conn": "connection", "ctx": "context", "run": "run", "event": "delivery"}
+NODE_FIELDS = frozenset({"up", "holds", "run_holds", "behind"})
+"""Fields with a node dimension (an ``Int`` 0 .. N-1; the other ``Int`` dimension is a seq)."""
+BOOL_MASKS = ("holds", "run_holds")
+"""model/system.py keeps these as bitmasks over nodes; here they are ``User x Node -> Bool``."""
 INDEX = {"conn": "S", "ctx": "U", "run": "U", "event": "UI"}
 
 # -- the state ------------------------------------------------------------------------------------
@@ -85,6 +90,7 @@ class Case:
     post: St
     firings: list[ZFiring]
     sessions: list[Term]  # sessions whose reads no_cross_user_read constrains
+    pre: St | None = None  # the state the case fires from (step properties about sessions read it)
 
 
 Route = Callable[[Universe, St, Term, Term], Term]
@@ -129,6 +135,10 @@ class SysEnc:
         if b is not None and b.runs >= 0:
             self.run_users = tuple(universe.users[: b.runs])
         self._fresh = itertools.count()
+        # Nodes (docs/model.md, "nodes"): the symbolic universe has any number, so every node case
+        # exists there; a one-node finite instance has none of them (as in model/system.py).
+        self.multi = universe.symbolic or universe.n_int > 1
+        self.crashes = universe.symbolic or (b is not None and b.crashes)
 
     # -- fields -----------------------------------------------------------------------------------
     def _dom(self, fam_index: str) -> list[Term]:
@@ -143,23 +153,28 @@ class SysEnc:
             for v in enc.machine.var_names:
                 out[f"{fam}.{v}"] = [*dom, enc.var_sort(v)]
         U, S, I = self.u.U, self.u.S, z3.IntSort()  # noqa: E741 - sort names, as in the docs
+        B = z3.BoolSort()
         out.update({
             "len": [U, I], "kinds": [U, I, KIND.sort], "wo": [U, WO.sort], "resume": [S, I],
             "epoch_seen": [S, I], "total": [I],
+            "up": [I, B], "lease": [U, I], "holds": [U, I, B], "run_lease": [U, I], "run_holds": [U, I, B],
+            "behind": [U, I, B],
         })
         if self.u.symbolic:
             # The slot bijection is proof-only; the finite universe counts with sums instead.
             out.update({"slot": [S, I], "holder": [U, I, S]})
         return out
 
-    def indices(self, sorts: list[Term]) -> list[tuple[Term, ...]]:
-        """Every index of a field in the finite universe (seqs 1..K)."""
+    def indices(self, sorts: list[Term], name: str = "") -> list[tuple[Term, ...]]:
+        """Every index of a field in the finite universe (seqs 1..K; nodes 0..N-1 in a node field)."""
         doms = []
         for srt in sorts[:-1]:
             if srt == self.u.S:
                 doms.append(self.u.sessions)
             elif srt == self.u.U:
                 doms.append(self.u.users)
+            elif name in NODE_FIELDS:
+                doms.append(tuple(z3.IntVal(k) for k in range(self.u.n_int)))
             else:
                 doms.append(tuple(z3.IntVal(k) for k in range(1, self.u.k_int + 1)))
         return list(itertools.product(*doms))
@@ -175,7 +190,7 @@ class SysEnc:
                 st[name] = z3.Array(f"{tag}.{name}", *sorts)
             else:
                 arr = z3.Array(f"{tag}.{name}.rest", *sorts)  # outside the instance: never read for a verdict
-                for idx in self.indices(sorts):
+                for idx in self.indices(sorts, name):
                     label = ",".join(str(x) for x in idx)
                     arr = z3.Store(arr, *idx, z3.Const(f"{tag}.{name}[{label}]", sorts[-1]))
                 st[name] = arr
@@ -188,7 +203,7 @@ class SysEnc:
             if len(sorts) == 1:
                 yield name, (), st[name]
             else:
-                for idx in self.indices(sorts):
+                for idx in self.indices(sorts, name):
                     yield name, idx, z3.Select(st[name], *idx)
 
     def initial_state(self, tag: str = "init") -> St:
@@ -206,6 +221,13 @@ class SysEnc:
         st["resume"] = z3.K(self.u.S, z3.IntVal(-1))
         st["epoch_seen"] = z3.K(self.u.S, z3.IntVal(0))
         st["total"] = z3.IntVal(0)
+        uu, n = z3.Const("init!u", self.u.U), z3.Int("init!n")
+        st["up"] = z3.K(z3.IntSort(), z3.BoolVal(True))
+        st["lease"] = z3.K(self.u.U, z3.IntVal(-1))
+        st["holds"] = z3.Lambda([uu, n], z3.BoolVal(False))
+        st["run_lease"] = z3.Lambda([uu], self.u.home(uu))
+        st["run_holds"] = z3.Lambda([uu, n], n == self.u.home(uu))
+        st["behind"] = z3.Lambda([uu, n], z3.BoolVal(False))
         return st
 
     def cfg(self, st: St, fam: str, idx: tuple[Term, ...]) -> ZCfg:
@@ -228,14 +250,55 @@ class SysEnc:
     def attached(self, st: St, s: Term) -> Term:
         return self.encs["conn"].states.one_of(z3.Select(st["conn.state"], s), sorted(ATTACHED, key=str))
 
-    def has_session(self, st: St, user: Term) -> Term:
-        if self.u.symbolic:
-            # The proofs leave has_session free (any value): no safety invariant depends on it, and
-            # a Next with more behaviours proves at least as much (docs/proofs.md, "weakenings").
-            return st["hs"](user)
-        return self.u.exists("S", lambda s: z3.And(self.live_session(st, s), self.route(self.u, st, s, user)))
+    def node_up(self, st: St, n: Term) -> Term:
+        return z3.Select(st["up"], n)
 
-    def account_full(self, st: St) -> Term:
+    def session_node_up(self, st: St, s: Term) -> Term:
+        """The session's node is alive (always, in a one-node instance)."""
+        return self.node_up(st, self.u.node(s)) if self.multi else z3.BoolVal(True)
+
+    def ready_somewhere(self, st: St, user: Term) -> Term:
+        """The store's view (model/system.py ``_has_session``): a READY, acked session routed to
+        ``user`` on a live node."""
+        return self.u.exists("S", lambda s: z3.And(self.live_session(st, s), self.route(self.u, st, s, user),
+                                                   self.session_node_up(st, s)))
+
+    def lowest(self, st: St, field: str, user: Term) -> Term:
+        """The lowest live node whose ``field`` bit is set for ``user`` (-1: none); finite universe."""
+        out: Term = z3.IntVal(-1)
+        for k in range(self.u.n_int - 1, -1, -1):
+            n = z3.IntVal(k)
+            live = z3.And(z3.Select(st[field], user, n), self.node_up(st, n)) if self.multi \
+                else z3.Select(st[field], user, n)
+            out = z3.If(live, n, out)
+        return out
+
+    def live_holder(self, st: St, field: str, user: Term) -> Term:
+        """Some live node acts as ``user``'s delivery owner (``holds``) or run holder (``run_holds``)."""
+        return self.u.exists_node(lambda n: z3.And(z3.Select(st[field], user, n), self.node_up(st, n)), "h")
+
+    def has_session(self, st: St, user: Term, exact: bool = False) -> Term:
+        """``has_session`` as the owner supplies it. ``exact`` (the escalation's re-read of the
+        sessions table) states it even in the proofs; elsewhere the proofs leave it free."""
+        if self.model.session_view == "owner_node":
+            if self.u.symbolic:
+                return st["hs"](user)  # a mutant's view: free in the proofs, BMC decides
+            owner = self.lowest(st, "holds", user)
+            return z3.And(owner >= 0, self.u.exists("S", lambda s: z3.And(
+                self.live_session(st, s), self.route(self.u, st, s, user), self.u.node(s) == owner)))
+        if self.u.symbolic and not exact:
+            # The proofs leave has_session free (any value): no safety invariant but
+            # no_session_only_when_none_ready depends on it, and a Next with more behaviours proves
+            # at least as much (docs/proofs.md, "weakenings"); the escalation case states it exactly.
+            return st["hs"](user)
+        return self.ready_somewhere(st, user)
+
+    def account_full(self, st: St, s: Term | None = None) -> Term:
+        if self.model.limit_count == "per_node" and s is not None:
+            if self.u.symbolic:
+                return z3.Const(f"account_full_on_node#{next(self._fresh)}", z3.BoolSort())  # free: BMC decides
+            return z3.Sum([z3.If(z3.And(self.attached(st, x), self.u.node(x) == self.u.node(s)), 1, 0)
+                           for x in self.u.sessions]) >= self.u.max_account
         return st["total"] >= self.u.max_account
 
     def in_stream(self, st: St, user: Term, i: Term) -> Term:
@@ -275,7 +338,8 @@ class SysEnc:
     def cases(self, pre: St, tag: str) -> list[Case]:
         """Every case of every action from ``pre``; arguments are fresh constants named by ``tag``."""
         out: list[Case] = []
-        for builder in (self._client_cases, self._server_session_cases, self._server_user_cases, self._clock_cases):
+        for builder in (self._client_cases, self._server_session_cases, self._server_user_cases, self._node_cases,
+                        self._clock_cases):
             out.extend(builder(pre, tag))
         return out
 
@@ -298,7 +362,7 @@ class SysEnc:
                 parts.append(post[name] == val)
             else:
                 # Finite universe: equate scalars, never whole arrays (no extensionality to reason about).
-                parts.extend(z3.Select(post[name], *idx) == z3.Select(val, *idx) for idx in self.indices(sorts))
+                parts.extend(z3.Select(post[name], *idx) == z3.Select(val, *idx) for idx in self.indices(sorts, name))
         return z3.And(parts), tagged
 
     def state_eq(self, a: St, b: St) -> Term:
@@ -312,7 +376,8 @@ class SysEnc:
             # client_ack: cumulative through n, on a stream routed to s.
             draft = _Draft(self, pre, (s, ack_user, n))
             draft.guard(self.live_session(pre, s), self.route(self.u, pre, s, ack_user), n >= 1,
-                        self.prefix_at_least(pre, ack_user, n), self.live_event(pre, ack_user, n))
+                        self.prefix_at_least(pre, ack_user, n), self.live_event(pre, ack_user, n),
+                        self.session_node_up(pre, s))
             self._ack_through(draft, ack_user, n)
             yield draft.case("client_ack", "client", sessions=[s])
 
@@ -339,13 +404,15 @@ class SysEnc:
             yield case
         for t in self.encs["run"].transitions("cancel"):
             draft = _Draft(self, pre, (s,))
-            draft.guard(self.live_session(pre, s))
+            draft.guard(self.live_session(pre, s), self.session_node_up(pre, s))
             draft.fire("run", (user,), t)
             yield draft.case("client_cancel", "client")
 
-    def _conn_cases(self, pre: St, s: Term, ca: Action, name: str | None = None) -> Iterator[Case]:
+    def _conn_cases(self, pre: St, s: Term, ca: Action, name: str | None = None, alive: bool = True
+                    ) -> Iterator[Case]:
         """A ``conn`` action's connection event alone, detaching from the context when an attached
-        socket closes (model/composition.py)."""
+        socket closes (model/composition.py); on a live node, or (``alive`` false: the socket of a
+        crashed node) on a dead one."""
         conn = self.encs["conn"]
         event, action, actor = ca.event, name or ca.name, ca.actor
         for t, inputs in ((t, i) for i in input_choices(ca) for t in conn.transitions(event)
@@ -353,6 +420,9 @@ class SysEnc:
             detaching = t.source in ATTACHED and t.target not in ATTACHED
             for dt in (self.encs["ctx"].transitions("detach") if detaching else (None,)):
                 draft = _Draft(self, pre, (s,))
+                if self.multi:
+                    up = self.node_up(pre, self.u.node(s))
+                    draft.guard(up if alive else z3.Not(up))
                 draft.fire("conn", (s,), t, dict(inputs))
                 if dt is not None:
                     draft.fire("ctx", (self.u.owner(s),), dt, first=True)
@@ -385,13 +455,14 @@ class SysEnc:
     def _resolve_cases(self, pre: St, s: Term) -> Iterator[Case]:
         """Atomic get-or-create of the owner's context, then READY (or a limit rejection)."""
         user = self.u.owner(s)
-        full = self.account_full(pre)
+        full = self.account_full(pre, s)
         for ctx_event in ("create", "attach", "reject_limit"):
             conn_event = "limit_reject" if ctx_event == "reject_limit" else "auth_ok"
             for ct in self.encs["ctx"].transitions(ctx_event):
                 for t in self.encs["conn"].transitions(conn_event):
                     for resumed in ((False, True) if conn_event == "auth_ok" else (False,)):
                         draft = _Draft(self, pre, (s,))
+                        draft.guard(self.session_node_up(pre, s))
                         _, cafter = draft.fire("ctx", (user,), ct, {"account_full": full})
                         draft.fire("conn", (s,), t)
                         if self.u.symbolic and t.source not in ATTACHED and t.target in ATTACHED:
@@ -416,12 +487,20 @@ class SysEnc:
 
         oldest = z3.And(self.route(self.u, pre, s, user), self.in_stream(pre, user, i), sendable(i),
                         self.u.forall("Int", lambda j: z3.Implies(z3.And(j >= 1, j < i), z3.Not(sendable(j))), "j"))
+        if self.multi:
+            # Only the live delivery owner decides a send; a session on another node is its relay's.
+            oldest = z3.And(oldest, self.session_node_up(pre, s), self.live_holder(pre, "holds", user))
         for ct in conn.transitions("deliver"):
             for t in ev.transitions("send"):
                 draft = _Draft(self, pre, (s, user, i))
                 draft.guard(oldest)
                 draft.fire("conn", (s,), ct)
                 draft.fire("event", (user, i), t)
+                if self.multi:
+                    n = self.u.node(s)
+                    relay = z3.Not(z3.Select(pre["holds"], user, n))
+                    draft.post["behind"] = z3.Store(draft.post["behind"], user, n,
+                                                    z3.Or(z3.Select(pre["behind"], user, n), relay))
                 yield draft.case("server_send", "server", sessions=[s])
         deliverable = conn.enabled("deliver", self.cfg(pre, "conn", (s,)))
         for ft in ev.transitions("send_failed"):
@@ -444,17 +523,32 @@ class SysEnc:
             yield from self._timeout_cases(pre, user, i)
 
     def _timeout_cases(self, pre: St, user: Term, i: Term) -> Iterator[Case]:
-        has = self.has_session(pre, user)
         for event in ("ack_timeout", "no_session_timeout"):
+            # The escalation re-reads the sessions table: stated exactly even in the proofs.
+            has = self.has_session(pre, user, exact=event == "no_session_timeout")
             for t in self.encs["event"].transitions(event):
                 draft = _Draft(self, pre, (user, i))
                 draft.guard(self.in_stream(pre, user, i))
+                if self.multi:
+                    draft.guard(self.live_holder(pre, "holds", user))
                 draft.fire("event", (user, i), t, {"has_session": has})
                 yield draft.case(f"server_{event}", "server")
 
     def _run_cases(self, pre: St, user: Term) -> Iterator[Case]:
         run, ev = self.encs["run"], self.encs["event"]
         length = z3.Select(pre["len"], user)
+        # Fenced: a run steps only while a live node holds its lease; an append takes the delivery
+        # lease when it is free or its holder's node is dead (model/system.py _run_steps). The
+        # symbolic universe lets any live holder append (a superset of "the lowest").
+        if self.u.symbolic:
+            holder: Term = self.arg("run", "holder", "Int")
+            fenced = z3.And(holder >= 0, holder < self.u.N, z3.Select(pre["run_holds"], user, holder),
+                            self.node_up(pre, holder))
+        else:
+            holder = self.lowest(pre, "run_holds", user)
+            fenced = holder >= 0
+        lease = z3.Select(pre["lease"], user)
+        take = z3.Or(lease < 0, z3.Not(self.node_up(pre, lease))) if self.multi else lease < 0
         for event in run.machine.events:
             if event == "cancel":
                 continue  # the client's action
@@ -463,6 +557,7 @@ class SysEnc:
                 draft.guard(z3.Select(pre["ctx.state"], user) == self.encs["ctx"].states[Ctx.LIVE])
                 if self.run_users is not None:
                     draft.guard(z3.Or([user == x for x in self.run_users] or [z3.BoolVal(False)]))
+                draft.guard(fenced)
                 draft.fire("run", (user,), t)
                 if event not in AGENT_EVENTS:
                     yield draft.case(f"server_run_{event}", "server")
@@ -481,6 +576,9 @@ class SysEnc:
                     d.post["len"] = z3.Store(d.post["len"], user, seq)
                     wo = z3.Select(pre["wo"], user)
                     d.post["wo"] = z3.Store(d.post["wo"], user, _wo_next(wo, event))
+                    d.post["lease"] = z3.Store(d.post["lease"], user, z3.If(take, holder, lease))
+                    d.post["holds"] = z3.Store(d.post["holds"], user, holder,
+                                               z3.Or(take, z3.Select(pre["holds"], user, holder)))
                     yield d.case(f"server_run_{event}", "server")
 
     def _clock_cases(self, pre: St, tag: str) -> Iterator[Case]:
@@ -491,10 +589,84 @@ class SysEnc:
         draft = _Draft(self, pre, ())
         draft.guard(self.u.exists("U", lambda uu: self.u.exists(
             "Int", lambda i: self.live_event(pre, uu, i), "ti"), "tu"))
+        if self.multi and self.model.poll:
+            # A relay's poll is due before time passes (the poll bound), like a deadline.
+            draft.guard(self.u.forall("U", lambda uu: self.u.forall_node(
+                lambda n: z3.Not(z3.Select(pre["behind"], uu, n)), "tn"), "tu"))
         draft.mass("event", None, ev.transitions("tick"), lambda uu, i: self.live_event(pre, uu, i),
                    lambda cfg, uu: ev.fire_first("tick", cfg, {"has_session": self.has_session(pre, uu)}),
                    needs_user=True)
         yield draft.case("tick", "clock")
+
+    # nodes (model/system.py _node_lost_steps, _crash_steps, _adopt_steps, _catch_up_steps)
+    def _node_cases(self, pre: St, tag: str) -> Iterator[Case]:
+        if not self.multi:
+            return
+        for (s,) in self.args(tag, ("s", "S")):
+            yield from self._conn_cases(pre, s, NODE_LOST, alive=False)
+        if self.crashes:
+            for (n,) in self.node_args(tag, "crash"):
+                draft = _Draft(self, pre, (n,))
+
+                def survivor(k: Term, n: Term = n) -> Term:
+                    return z3.And(k != n, self.node_up(pre, k))
+
+                draft.guard(self.is_node(n), self.node_up(pre, n), self.u.exists_node(survivor, "survivor"))
+                draft.post["up"] = z3.Store(pre["up"], n, z3.BoolVal(False))
+                for name in ("holds", "run_holds", "behind"):
+                    draft.post[name] = self._clear_node(pre[name], n)
+                yield draft.case("server_node_crash", "server")
+        for (user,) in self.args(tag, ("u", "U")):
+            for (n,) in self.node_args(tag, "adopt"):
+                lease = z3.Select(pre["lease"], user)
+                draft = _Draft(self, pre, (user, n))
+                draft.guard(self.is_node(n), self.node_up(pre, n), z3.Not(z3.Select(pre["holds"], user, n)),
+                            self.u.exists("Int", lambda i, user=user: self.live_event(pre, user, i), "ai"))
+                if self.model.cas:
+                    draft.guard(z3.Or(lease < 0, z3.Not(self.node_up(pre, lease))))
+                draft.post["lease"] = z3.Store(pre["lease"], user, n)
+                draft.post["holds"] = z3.Store(pre["holds"], user, n, z3.BoolVal(True))
+                yield draft.case("server_adopt_delivery", "server")
+                run = self.encs["run"]
+                draft = _Draft(self, pre, (user, n))
+                draft.guard(self.is_node(n), self.node_up(pre, n), z3.Not(z3.Select(pre["run_holds"], user, n)),
+                            z3.Select(pre["ctx.state"], user) == self.encs["ctx"].states[Ctx.LIVE],
+                            z3.Not(run.states.one_of(z3.Select(pre["run.state"], user),
+                                                     sorted(run.machine.terminal, key=str))))
+                if self.run_users is not None:
+                    draft.guard(z3.Or([user == x for x in self.run_users] or [z3.BoolVal(False)]))
+                if self.model.cas:
+                    draft.guard(z3.Not(self.node_up(pre, z3.Select(pre["run_lease"], user))))
+                draft.post["run_lease"] = z3.Store(pre["run_lease"], user, n)
+                draft.post["run_holds"] = z3.Store(pre["run_holds"], user, n, z3.BoolVal(True))
+                yield draft.case("server_adopt_run", "server")
+            for (n,) in self.node_args(tag, "relay"):
+                draft = _Draft(self, pre, (user, n))
+                draft.guard(self.is_node(n), z3.Select(pre["behind"], user, n))
+                draft.post["behind"] = z3.Store(pre["behind"], user, n, z3.BoolVal(False))
+                yield draft.case("server_relay_catch_up", "server")
+
+    def node_args(self, tag: str, name: str) -> Iterator[tuple[Term]]:
+        """A node argument: a fresh constant (symbolic: each case guards it with
+        :meth:`is_node`), or every node (finite)."""
+        if self.u.symbolic:
+            yield (self.arg(tag, name, "Int"),)
+            return
+        for k in range(self.u.n_int):
+            yield (z3.IntVal(k),)
+
+    def is_node(self, n: Term) -> Term:
+        return z3.And(n >= 0, n < self.u.N) if self.u.symbolic else z3.BoolVal(True)
+
+    def _clear_node(self, arr: Term, n: Term) -> Term:
+        """``arr`` (User x Node -> Bool) with node ``n``'s column false (a crash forgets it)."""
+        if self.u.symbolic:
+            uu, k = z3.Const("clear!u", self.u.U), z3.Int("clear!n")
+            return z3.Lambda([uu, k], z3.And(k != n, z3.Select(arr, uu, k)))
+        out = arr
+        for uu in self.u.users:
+            out = z3.Store(out, uu, n, z3.BoolVal(False))
+        return out
 
     # -- concrete states (finite universe) --------------------------------------------------------
     def state_formula(self, st: St, state: State) -> Term:
@@ -520,6 +692,16 @@ class SysEnc:
                 cfg_eq("event", (u.users[k], z3.IntVal(i + 1)), c)
                 parts.append(z3.Select(st["kinds"], u.users[k], i + 1) == KIND[state.kinds[k][i]])
         parts.append(st["total"] == sum(int(c[1][CONNS]) for c in state.ctxs))
+        for k in range(u.n_int):
+            n = z3.IntVal(k)
+            parts.append(z3.Select(st["up"], n) == state.up[k])
+            for j, uk in enumerate(u.users):
+                parts.append(z3.Select(st["holds"], uk, n) == bool(state.holds[j] >> k & 1))
+                parts.append(z3.Select(st["run_holds"], uk, n) == bool(state.run_holds[j] >> k & 1))
+                parts.append(z3.Select(st["behind"], uk, n) == bool(state.behind[j * u.n_int + k]))
+        for j, uk in enumerate(u.users):
+            parts.append(z3.Select(st["lease"], uk) == state.lease[j])
+            parts.append(z3.Select(st["run_lease"], uk) == state.run_lease[j])
         return z3.And(parts)
 
     def decode(self, model: Term, st: St) -> State:
@@ -532,6 +714,12 @@ class SysEnc:
         def num(t: Term) -> int:
             v: int = model.eval(t, model_completion=True).as_long()
             return v
+
+        def flag(t: Term) -> bool:
+            return bool(z3.is_true(model.eval(t, model_completion=True)))
+
+        def mask(name: str, uk: Term) -> int:
+            return sum(1 << k for k in range(u.n_int) if flag(z3.Select(st[name], uk, z3.IntVal(k))))
 
         events, kinds = [], []
         for uk in u.users:
@@ -547,6 +735,13 @@ class SysEnc:
             kinds=tuple(kinds),
             resume=tuple(num(z3.Select(st["resume"], s)) for s in u.sessions),
             epoch_seen=tuple(num(z3.Select(st["epoch_seen"], s)) for s in u.sessions),
+            up=tuple(flag(z3.Select(st["up"], z3.IntVal(k))) for k in range(u.n_int)),
+            lease=tuple(num(z3.Select(st["lease"], x)) for x in u.users),
+            holds=tuple(mask("holds", x) for x in u.users),
+            run_lease=tuple(num(z3.Select(st["run_lease"], x)) for x in u.users),
+            run_holds=tuple(mask("run_holds", x) for x in u.users),
+            behind=tuple(int(flag(z3.Select(st["behind"], x, z3.IntVal(k)))) for x in u.users
+                         for k in range(u.n_int)),
         )
 
 
@@ -635,5 +830,5 @@ class _Draft:
 
     def case(self, action: str, actor: str, sessions: Sequence[Term] = ()) -> Case:
         return Case(action, actor, self.args, z3.And(self.guards) if self.guards else z3.BoolVal(True),
-                    self.post, self.firings, list(sessions))
+                    self.post, self.firings, list(sessions), self.pre)
 

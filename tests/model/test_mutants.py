@@ -23,8 +23,13 @@ SHORTEST = {
     "resend_acked": 8, "unlocked_context_create": 4, "expired_context_reused": 6, "cross_user_route": 9,
     "event_after_terminal": 6, "unpaired_tool_event": 5, "cancel_before_start_lost": 6,
     "no_session_never_notified": 4, "escalation_not_final": 6, "retry_cap_off_by_one": 8, "no_account_limit": 4,
-    "heartbeat_suppressed": 3,
+    "heartbeat_suppressed": 3, "lease_race_two_owners": 3, "lost_notification_no_poll": 7,
+    "escalation_reads_local_sessions": 6, "per_node_limit_counter": 4,
 }
+# lease_race_two_owners breaks one_live_owner two ways: the run's lease (3 steps, the explorer's
+# shortest) and the delivery lease (5 steps: init, resolve, validate_ok, agent_started, adopt),
+# which is the one pan's depth-first search meets first.
+SPIN_OTHER_ROUTE = {"lease_race_two_owners": 5}
 # Hypothesis must catch every mutant of the zoo, a new one included, at the matrix's seed (0) and
 # pipeproof check's budget (150 test cases x 40 steps). One seed, no retry: the run is a function of
 # the seed alone (the seed decorates the @given test, deadlines are off), so load on the machine
@@ -101,8 +106,10 @@ def test_spin_catches_every_mutant_with_a_replayed_trail() -> None:
     cells = mutant_matrix(MatrixOptions(checkers=("spin",)))
     assert {c.mutant: c.verdict for c in cells} == {m.name: "caught" for m in MUTANTS}
     for c in cells:
-        # Replayed through System.successors and shrunk: within one step of the shortest.
-        assert c.trace_length is not None and SHORTEST[c.mutant] <= c.trace_length <= SHORTEST[c.mutant] + 1, c
+        # Replayed through System.successors and shrunk: within one step of the shortest, or of
+        # the shortest of another route to the same violation pan's depth-first search meets first.
+        longest = SPIN_OTHER_ROUTE.get(c.mutant, SHORTEST[c.mutant]) + 1
+        assert c.trace_length is not None and SHORTEST[c.mutant] <= c.trace_length <= longest, c
         assert c.trace[-1].startswith("=> ")
 
 

@@ -152,3 +152,6 @@ class Property(enum.StrEnum):
     RUN_EVENTS_WELL_ORDERED = "run_events_well_ordered"
     CANCEL_BEFORE_START_WINS = "cancel_before_start_wins"
     TIMEOUTS_CLOSE_THE_SOCKET = "timeouts_close_the_socket"
+    ONE_LIVE_OWNER = "one_live_owner"
+    NO_SESSION_ONLY_WHEN_NONE_READY = "no_session_only_when_none_ready"
+    RELAY_WITHIN_POLL_BOUND = "relay_within_poll_bound"
