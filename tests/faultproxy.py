@@ -259,12 +259,13 @@ class FaultProxy:
                 if self._mode is Mode.DELAY and self._delay > 0:
                     await asyncio.sleep(self._delay)
                 await self._flowing.wait()  # a stall that began during the delay holds the chunk too
-                writer.write(data)
-                await writer.drain()
+                # Counted before the write: a peer that has the bytes sees them counted.
                 if up:
                     self._up += len(data)
                 else:
                     self._down += len(data)
+                writer.write(data)
+                await writer.drain()
 
 
 __all__ = ["FaultProxy", "Mode", "ProxyStats"]
