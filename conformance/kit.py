@@ -9,6 +9,9 @@ wait is for a specific observation, bounded by a deadline derived from the decla
 
 Users are fresh per example (``<prefix>-<n>-u<k>``), so examples do not see each other's
 contexts, and a server that keeps state across examples is still tested from a clean slate.
+
+A target with several nodes (one cluster) is tested as one server: each socket and each HTTP
+request goes to the node :class:`~.placement.Placement` picks, and the oracle is the same.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pipeproof.protocol import CloseReason
 
 from .errors import KitError, Violation
 from .oracle import Oracle, Sent, SockView, UserView
+from .placement import Placement
 from .results import KitResult, Target, summary
 from .wire import Http, Socket
 
@@ -90,7 +94,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.exhausted = time.monotonic() > self.shrink_deadline > 0 and not current_build_context().is_final
         self.tm = self.target.timing
         self.oracle = Oracle(self.tm, tolerate_overload=self.target.tolerate_overload)
-        self.http = Http(self.target.http_url, self.tm.late(self.tm.reply_timeout))
+        self.https = [Http(u, self.tm.late(self.tm.reply_timeout)) for u in self.target.http_urls]
+        self.placement = Placement(len(self.https), self.target.seed)
+        self.node_of: dict[str, int] = {}  # socket label -> node index
         n = next(_counter)
         given = sorted(self.target.tokens.given)
         if given and not self.target.tokens.can_mint:
@@ -108,13 +114,32 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.oracle.actions.append(text)
         type(self).result.actions += 1
 
+    def _at(self, view: SockView) -> str:
+        """`` (node N)`` in a client action of a cluster target (1-based, command-line order);
+        nothing for one node, so single-server traces read as they always did."""
+        return f" (node {self.node_of[view.label] + 1})" if len(self.https) > 1 else ""
+
+    def _http(self) -> Http:
+        """The node the next HTTP request goes to (any node answers for the whole cluster)."""
+        node = self.placement.http()
+        type(self).result.http_requests[node] += 1
+        return self.https[node]
+
     def _rid(self, kind: str) -> str:
         self.seq += 1
         return f"{kind}-{self.seq}-{uuid.uuid4().hex[:6]}"
 
-    def _open(self, user: UserView | None, token_kind: str) -> SockView:
+    def _open(self, user: UserView | None, token_kind: str, resume: bool = False) -> SockView:
         label = f"s{len(self.socks)}"
-        sock = Socket(self.target.ws_url, label, self.tm.late(self.tm.reply_timeout))
+        result = type(self).result
+        dropped = self.placement.last_dropped(user.name) if resume and user is not None else None
+        node = self.placement.socket(None if user is None else user.name, resume=resume)
+        result.sessions[node] += 1
+        if dropped is not None:
+            result.resumes_after_drop += 1
+            result.resumes_moved += node != dropped
+        self.node_of[label] = node
+        sock = Socket(self.target.ws_urls[node], label, self.tm.late(self.tm.reply_timeout))
         view = SockView(self.oracle, sock, user, token_kind)
         self.socks.append(view)
         self.oracle.sockets.append(view)
@@ -151,9 +176,10 @@ class ConformanceMachine(RuleBasedStateMachine):
         user = self.oracle.user(self.names[user_index])
         if len(user.live_sockets()) >= self.tm.max_connections_per_user - 1:
             return None  # stay below the limit; limit_probe tests it on a fresh user
-        view = self._open(user, "good")
+        view = self._open(user, "good", resume)
         last = user.delivered_prefix() if resume else None
-        self._act(f"connect {view.label} as {user.name}" + (f" resume last_seq={last}" if resume else ""))
+        self._act(f"connect {view.label} as {user.name}" + (f" resume last_seq={last}" if resume else "")
+                  + self._at(view))
         self._init(view, self.target.tokens.good(user.name), last)
         self._wait(view, lambda: view.acked is not None, "connection_ack")
         return view if view.live else None
@@ -178,6 +204,9 @@ class ConformanceMachine(RuleBasedStateMachine):
     def first_socket(self, start: bool) -> None:
         """Every example begins with one READY socket (and maybe a run), so that the delivery rules
         have something to act on from the first step."""
+        self._first_socket(start)
+
+    def _first_socket(self, start: bool) -> None:
         view = self._ready(0)
         if start and view is not None and self.target.runs:
             self.start_run(0, RUN_INPUTS[3], False)
@@ -199,7 +228,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         token = (self.target.tokens.good(self.target.disabled_user) if kind == "user_disabled"
                  and self.target.disabled_user else self.target.tokens.bad(kind, self.names[0]))
         view = self._open(None, kind)
-        self._act(f"connect {view.label} with a {kind} token")
+        self._act(f"connect {view.label} with a {kind} token{self._at(view)}")
         self._init(view, token)
         self._wait(view, lambda: False, f"close {kind}")
 
@@ -207,7 +236,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     @_budgeted
     def first_frame_not_init(self, kind: str) -> None:
         view = self._open(None, "good")
-        self._act(f"connect {view.label}, first frame {kind}")
+        self._act(f"connect {view.label}, first frame {kind}{self._at(view)}")
         frames: dict[str, dict[str, Any] | str] = {
             "garbage": GARBAGE[0], "ack": {"type": "ack", "seq": 1},
             "start": {"type": "run.start", "request_id": "x", "input": "hi"},
@@ -221,7 +250,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     @_budgeted
     def no_init(self) -> None:
         view = self._open(None, "good")
-        self._act(f"connect {view.label}, send nothing")
+        self._act(f"connect {view.label}, send nothing{self._at(view)}")
         self._wait(view, lambda: False, f"close {CloseReason.INIT_TIMEOUT.describe()}",
                    self.tm.late(self.tm.init_timeout) + self.tm.late(self.tm.reply_timeout))
 
@@ -235,7 +264,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         if not self.target.runs:
             frames = [f for f in frames if f != "start"] or ["garbage"]
         view = self._open(u, "good")
-        self._act(f"connect {view.label} as {u.name} and pipeline {frames}")
+        self._act(f"connect {view.label} as {u.name} and pipeline {frames}{self._at(view)}")
         self._init(view, self.target.tokens.good(u.name))
         for kind in frames:
             self._send_kind(view, kind)
@@ -287,10 +316,17 @@ class ConformanceMachine(RuleBasedStateMachine):
         if view is None:
             return
         self.oracle.pump()
-        self._act(f"drop {view.label} ({'close 1000' if graceful else 'cut TCP'})")
+        self._act(f"drop {view.label} ({'close 1000' if graceful else 'cut TCP'}){self._at(view)}")
         view.sock.drop(graceful)
+        if view.user is not None:
+            self.placement.dropped(view.user.name, self.node_of[view.label])
         self.oracle.pump()
         view.client_close()
+        if not graceful and len(self.https) > 1 and view.user is not None and view.user.name in self.names:
+            # A cluster's client whose connection was cut comes back at once with resume, on
+            # another node (a failover behind a load balancer): every cut moves a user between
+            # nodes mid-stream. It draws nothing, so a single server's examples stay as they were.
+            self.connect(self.names.index(view.user.name), True)
 
     # -- rules: contexts and limits (section 3) --------------------------------------------------------
     @rule(users=st.integers(1, USERS_PER_EXAMPLE), each=st.integers(2, 3))
@@ -306,7 +342,7 @@ class ConformanceMachine(RuleBasedStateMachine):
                 views.append(self._open(u, "good"))
         if not views:
             return
-        self._act(f"burst: {len(views)} sockets init at once ({[v.label for v in views]})")
+        self._act(f"burst: {len(views)} sockets init at once ({[v.label + self._at(v) for v in views]})")
         self._init_at_once(views)
 
     def _init_at_once(self, views: list[SockView]) -> None:
@@ -338,8 +374,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         name = f"{self.names[0]}-limit-{self.seq}"
         self.seq += 1
         user = self.oracle.user(name)
-        self._act(f"limit probe: {self.tm.max_connections_per_user} + 1 sockets for {name}")
         opened = [self._open(user, "good") for _ in range(self.tm.max_connections_per_user)]
+        self._act(f"limit probe: {self.tm.max_connections_per_user} + 1 sockets for {name}"
+                  + (f" ({[v.label + self._at(v) for v in opened]})" if len(self.https) > 1 else ""))
         self._init_at_once(opened)
         extra = self._open(user, "good")
         self._init(extra, self.target.tokens.good(name))
@@ -440,7 +477,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             self._act(f"GET /v1/events with an expired token for {u.name}")
             if not self.target.tokens.can_mint:
                 return
-            status, body = self.http.get("/v1/events?after=0", self.target.tokens.bad("token_expired", u.name))
+            status, body = self._http().get("/v1/events?after=0", self.target.tokens.bad("token_expired", u.name))
             self.oracle.count("auth_errors_specific")
             code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
             if status != 401 or code != "token_expired":
@@ -452,7 +489,7 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     def _read_http(self, u: UserView) -> list[dict[str, Any]]:
         token = self.target.tokens.good(u.name)
-        status, body = self.http.get("/v1/events?after=0&limit=1000", token)
+        status, body = self._http().get("/v1/events?after=0&limit=1000", token)
         now = time.monotonic()
         self.oracle.pump()
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("events"), list):
@@ -465,7 +502,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         records: list[dict[str, Any]] = [r for r in body["events"] if isinstance(r, dict)]
         for rec in records:
             u.on_http_event(rec, now)
-        status, esc = self.http.get("/v1/escalations", token)
+        status, esc = self._http().get("/v1/escalations", token)
         if status == 200 and isinstance(esc, dict):
             for rec in esc.get("escalations") or []:
                 owner = self.oracle.run_owner.get(str(rec.get("run_id")))
@@ -597,9 +634,36 @@ class ConformanceMachine(RuleBasedStateMachine):
             for s in self.socks:
                 if not s.sock.ended:
                     s.sock.drop(True)
-            self.http.close()
+            for http in self.https:
+                http.close()
         for prop, n in self.oracle.checks.items():
             type(self).result.checks[prop] = type(self).result.checks.get(prop, 0) + n
+
+
+class ClusterConformanceMachine(ConformanceMachine):
+    """The machine for a target of several nodes: the same rules, and each example draws where its
+    users' rounds over the nodes start (:class:`~.placement.Placement`). Drawn, so that examples
+    differ (with one fixed offset every example's first socket would be on one node), and part of
+    the example, so that a replay while shrinking places every action as the failing run did. A
+    class of its own, so that a single server's examples draw exactly what they always drew."""
+
+    @initialize(start=st.booleans(), data=st.data())
+    @_budgeted
+    def first_socket(self, start: bool, data: st.DataObject) -> None:
+        self.placement.salt = data.draw(st.integers(0, 2**16 - 1), label="placement")
+        self._first_socket(start)
+
+
+def machine_for(target: Target, *, shrink_deadline: float = 0.0, prefix: str | None = None) -> type[ConformanceMachine]:
+    """The machine class specialised for ``target``, with a fresh :class:`KitResult` (``.result``);
+    ``shrink_deadline`` 0 means no time budget (a test may then drive its rules by hand)."""
+    nodes = target.nodes
+    result = KitResult(nodes=nodes, seed=target.seed, sessions=[0] * len(nodes), http_requests=[0] * len(nodes))
+    base = ClusterConformanceMachine if len(nodes) > 1 else ConformanceMachine
+    return type("Conformance", (base,), {
+        "target": target, "result": result, "shrink_deadline": shrink_deadline,
+        "prefix": prefix or f"pp{uuid.uuid4().hex[:6]}",
+    })
 
 
 def run_kit(target: Target, *, examples: int = 20, steps: int = 8, randomize: bool = False,
@@ -610,12 +674,9 @@ def run_kit(target: Target, *, examples: int = 20, steps: int = 8, randomize: bo
     actions every run) and, as a safety net, by ``budget`` seconds; shrinking a failure gets
     ``shrink_budget`` seconds from the moment it is found, then the smallest trace so far is reported.
     """
-    result = KitResult()
     start = time.monotonic()
-    machine: type[ConformanceMachine] = type("Conformance", (ConformanceMachine,), {
-        "target": target, "result": result, "shrink_deadline": start + budget,
-        "prefix": prefix or f"pp{uuid.uuid4().hex[:6]}",
-    })
+    machine = machine_for(target, shrink_deadline=start + budget, prefix=prefix)
+    result = machine.result
     cfg = settings(max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
                    derandomize=not randomize, suppress_health_check=list(HealthCheck),
                    phases=[Phase.generate, Phase.shrink], report_multiple_bugs=False, print_blob=False)
@@ -667,4 +728,5 @@ def _first_violation(exc: BaseException) -> Violation | None:
     return None
 
 
-__all__ = ["ConformanceMachine", "KitResult", "Target", "run_kit", "summary"]
+__all__ = ["ClusterConformanceMachine", "ConformanceMachine", "KitResult", "Target", "machine_for", "run_kit",
+           "summary"]

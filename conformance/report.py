@@ -1,4 +1,5 @@
-"""The kit's summary per property and its JUnit XML (docs/conformance.md, "Reports")."""
+"""The kit's summary per property and its JUnit XML (docs/conformance.md, "Reports"); for a
+cluster target, also where the client actions went (docs/conformance.md, "Several nodes")."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ def text_summary(result: KitResult, target: str) -> str:
              f"in {result.seconds:.1f}s"]
     for name, verdict, n in summary(result):
         lines.append(f"  {verdict:<14} {name:<34} {n:>6} checks   (section {PROPERTIES[name].section})")
+    if len(result.nodes) > 1:
+        lines.append(f"  sessions per node (seed {result.seed}):")
+        for node, url, sessions, requests in node_rows(result):
+            lines.append(f"    node {node} {url}: {sessions} sessions, {requests} HTTP requests")
+        lines.append(f"  resumes after a drop: {result.resumes_after_drop}, on another node: {result.resumes_moved}")
     if result.violation is not None:
         lines.append("")
         lines.append("VIOLATION " + result.violation.render())
@@ -22,13 +28,27 @@ def text_summary(result: KitResult, target: str) -> str:
     return "\n".join(lines)
 
 
+def node_rows(result: KitResult) -> list[tuple[int, str, int, int]]:
+    """(node number from 1, URL, sessions opened on it, HTTP requests sent to it) per node."""
+    return [(i + 1, url, result.sessions[i], result.http_requests[i]) for i, url in enumerate(result.nodes)]
+
+
 def write_junit(result: KitResult, path: Path, target: str) -> None:
     rows = summary(result)
     suite = ET.Element("testsuite", name="pipeproof-conform", tests=str(len(rows)),
                        failures=str(sum(1 for r in rows if r[1] == "FAIL")),
                        skipped=str(sum(1 for r in rows if r[1] == "not exercised")),
                        time=f"{result.seconds:.3f}")
-    ET.SubElement(ET.SubElement(suite, "properties"), "property", name="target", value=target)
+    props = ET.SubElement(suite, "properties")
+    ET.SubElement(props, "property", name="target", value=target)
+    if len(result.nodes) > 1:
+        ET.SubElement(props, "property", name="seed", value=str(result.seed))
+        for node, url, sessions, requests in node_rows(result):
+            ET.SubElement(props, "property", name=f"node.{node}.url", value=url)
+            ET.SubElement(props, "property", name=f"node.{node}.sessions", value=str(sessions))
+            ET.SubElement(props, "property", name=f"node.{node}.http_requests", value=str(requests))
+        ET.SubElement(props, "property", name="resumes_after_drop", value=str(result.resumes_after_drop))
+        ET.SubElement(props, "property", name="resumes_moved", value=str(result.resumes_moved))
     for name, verdict, n in rows:
         case = ET.SubElement(suite, "testcase", classname="pipeproof.conform", name=name)
         case.set("time", "0")
@@ -43,4 +63,4 @@ def write_junit(result: KitResult, path: Path, target: str) -> None:
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
 
 
-__all__ = ["text_summary", "write_junit"]
+__all__ = ["node_rows", "text_summary", "write_junit"]

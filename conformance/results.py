@@ -1,4 +1,5 @@
-"""What the kit runs against and what it reports (docs/conformance.md, "Running the kit")."""
+"""What the kit runs against and what it reports (docs/conformance.md, "Running the kit" and
+"Several nodes")."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from .wire import Tokens, urls
 
 @dataclass
 class Target:
-    """The server under test and what it declared."""
+    """The server under test and what it declared. ``url`` is a node; ``cluster`` holds the
+    other nodes of the same cluster, if any (the kit spreads its client actions over all of them,
+    placed by ``seed``: :mod:`.placement`)."""
 
     url: str
     tokens: Tokens
@@ -20,6 +23,13 @@ class Target:
     tolerate_overload: bool = False
     runs: bool = True  # the server implements sections 4-5 (runs and delivery)
     disabled_user: str | None = None  # a user the server refuses with user_disabled
+    cluster: tuple[str, ...] = ()
+    seed: int = 0
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node's URL, ``url`` first (the order of the command line)."""
+        return (self.url, *self.cluster)
 
     @property
     def ws_url(self) -> str:
@@ -28,6 +38,14 @@ class Target:
     @property
     def http_url(self) -> str:
         return urls(self.url)[1]
+
+    @property
+    def ws_urls(self) -> tuple[str, ...]:
+        return tuple(urls(u)[0] for u in self.nodes)
+
+    @property
+    def http_urls(self) -> tuple[str, ...]:
+        return tuple(urls(u)[1] for u in self.nodes)
 
 
 @dataclass
@@ -38,6 +56,12 @@ class KitResult:
     checks: dict[str, int] = field(default_factory=dict)
     violation: Violation | None = None
     ttl_probes: int = 0
+    nodes: tuple[str, ...] = ()  # the target's node URLs, in order
+    seed: int = 0
+    sessions: list[int] = field(default_factory=list)  # WebSockets opened on each node
+    http_requests: list[int] = field(default_factory=list)  # HTTP requests sent to each node
+    resumes_after_drop: int = 0  # resumes of a user that had dropped a socket
+    resumes_moved: int = 0  # ... placed on another node than that socket's
 
     @property
     def ok(self) -> bool:

@@ -1,7 +1,8 @@
-"""``pipeproof conform ws://HOST:PORT`` / ``pipeproof conform --serve``: the conformance kit
-(docs/conformance.md).
+"""``pipeproof conform ws://HOST:PORT [ws://HOST2:PORT ...]`` / ``pipeproof conform --serve``: the
+conformance kit (docs/conformance.md).
 
-Runs the live kit against a server that speaks the protocol. Tokens are minted with the shared
+Runs the live kit against a server that speaks the protocol; several URLs are the nodes of one
+cluster, tested as one server (sessions spread over the nodes, placed by ``--seed``). Tokens are minted with the shared
 secret (``--secret`` or ``PIPEPROOF_JWT_SECRET``) or given with ``--token USER=JWT``. The
 server's declared timing comes from flags (defaults: the protocol's defaults); ``--serve``
 starts the reference server in a subprocess with the small profile and tests it. Prints a
@@ -24,7 +25,8 @@ _TIMING_FLAGS = ("init_timeout", "ack_timeout", "ack_backoff", "ack_timeout_max"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", nargs="?", help="ws://HOST:PORT of the server under test")
+    parser.add_argument("url", nargs="*",
+                        help="ws://HOST:PORT of the server under test; several: the nodes of one cluster")
     parser.add_argument("--serve", action="store_true", help="start the reference server (subprocess) and test it")
     parser.add_argument("--secret", default=None, help="HS256 secret to mint tokens (default PIPEPROOF_JWT_SECRET)")
     parser.add_argument("--audience", default=None, help="the server's required aud claim, if any")
@@ -36,6 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=45.0,
                         help="seconds for searching and shrinking before the best trace is reported (45)")
     parser.add_argument("--random", action="store_true", help="new random examples (default: derandomized)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="with several URLs: which node each session goes to (the same seed, the same placement)")
     parser.add_argument("--no-runs", action="store_true", help="the server implements sections 1-3 only")
     parser.add_argument("--tolerate-overload", action="store_true",
                         help="accept 1013 try_again_later / 1001 going_away closes (loaded or draining servers)")
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeproof.conformance.wire import Tokens
 
     if args.serve == bool(args.url):
-        print("pipeproof conform: give a ws://HOST:PORT URL or --serve (not both)", file=sys.stderr)
+        print("pipeproof conform: give ws://HOST:PORT URL(s) or --serve (not both)", file=sys.stderr)
         return 2
     given: dict[str, str] = {}
     for item in args.token:
@@ -76,18 +80,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.serve:
             server = ServedServer(timing).start()
-            url, secret, disabled = server.url, server.secret, DISABLED_USER
-            print(f"pipeproof conform: reference server on {url} (pid {server.proc.pid if server.proc else '?'})")
+            nodes, secret, disabled = [server.url], server.secret, DISABLED_USER
+            print(f"pipeproof conform: reference server on {server.url} "
+                  f"(pid {server.proc.pid if server.proc else '?'})")
         else:
-            url = str(args.url)
+            nodes = [str(u) for u in args.url]
             secret = args.secret or os.environ.get("PIPEPROOF_JWT_SECRET")
             disabled = args.disabled_user
             if secret is None and not given:
                 print("pipeproof conform: need --secret (or PIPEPROOF_JWT_SECRET) or --token USER=JWT",
                       file=sys.stderr)
                 return 2
-        target = Target(url, Tokens(secret, args.audience, given=given), timing,
-                        tolerate_overload=args.tolerate_overload, runs=not args.no_runs, disabled_user=disabled)
+        target = Target(nodes[0], Tokens(secret, args.audience, given=given), timing,
+                        tolerate_overload=args.tolerate_overload, runs=not args.no_runs, disabled_user=disabled,
+                        cluster=tuple(nodes[1:]), seed=args.seed)
+        url = " ".join(nodes)
         result = run_kit(target, examples=args.examples or 20, steps=args.steps, randomize=args.random,
                          budget=args.budget)
         print(text_summary(result, url))
