@@ -153,7 +153,10 @@ def prove(model: SystemModel | None = None, *, timeout_ms: int = DEFAULT_TIMEOUT
         if ob.result == "sat":
             m = s.model()
             broken = [n for n, b in post_bodies if z3.is_false(m.eval(b, model_completion=True))]
-            ob.detail = f"after {c.action}, lemma(s) {', '.join(broken)} fail"
+            # A quantified lemma over a lambda-built post-state may not evaluate in the model: then
+            # name the lemmas the case could have broken (the ones reading a field it changes).
+            ob.detail = (f"after {c.action}, lemma(s) {', '.join(broken)} fail" if broken else
+                         f"after {c.action}, one of the lemma(s) {', '.join(n for n, _ in post_bodies)} fails")
         s.pop()
         ob.seconds = time.perf_counter() - t
         steps.append(ob)

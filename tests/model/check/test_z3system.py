@@ -47,7 +47,10 @@ def _reached(system: System, limit: int) -> list[State]:
 
 def _systems() -> list[tuple[str, System]]:
     out = [(sc.name, System(sc.bounds)) for sc in DEFAULT_SCENARIOS]
-    for name in ("cross_user_route", "unlocked_context_create", "swallow_send_failure"):
+    for name in ("cross_user_route", "unlocked_context_create", "swallow_send_failure",
+                 # the node glue each engine mirrors: no compare-and-set, no poll, two views
+                 "lease_race_two_owners", "lost_notification_no_poll", "escalation_reads_local_sessions",
+                 "per_node_limit_counter"):
         out.append((f"mutant:{name}", MUTANTS[name].system()))
     return out
 
