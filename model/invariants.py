@@ -78,17 +78,24 @@ def _every_event_acked_or_escalated_state(system: System, state: State) -> list[
         if age > horizon:
             out.append(f"event u{u}#{seq} still {st.name} after {age} ticks (horizon {horizon})")
         if not _can_progress(system, state, u, cfg):
-            out.append(f"event u{u}#{seq} is stuck in {d.describe(cfg)}: no send, timeout or tick can move it")
+            why = "" if system.can_decide(state, u) else " (no live node owns its delivery and none can adopt it)"
+            out.append(f"event u{u}#{seq} is stuck in {d.describe(cfg)}: no send, timeout or tick can move it{why}")
     return out
 
 
 def _can_progress(system: System, state: State, u: int, cfg: tuple) -> bool:  # type: ignore[type-arg]
     """Some step the *system* offers moves the event. ``send_failed`` is no progress of its own:
     the system offers it only beside ``send`` on a live session (a write that may fail), so
-    counting its guard alone would excuse an event that nothing can ever touch."""
+    counting its guard alone would excuse an event that nothing can ever touch. A send or a
+    timeout is the delivery owner's decision (docs/model.md, "nodes"): it counts only while a
+    live node owns the context or one can adopt it now; time passes without an owner."""
     d = system.model.delivery
     has = system.has_session(state, u)
-    for event in ("ack_timeout", "no_session_timeout", "tick"):
+    if d.enabled(cfg, "tick", {"has_session": has}):
+        return True
+    if not system.can_decide(state, u):
+        return False
+    for event in ("ack_timeout", "no_session_timeout"):
         if d.enabled(cfg, event, {"has_session": has}):
             return True
     return has and bool(d.enabled(cfg, "send"))

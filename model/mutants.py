@@ -246,6 +246,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "one_live_owner", "nodes",
     ),
     Mutant(
+        "no_takeover_after_crash",
+        "issue 14, part 5 (several nodes): the owner node crashes and no survivor adopts its contexts, so the "
+        "store's unfinished events wait for a lease nobody renews and the user waits forever",
+        "glue: no node adopts a context's delivery from a dead holder (only an append takes the lease)",
+        lambda model: replace(model, adopt=False),
+        "every_event_acked_or_escalated", "nodes",
+    ),
+    Mutant(
         "lost_notification_no_poll",
         "issue 14, part 5 (several nodes): a relay learns of the owner's SENT records only from LISTEN/NOTIFY, "
         "which can be lost or delayed, and has no poll to fall back on",

@@ -182,6 +182,7 @@ class SystemModel:
     name: str = "reference"
     # Node glue (docs/model.md, "nodes"): each is the design's choice; a mutant flips one.
     cas: bool = True  # a lease takeover is a compare-and-set on the store's lease
+    adopt: bool = True  # a survivor adopts a dead holder's context (its unfinished events)
     poll: bool = True  # a relay also polls the store, so it is never behind when time passes
     session_view: str = "store"  # see SESSION_VIEWS
     limit_count: str = "store"  # see LIMIT_COUNTS
@@ -259,6 +260,19 @@ class System:
 
     def account_full(self, state: State) -> bool:
         return self._account_full(_StateReads(self, state))
+
+    def can_decide(self, state: State, user: int) -> bool:
+        """A live node owns ``user``'s delivery, or one could adopt it now (its decisions are
+        possible): what every_event_acked_or_escalated's "no live event is stuck" asks of nodes."""
+        v = _StateReads(self, state)
+        if self._live_owner(v, user) >= 0:
+            return True
+        m, b = self.model, self.bounds
+        if not m.adopt:
+            return False
+        lease = v.lease(user)
+        free = lease < 0 or not v.up(lease)
+        return any(v.up(n) and not v.holds(user) >> n & 1 and (free or not m.cas) for n in range(b.nodes))
 
     def delivered_prefix(self, state: State, user: int) -> int:
         """Highest seq N such that the client has received every event 1..N of ``user``'s stream."""
@@ -613,8 +627,8 @@ class System:
             return
         m = self.model
         bit = 1 << n
-        if not v.holds(u) & bit and any(v.event(u, i)[0] not in m.delivery.terminal
-                                        for i in range(v.stream_len(u))):
+        if m.adopt and not v.holds(u) & bit and any(v.event(u, i)[0] not in m.delivery.terminal
+                                                    for i in range(v.stream_len(u))):
             lease = v.lease(u)
             if not m.cas or lease < 0 or not v.up(lease):
                 yield _Local("server_adopt_delivery", "server", (u, n), (),

@@ -433,10 +433,22 @@ class _Gen:
         """invariants._can_progress: a timeout or tick enabled, or a send on a live session."""
         has = self.has_session(u)
         e = self.ev(u, i)
+        ticks = [self.enabled(self.firing("event", e, t, {"has_session": has}))
+                 for t in self.transitions("event", "tick")]
         moves = [self.enabled(self.firing("event", e, t, {"has_session": has}))
-                 for ev in ("ack_timeout", "no_session_timeout", "tick") for t in self.transitions("event", ev)]
+                 for ev in ("ack_timeout", "no_session_timeout") for t in self.transitions("event", ev)]
         sends = [self.enabled(self.firing("event", e, t)) for t in self.transitions("event", "send")]
-        return _any([*moves, _all([has, _any(sends)])])
+        return _any([*ticks, _all([self.can_decide(u), _any([*moves, _all([has, _any(sends)])])])])
+
+    def can_decide(self, u: int) -> str:
+        """System.can_decide: a live node owns ``u``'s delivery, or one could adopt it now."""
+        if not self.multi:
+            return "1"  # node 0 owns every stream with an event
+        owner = self.holder_live("holds", u)
+        if not self.m.adopt:
+            return owner
+        free = self.lease_dead_or_free(u) if self.m.cas else "1"
+        return _any([owner, *(_all([self.up(n), _not(self.bit("holds", u, n)), free]) for n in range(self.N))])
 
     def ill_ordered(self, u: int) -> str:
         """invariants.well_ordered(kinds) != "" for ``u``'s stream, as one expression.
@@ -669,8 +681,9 @@ class _Gen:
                 guard = [self.up(n), _not(self.bit("holds", u, n)), live]
                 if self.m.cas:
                     guard.append(self.lease_dead_or_free(u))
-                yield _Draft("server_adopt_delivery", (u, n), guard,
-                             extra=[(f"lease{u}", str(n + 1)), (self.bit("holds", u, n), "1")])
+                if self.m.adopt:
+                    yield _Draft("server_adopt_delivery", (u, n), guard,
+                                 extra=[(f"lease{u}", str(n + 1)), (self.bit("holds", u, n), "1")])
                 if not 0 <= self.b.runs <= u:
                     guard = [self.up(n), _not(self.bit("rholds", u, n)),
                              f"({self.st('ctx', (u,))} == {self.const('ctx', Ctx.LIVE)})",

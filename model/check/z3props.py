@@ -172,6 +172,19 @@ def _age_accounts_for_time(e: SysEnc, st: St) -> Term:
     return _events(e, st, body)
 
 
+def _lease_holder_acts(e: SysEnc, st: St) -> Term:
+    def body(user: Term) -> Term:
+        lease = z3.Select(st["lease"], user)
+        return z3.And(lease >= -1, lease < e.u.N, z3.Implies(
+            z3.And(lease >= 0, e.node_up(st, lease)), z3.Select(st["holds"], user, lease)))
+
+    return e.u.forall("U", body, "u")
+
+
+def _some_node_up(e: SysEnc, st: St) -> Term:
+    return e.u.exists_node(lambda n: e.node_up(st, n), "alive")
+
+
 def _owner_is_the_lease(e: SysEnc, st: St) -> Term:
     def body(user: Term) -> Term:
         return e.u.forall_node(lambda n: z3.And(
@@ -223,6 +236,10 @@ LEMMAS: tuple[Lemma, ...] = (
     Lemma("owner_is_the_lease", "A live node that acts as a context's delivery owner (or a run's holder) is the "
           "node the store's lease names: every takeover is a compare-and-set from a free lease or a dead "
           "holder, and a crash forgets the dead node's ownership.", _owner_is_the_lease),
+    Lemma("lease_holder_acts", "The store's delivery lease is free or names a node (-1 <= lease < nodes), and a live "
+          "node it names acts as the owner: the lease and the belief are taken together, and only a crash, which "
+          "kills the node, takes the belief away.", _lease_holder_acts),
+    Lemma("some_node_up", "Some node is alive: a node crashes only while another is up.", _some_node_up),
 )
 LEMMA_BY_NAME = {lem.name: lem for lem in LEMMAS}
 
@@ -236,10 +253,11 @@ def _eae_state(e: SysEnc, st: St) -> Term:
         c = e.cfg(st, "event", (user, i))
         terminal = ev.states.one_of(c.state, [Delivery.ACKED, Delivery.ESCALATED])
         has = e.has_session(st, user)
-        # send_failed is offered only beside send on a live session (model/invariants.py, _can_progress).
-        progress = z3.Or(*[ev.enabled(x, c, {"has_session": has})
-                           for x in ("ack_timeout", "no_session_timeout", "tick")],
-                         z3.And(has, ev.enabled("send", c)))
+        # send_failed is offered only beside send on a live session (model/invariants.py, _can_progress);
+        # a send or a timeout is the delivery owner's decision, time passes without one.
+        decisions = z3.Or(*[ev.enabled(x, c, {"has_session": has}) for x in ("ack_timeout", "no_session_timeout")],
+                          z3.And(has, ev.enabled("send", c)))
+        progress = z3.Or(ev.enabled("tick", c, {"has_session": has}), z3.And(e.can_decide(st, user), decisions))
         return z3.And(z3.Implies(c.state == ev.states[Delivery.ACKED], c["delivered"]),
                       z3.Implies(z3.Not(terminal), z3.And(c["age"] <= horizon, progress)))
 
@@ -408,7 +426,8 @@ PROPERTIES: tuple[ZProperty, ...] = (
               "send_ack is declared only from READY; the state part (ack_sent only in READY/DRAINING/CLOSED) "
               "is inductive on its own: nothing re-enters OPEN or INITIALISING."),
     ZProperty("every_event_acked_or_escalated", _eae_state, None,
-              ("acked_was_delivered", "attempts_in_range", "clocks_in_range", "age_accounts_for_time"),
+              ("acked_was_delivered", "attempts_in_range", "clocks_in_range", "age_accounts_for_time",
+               "lease_holder_acts", "some_node_up"),
               "Safety part by induction: ACKED => delivered (only a SENT or late-acked delivered event takes ack); "
               "a live event can always move (PENDING: send with a live session, else tick or no_session_timeout; "
               "SENT: tick or ack_timeout; send_failed counts only beside send); "

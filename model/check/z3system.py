@@ -619,16 +619,9 @@ class SysEnc:
         for (user,) in self.args(tag, ("u", "U")):
             for (n,) in self.node_args(tag, "adopt"):
                 lease = z3.Select(pre["lease"], user)
+                yield from self._adopt_delivery_case(pre, user, n, lease)
                 draft = _Draft(self, pre, (user, n))
-                draft.guard(self.is_node(n), self.node_up(pre, n), z3.Not(z3.Select(pre["holds"], user, n)),
-                            self.u.exists("Int", lambda i, user=user: self.live_event(pre, user, i), "ai"))
-                if self.model.cas:
-                    draft.guard(z3.Or(lease < 0, z3.Not(self.node_up(pre, lease))))
-                draft.post["lease"] = z3.Store(pre["lease"], user, n)
-                draft.post["holds"] = z3.Store(pre["holds"], user, n, z3.BoolVal(True))
-                yield draft.case("server_adopt_delivery", "server")
                 run = self.encs["run"]
-                draft = _Draft(self, pre, (user, n))
                 draft.guard(self.is_node(n), self.node_up(pre, n), z3.Not(z3.Select(pre["run_holds"], user, n)),
                             z3.Select(pre["ctx.state"], user) == self.encs["ctx"].states[Ctx.LIVE],
                             z3.Not(run.states.one_of(z3.Select(pre["run.state"], user),
@@ -645,6 +638,29 @@ class SysEnc:
                 draft.guard(self.is_node(n), z3.Select(pre["behind"], user, n))
                 draft.post["behind"] = z3.Store(pre["behind"], user, n, z3.BoolVal(False))
                 yield draft.case("server_relay_catch_up", "server")
+
+    def _adopt_delivery_case(self, pre: St, user: Term, n: Term, lease: Term) -> Iterator[Case]:
+        if not self.model.adopt:
+            return
+        draft = _Draft(self, pre, (user, n))
+        draft.guard(self.is_node(n), self.node_up(pre, n), z3.Not(z3.Select(pre["holds"], user, n)),
+                    self.u.exists("Int", lambda i: self.live_event(pre, user, i), "ai"))
+        if self.model.cas:
+            draft.guard(z3.Or(lease < 0, z3.Not(self.node_up(pre, lease))))
+        draft.post["lease"] = z3.Store(pre["lease"], user, n)
+        draft.post["holds"] = z3.Store(pre["holds"], user, n, z3.BoolVal(True))
+        yield draft.case("server_adopt_delivery", "server")
+
+    def can_decide(self, st: St, user: Term) -> Term:
+        """model/system.py ``can_decide``: a live node owns ``user``'s delivery or one could adopt it."""
+        if not self.multi:
+            return self.live_holder(st, "holds", user)
+        if not self.model.adopt:
+            return self.live_holder(st, "holds", user)
+        lease = z3.Select(st["lease"], user)
+        free = z3.Or(lease < 0, z3.Not(self.node_up(st, lease))) if self.model.cas else z3.BoolVal(True)
+        return z3.Or(self.live_holder(st, "holds", user), self.u.exists_node(
+            lambda n: z3.And(self.node_up(st, n), z3.Not(z3.Select(st["holds"], user, n)), free), "d"))
 
     def node_args(self, tag: str, name: str) -> Iterator[tuple[Term]]:
         """A node argument: a fresh constant (symbolic: each case guards it with

@@ -23,7 +23,7 @@ SHORTEST = {
     "resend_acked": 8, "unlocked_context_create": 4, "expired_context_reused": 6, "cross_user_route": 9,
     "event_after_terminal": 6, "unpaired_tool_event": 5, "cancel_before_start_lost": 6,
     "no_session_never_notified": 4, "escalation_not_final": 6, "retry_cap_off_by_one": 8, "no_account_limit": 4,
-    "heartbeat_suppressed": 3, "lease_race_two_owners": 3, "lost_notification_no_poll": 7,
+    "heartbeat_suppressed": 3, "lease_race_two_owners": 3, "no_takeover_after_crash": 5, "lost_notification_no_poll": 7,
     "escalation_reads_local_sessions": 6, "per_node_limit_counter": 4,
 }
 # lease_race_two_owners breaks one_live_owner two ways: the run's lease (3 steps, the explorer's
