@@ -24,6 +24,7 @@ from pipeproof.protocol import CloseReason
 
 from .audit import AuditWriter
 from .auth import UserDirectory, default_directory
+from .cluster import ClusterLink
 from .contexts import ContextRegistry
 from .events_api import install_event_routes
 from .handlers import FrameHandler, LifecycleHandler, UnavailableRuns
@@ -58,6 +59,7 @@ class ServerState:
     sessions: set[ConnectionShell] = field(default_factory=set)
     draining: bool = False
     memory: MemoryGuard | None = None
+    cluster: ClusterLink | None = None  # several nodes on one PostgreSQL store (section 6)
 
     def memory_exceeded(self) -> bool:
         """The memory guard (section 6, impl/memory.py): over ``memory_limit_mb`` at the load that crossed it."""
@@ -114,6 +116,15 @@ def create_app(
             state.contexts = ContextRegistry(
                 store, writer, metrics, ttl=s.context_ttl, max_per_user=s.max_connections_per_user
             )
+            if store.dialect == "postgresql" and state.cluster is None:
+                # PostgreSQL is the store of several nodes: this one joins them, its sockets count
+                # against the limits cluster-wide (unless the embedder brought its own limiter), and
+                # delivery fans out through the store (section 6, "Several nodes").
+                state.cluster = ClusterLink(s, store, metrics, pg_schema=store.pg_schema)
+                if limiter is None:
+                    state.limiter = state.cluster
+                joining = asyncio.get_running_loop().create_task(state.cluster.start(), name="cluster-join")
+                joining.add_done_callback(_join_done)
             if isinstance(state.handler, LifecycleHandler):
                 # Runs and delivery start with the store: unfinished events are recovered (section 6).
                 state.handler.start(state, store)
@@ -136,6 +147,9 @@ def create_app(
             if isinstance(state.handler, LifecycleHandler):
                 # Runs finish or fail before the store closes; unacked events stay stored (section 6).
                 await state.handler.stop(s.shutdown_grace)
+            if state.cluster is not None:
+                # After delivery stopped: the other nodes take this node's contexts at once.
+                await state.cluster.close()
             await readiness.close()
             if audit is None:
                 writer.close()
@@ -178,6 +192,13 @@ def create_app(
         await ConnectionShell(state, ws).run(refuse=_refusal(state))
 
     return app
+
+
+def _join_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Sockets wait for the join (ClusterLink.acquire) and are closed by their init timeout;
+        # /readyz reports the store, which is what failed.
+        log.error("could not join the cluster", exc_info=task.exception())
 
 
 def _refusal(state: ServerState) -> CloseReason | None:

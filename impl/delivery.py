@@ -71,6 +71,7 @@ from pipeproof.model.spec import Runner
 from pipeproof.protocol import TERMINAL_KINDS, DeliveryState
 
 from .audit import AuditWriter, TracedMachine
+from .cluster import ClusterLink, Notice
 from .delivery_metrics import DeliveryMetrics
 from .delivery_stream import Outgoing, Stream, event_frame
 from .handlers import Session
@@ -79,6 +80,11 @@ from .settings import Settings
 from .store import EventRecord, Store, encode_event_data
 
 log = logging.getLogger("pipeproof.delivery")
+
+RELAY_PAGE = 500
+"""Events a relay reads per store round trip when it catches up on what is new."""
+_FANNED_OUT = frozenset({DeliveryState.SENT, DeliveryState.ACKED})
+"""The states of an event whose first send a relay writes to its sockets (acked meanwhile or not)."""
 
 
 class DeliveryService:
@@ -99,6 +105,7 @@ class DeliveryService:
         *,
         rng: random.Random | None = None,
         holder: str | None = None,
+        cluster: ClusterLink | None = None,
     ) -> None:
         self.settings = settings
         # The node id whose run leases fence every append (section 6): an event is stored only
@@ -115,6 +122,14 @@ class DeliveryService:
         self.recovered = asyncio.Event()
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()  # hand-offs of cancelled callers (_hand_off)
+        # Several nodes (section 6, "Several nodes"): None on one node, where every stream is this
+        # node's to decide. With a cluster, the contexts whose delivery this node owns in the store
+        # (sticky: kept until this node dies or leaves, so other nodes' notices find it).
+        self.cluster = cluster
+        self.owned: set[str] = set()
+        self._scan = asyncio.Event()
+        if cluster is not None:
+            cluster.attach(self.on_notice, self.resync)
 
     def ack_wait(self, attempt: int) -> float:
         """Real seconds to wait for the ack of ``attempt``: exponential backoff with jitter."""
@@ -126,6 +141,8 @@ class DeliveryService:
         stream = self.streams.get(context_id)
         if stream is None:
             stream = Stream(context_id, user, self._core(context_id, user))
+            if self.cluster is not None:
+                stream.role = "owner" if context_id in self.owned else None
             self.streams[context_id] = stream
         return stream
 
@@ -175,7 +192,16 @@ class DeliveryService:
 
     async def recover(self) -> int:
         """Load every PENDING/SENT event from the store into delivery; returns how many (the core
-        decides what each awaits, see DeliveryCore.restore)."""
+        decides what each awaits, see DeliveryCore.restore).
+
+        With several nodes, only the contexts no alive node owns (among them what this node id's
+        previous process owned) are taken, as every poll takes them (:meth:`take_orphans`)."""
+        if self.cluster is not None:
+            try:
+                await self.cluster.joined.wait()  # the join lets go of this node id's old claims first
+                return await self.take_orphans()
+            finally:
+                self.recovered.set()
         try:
             records = await self.store.live_events()
             users: dict[str, str] = {}
@@ -262,11 +288,16 @@ class DeliveryService:
                 stream.appending = len(batch)
                 async with stream.gate:
                     try:
+                        # Several nodes: only the context's owner tracks what is appended; any
+                        # other node stores it PENDING and tells the owner, which adopts it.
+                        owner = stream.role == "owner" or (
+                            stream.role is None and await self._claim(stream, adopt=False)
+                        )
                         records = await self.store.submit_append_events(
                             stream.context_id,
                             [(o.run_id, o.kind, o.payload) for o in batch],
                             time.time(),
-                            sent=stream.core.append_sent(),
+                            sent=owner and stream.core.append_sent(),
                             holder=self.holder,
                         )
                     except StoreError as exc:
@@ -275,6 +306,16 @@ class DeliveryService:
                         continue
                     finally:
                         stream.appending = 0
+                    if self.cluster is not None:
+                        self.cluster.tell("events", stream.context_id)
+                    if not owner:
+                        for record in records:
+                            self.metrics.appended_kind(record.kind).inc()
+                        for item, record in zip(batch, records, strict=True):
+                            if item.done is not None and not item.done.done():
+                                item.done.set_result(record)
+                        batch = []
+                        continue
                     commands = self._track_batch(stream, records)
                 try:
                     await self._deliver_batch(stream, batch, records, commands)
@@ -382,6 +423,9 @@ class DeliveryService:
                 await self._send(stream, command.seq)
             elif isinstance(command, MarkSent):
                 await self.store.mark_sent(stream.context_id, command.seq, command.attempt)
+                if self.cluster is not None:
+                    # The relays write what the store holds SENT: tell them it changed.
+                    self.cluster.tell("events", stream.context_id)
             elif isinstance(command, MarkPending):
                 await self.store.mark_pending(stream.context_id, command.seq)
             elif isinstance(command, EscalateEvent):
@@ -420,6 +464,13 @@ class DeliveryService:
         frame = event_frame(plan.record, plan.attempt)
         written = 0
         for session_id in plan.sessions:
+            if session_id in stream.remote:
+                # Another node's sockets: it writes this attempt once the store says SENT (the
+                # MarkSent that follows, or the append that stored it SENT), and its client's ack
+                # comes back through the store. A frame that never reaches it is resent or
+                # escalated like any unacked one.
+                written += 1
+                continue
             session = stream.sessions.get(session_id)
             if session is None:
                 continue
@@ -434,6 +485,8 @@ class DeliveryService:
     async def _catch_up(self, stream: Stream, command: CatchUp) -> bool:
         """Write the attempt in flight of an event to a joining session (no transition); False
         when the session refused the frame (it is closing)."""
+        if command.session_id in stream.remote:
+            return True  # that node's relay catches its own sockets up (_relay_sync)
         session = stream.sessions.get(command.session_id)
         if session is None:
             return False
@@ -455,11 +508,14 @@ class DeliveryService:
         finally:
             stream.settling.discard(command.seq)
             self._maybe_forget(stream)
-        self.metrics.escalations.labels(reason=command.reason).inc()
         if stored.state is not DeliveryState.ESCALATED:
+            # A client acked it through another node in the meantime: the store's word is final,
+            # and the escalation is not counted (each event is escalated once in the cluster).
             log.warning(
                 "event %s:%d escalated here but stored as %s", stream.context_id, command.seq, stored.state.value
             )
+            return
+        self.metrics.escalations.labels(reason=command.reason).inc()
         log.warning("event %s:%d escalated: %s", stream.context_id, command.seq, command.reason)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -468,12 +524,25 @@ class DeliveryService:
         """A socket of the context is READY and its connection_ack is queued (sections 1, 5).
 
         Resume acks through ``last_seq`` (clamped to what was delivered); then the session gets
-        every unfinished event of the stream, in seq order.
+        every unfinished event of the stream, in seq order. With several nodes the socket is
+        recorded READY in the store first (the owner relays through this node from then on),
+        and on a node that is not the owner it is a relay's socket (:meth:`_relay_register`).
         """
         await self.recovered.wait()
         with self._using(session.context_id, session.user) as stream:
             # Shielded: a socket closing under us must not cut a store write from its transitions.
-            await asyncio.shield(self._register(stream, session, resume_last_seq))
+            await asyncio.shield(self._join(stream, session, resume_last_seq))
+
+    async def _join(self, stream: Stream, session: Session, resume_last_seq: int | None) -> None:
+        if self.cluster is None:
+            await self._register(stream, session, resume_last_seq)
+            return
+        await self.cluster.session_ready(session.session_id, stream.context_id)
+        if stream.role == "owner" or await self._claim(stream):
+            await self._register(stream, session, resume_last_seq)
+            await self._sync_remote(stream)
+        else:
+            await self._relay_register(stream, session, resume_last_seq)
 
     async def adopt(self, context_id: str, user: str) -> list[EventRecord]:
         """Track the context's unfinished events that the store holds and this node does not
@@ -481,8 +550,11 @@ class DeliveryService:
         context's READY sessions here; returns them (section 5: a resume redelivers whichever
         node it lands on). Raises StoreError."""
         with self._using(context_id, user) as stream:
+            if self.cluster is not None and stream.role != "owner" and not await self._claim(stream):
+                await self._relay_sync(stream)
+                return []
             adopted = await asyncio.shield(self._adopt(stream))
-            if adopted and stream.sessions:
+            if adopted and stream.core.sessions:
                 async with stream.lock:
                     await self._run(stream, [SendEvent(r.seq) for r in adopted])
             return adopted
@@ -536,6 +608,8 @@ class DeliveryService:
         stream = self.streams.get(context_id)
         if stream is None or stream.sessions.pop(session.session_id, None) is None:
             return
+        stream.relayed.pop(session.session_id, None)
+        stream.relay_base.pop(session.session_id, None)
         stream.core.session_left(session.session_id, time.monotonic())
         stream.wake()
         self._maybe_forget(stream)
@@ -548,7 +622,14 @@ class DeliveryService:
         stream = self.streams.get(session.context_id)
         if stream is None:
             return []
-        return await self._ack(stream, seq, session.session_id)
+        if stream.role == "relay":
+            return await self._relay_ack(stream, seq)
+        acked = await self._ack(stream, seq, session.session_id)
+        if self.cluster is not None and any(s <= seq for s in stream.core.live):
+            # Some of what this ack covers was acked through another node first (the store did
+            # not ack it again): those machines hear of it from the store.
+            await self._sync_acks(stream)
+        return acked
 
     async def _ack(self, stream: Stream, seq: int, session_id: str, *, resume: bool = False) -> list[int]:
         """Record a cumulative ack: the store write outside the lock, the machines after it.
@@ -619,9 +700,320 @@ class DeliveryService:
     # -- the clock -----------------------------------------------------------------------------
 
     async def _fire_due(self, stream: Stream) -> None:
-        """The stream's clock found a deadline due: the core fires it, under the lock."""
+        """The stream's clock found a deadline due: the core fires it, under the lock.
+
+        With several nodes the store is read first: an event acked through another node is
+        acked, not resent, and no event is escalated ``no_session`` while a node holds a READY
+        socket of its context. If the store cannot say, nothing fires until it can (a poll
+        interval later): a timeout decided on stale knowledge could break either rule."""
+        if self.cluster is not None:
+            try:
+                await self._sync_acks(stream)
+                await self._sync_remote(stream)
+            except StoreError as exc:
+                self.metrics.store_failures.inc()
+                log.warning("stream %s: deadline postponed, the store could not be read: %s", stream.context_id, exc)
+                await asyncio.sleep(self.settings.cluster_poll_interval)
+                return
+            if stream.role != "owner":
+                return
         async with stream.lock:
             await self._run(stream, stream.core.tick(time.monotonic()))
+
+    # -- several nodes (section 6, "Several nodes") -----------------------------------------------
+
+    def _node_session(self, node_id: str) -> str:
+        """The id under which another node's READY sockets are one session of the owner's core."""
+        return f"node:{node_id}"
+
+    async def _claim(self, stream: Stream, *, adopt: bool = True) -> bool:
+        """Whether this node owns the context's delivery now, taking it if it is free or its owner
+        is dead (one compare-and-set in the store). A node that becomes the owner adopts what the
+        store holds in delivery (unless ``adopt`` is False: the appender, which holds the gate,
+        has nothing tracked and lets the next poll adopt); one that finds another owner is a relay."""
+        assert self.cluster is not None
+        owner = await self.store.claim_delivery(stream.context_id, self.cluster.node_id, time.time())
+        if owner == self.cluster.node_id:
+            self.owned.add(stream.context_id)
+            if stream.role != "owner":
+                stream.role = "owner"
+                if adopt:
+                    await self._become_owner(stream)
+            return True
+        if stream.role == "owner":
+            self._demote(stream, owner)
+        stream.role = "relay"
+        return False
+
+    async def _become_owner(self, stream: Stream) -> None:
+        """This node now decides for the stream: what the store holds in delivery is adopted, and
+        this node's sockets (a relay's until now) and the other nodes' join the core."""
+        await self._adopt(stream)
+        async with stream.lock:
+            now = time.monotonic()
+            for session_id in list(stream.sessions):
+                commands = [c for c in stream.core.session_joined(session_id, now) if not isinstance(c, CatchUp)]
+                await self._run(stream, commands)
+            stream.wake()
+        await self._sync_remote(stream)
+        log.info("stream %s: this node owns its delivery now", stream.context_id)
+
+    def _demote(self, stream: Stream, owner: str) -> None:
+        """Another node owns the stream now (this one was taken for dead): stop deciding. What
+        the core wrote to the sockets here is remembered as relayed, so nothing is written twice."""
+        for seq, entry in stream.core.live.items():
+            if entry.frame_attempt:
+                for session_id in stream.sessions:
+                    stream.relayed.setdefault(session_id, {})[seq] = entry.frame_attempt
+                stream.relay_top = max(stream.relay_top, seq)
+        self.metrics.live.dec(len(stream.core.live))
+        stream.core.live.clear()
+        stream.core.sessions.clear()
+        stream.remote.clear()
+        self.owned.discard(stream.context_id)
+        stream.changed.set()  # the clock sees nothing live and ends
+        log.warning("stream %s: node %s owns its delivery now; this node relays", stream.context_id, owner)
+
+    async def _relay_register(self, stream: Stream, session: Session, resume_last_seq: int | None) -> None:
+        """A READY socket on a node that does not own the context: the resume ack is stored
+        (clamped to what was delivered), then the socket gets every attempt the store holds SENT."""
+        if resume_last_seq is not None:
+            await self._relay_ack(stream, resume_last_seq, resume=True)
+        info = await self.store.find_context(stream.context_id)
+        async with stream.lock:
+            if getattr(session, "closed", False):
+                return
+            stream.sessions[session.session_id] = session
+            # What was stored before it joined reaches it only while in flight (as on one node:
+            # a joining session catches up on attempts awaiting their ack, never on acked ones).
+            base = info.last_seq if info is not None else 0
+            stream.relay_base[session.session_id] = base
+            if len(stream.sessions) == 1:
+                stream.relay_seen = max(stream.relay_seen, base)
+            if stream.role == "owner":
+                # Became the owner meanwhile: the socket joins the core like a local one.
+                commands = stream.core.session_joined(session.session_id, time.monotonic())
+                for command in commands:
+                    if isinstance(command, CatchUp):
+                        await self._catch_up(stream, command)
+                    else:
+                        await self._run(stream, (command,))
+                return
+        await self._relay_sync(stream)
+
+    async def _relay_sync(self, stream: Stream) -> None:
+        """Write to this node's sockets of the context every attempt the store holds SENT that
+        each has not had (the owner decided it; section 5 fan-out across nodes), in seq order."""
+        if stream.role != "relay" or not stream.sessions:
+            return
+        # The reads are under the lock too: a sync that read before another one wrote and moved
+        # the watermark would write what that one wrote (a relay has no sends of its own to block).
+        async with stream.lock:
+            if stream.role != "relay":
+                return
+            seen = stream.relay_seen
+            fresh: list[EventRecord] = []
+            while True:
+                page = await self.store.events_after(stream.context_id, seen, limit=RELAY_PAGE)
+                fresh.extend(page)
+                if len(page) < RELAY_PAGE:
+                    break
+                seen = page[-1].seq
+            # Read after the new events: an event this read finds finished was finished when the
+            # one above read it, so forgetting it below can never make it look new again.
+            in_flight = await self.store.unacked_after(stream.context_id, 0)
+            live = {r.seq for r in in_flight}
+            frames: dict[int, EventRecord] = {r.seq: r for r in fresh if r.attempt > 0 and r.state in _FANNED_OUT}
+            frames.update((r.seq, r) for r in in_flight if r.state is DeliveryState.SENT)
+            for session_id, session in list(stream.sessions.items()):
+                written = stream.relayed.setdefault(session_id, {})
+                base = stream.relay_base.get(session_id, 0)
+                for seq in sorted(frames):
+                    record = frames[seq]
+                    if record.state is not DeliveryState.SENT and seq <= base:
+                        continue  # acked before this socket joined
+                    if record.attempt <= written.get(seq, 0):
+                        continue  # it had this attempt
+                    try:
+                        await session.wait_room(self.settings.ack_timeout)
+                        await session.send(event_frame(record, record.attempt))
+                    except SendFailed:
+                        break  # closing: its close deregisters it
+                    written[seq] = record.attempt
+                    stream.relay_top = max(stream.relay_top, seq)
+                    self.metrics.relayed.inc()
+            # The watermark moves over the prefix whose first send is decided; an event still
+            # PENDING at attempt 0 is read again (its first send, whenever the owner makes it).
+            for record in fresh:
+                if record.state is DeliveryState.PENDING and record.attempt == 0:
+                    break
+                stream.relay_seen = max(stream.relay_seen, record.seq)
+            for written in stream.relayed.values():
+                # Finished and below the watermark: never read again, so never written again.
+                for seq in [q for q in written if q not in live and q <= stream.relay_seen]:
+                    del written[seq]
+
+    async def _relay_ack(self, stream: Stream, seq: int, *, resume: bool = False) -> list[int]:
+        """A cumulative ack on a relay's socket: stored here, clamped as the owner clamps (to
+        the delivered prefix: every live event through it has had an attempt), and the owner told.
+        A plain ack is also clamped to what this node wrote; a resume's ``last_seq`` counts what
+        the client had from any node."""
+        assert self.cluster is not None
+        top = seq if resume else min(seq, stream.relay_top)
+        records = await self.store.unacked_after(stream.context_id, 0)
+        through = 0
+        for record in records:
+            if record.seq > top or record.attempt == 0:
+                break
+            through = record.seq
+        if through == 0:
+            return []
+        acked = await self.store.ack_through(stream.context_id, through)
+        if acked:
+            self.cluster.tell("acks", stream.context_id)
+        return acked
+
+    async def _sync_acks(self, stream: Stream) -> None:
+        """Owner: fire ``ack`` on the live events the store holds ACKED (acked through a relay)."""
+        if stream.role != "owner" or not stream.core.live:
+            return
+        acked = await self.store.acked_among(stream.context_id, list(stream.core.live))
+        if not acked:
+            return
+        async with stream.lock:
+            result = stream.core.acked_elsewhere(acked, time.monotonic(), {"stored": "through another node"})
+            self._count_acks(stream, result)
+
+    async def _sync_remote(self, stream: Stream) -> None:
+        """Owner: the other nodes with READY sockets of the context, from the store, as sessions
+        of the core (each such node is one session: its relay fans out to its sockets)."""
+        assert self.cluster is not None
+        if stream.role != "owner":
+            return
+        ready = await self.store.ready_nodes([stream.context_id], time.time())
+        want = {self._node_session(n) for n in ready.get(stream.context_id, ()) if n != self.cluster.node_id}
+        async with stream.lock:
+            if stream.role != "owner":
+                return
+            now = time.monotonic()
+            for session_id in stream.remote - want:
+                stream.core.session_left(session_id, now)
+            joined = sorted(want - stream.remote)
+            stream.remote = want
+            for session_id in joined:
+                commands = [c for c in stream.core.session_joined(session_id, now) if not isinstance(c, CatchUp)]
+                await self._run(stream, commands)
+            stream.wake()
+
+    def on_notice(self, notice: Notice) -> None:
+        """Another node changed ``notice.context_id``: re-read what this node relays or owns."""
+        stream = self.streams.get(notice.context_id)
+        if stream is None:
+            if notice.context_id in self.owned:
+                self._want_context(notice.context_id, notice.kind)
+            elif notice.kind == "owner":
+                self._scan.set()  # its events may have no owner now
+            return
+        self._want(stream, {notice.kind})
+
+    def resync(self) -> None:
+        """Notices may have been missed (the listener reconnected): re-read everything."""
+        for stream in list(self.streams.values()):
+            self._want(stream, {"events", "acks", "sessions"})
+        self._scan.set()
+
+    def _want_context(self, context_id: str, kind: str) -> None:
+        async def open_stream() -> None:
+            info = await self.store.find_context(context_id)
+            if info is None:
+                return
+            self._want(self._stream(context_id, info.user_id), {kind})
+
+        self._spawn_task(open_stream(), f"delivery-open-{context_id}")
+
+    def _want(self, stream: Stream, kinds: set[str]) -> None:
+        stream.wanted |= kinds
+        if stream.worker is None or stream.worker.done():
+            stream.users += 1
+            stream.worker = asyncio.get_running_loop().create_task(
+                self._reread(stream), name=f"delivery-reread-{stream.context_id}"
+            )
+            stream.worker.add_done_callback(self._task_done)
+
+    async def _reread(self, stream: Stream) -> None:
+        """Re-read the store for what notices (or the poll) asked, until nothing more is asked."""
+        try:
+            while stream.wanted and not self._closed:
+                kinds, stream.wanted = stream.wanted, set()
+                try:
+                    if stream.role is None or "claim" in kinds or (stream.role == "relay" and "owner" in kinds):
+                        await self._claim(stream)
+                    if stream.role == "owner":
+                        if "events" in kinds:
+                            await self.adopt(stream.context_id, stream.user)
+                        if "acks" in kinds:
+                            await self._sync_acks(stream)
+                        if "sessions" in kinds:
+                            await self._sync_remote(stream)
+                    elif "events" in kinds:
+                        await self._relay_sync(stream)
+                except StoreError as exc:
+                    # The next poll reads it again.
+                    self.metrics.store_failures.inc()
+                    log.warning("stream %s: re-reading the store failed: %s", stream.context_id, exc)
+        finally:
+            stream.wanted.clear()
+            stream.users -= 1
+            self._maybe_forget(stream)
+
+    async def take_orphans(self) -> int:
+        """Take the delivery of every context with events in delivery and no alive owner (its
+        node died, or left): each is claimed in the store (one node wins) and adopted; returns
+        how many events this node adopted. Raises StoreError."""
+        assert self.cluster is not None
+        taken = 0
+        for context_id in await self.store.orphaned_deliveries(time.time()):
+            info = await self.store.find_context(context_id)
+            if info is None:
+                continue
+            with self._using(context_id, info.user_id) as stream:
+                before = len(stream.core)
+                if await self._claim(stream):
+                    taken += len(stream.core) - before
+                    if stream.core.sessions:
+                        async with stream.lock:
+                            await self._run(stream, stream.core._offers())
+        if taken:
+            log.info("took over the delivery of %d events of nodes that died or left", taken)
+        return taken
+
+    async def poll_loop(self) -> None:
+        """Every ``cluster_poll_interval`` (or at once when a notice says an owner left): what a
+        lost notice would have said is read from the store, and orphaned contexts are taken.
+        This is the bound on how long a lost notice delays anything."""
+        assert self.cluster is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.cluster_poll_interval):
+                    await self._scan.wait()
+            self._scan.clear()
+            try:
+                owned = set(await self.store.owned_deliveries(self.cluster.node_id))
+                for stream in list(self.streams.values()):
+                    kinds = {"events", "acks", "sessions"}
+                    if stream.role == "owner" and stream.context_id not in owned:
+                        kinds.add("claim")  # still ours (claimed again), or another node's: demoted
+                    self._want(stream, kinds)
+                self.owned &= owned | {c for c, st in self.streams.items() if st.role == "owner"}
+                await self.take_orphans()
+            except StoreError as exc:
+                self.metrics.store_failures.inc()
+                log.warning("cluster poll failed: %s", exc)
+
+    def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -636,6 +1028,10 @@ class DeliveryService:
             for task in left:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
+        if self.cluster is not None:
+            # The other nodes take these contexts as soon as this node has left (impl/app.py).
+            for context_id in sorted(self.owned):
+                self.cluster.tell("owner", context_id)
         unstored = sum(len(s.outbox) for s in self.streams.values())
         if unstored:
             log.error("%d queued events were not stored before shutdown", unstored)

@@ -52,6 +52,16 @@ class DeliveryMetrics:
             ["code"],
             registry=r,
         )
+        # Several nodes (section 6): attempts this node wrote for another node's decision, and the
+        # store reads a notice or poll asked for that failed (the next poll reads again).
+        self.relayed = Counter(
+            "pipeproof_events_relayed", "Event frames written here for a context another node owns", registry=r
+        )
+        self.store_failures = Counter(
+            "pipeproof_cluster_store_failures",
+            "Store reads or writes of the cluster's fan-out that failed and are retried by the next poll",
+            registry=r,
+        )
         for reason in EscalationReason:
             self.escalations.labels(reason=reason)
         # Labelled children resolved once: ``labels()`` costs a lock and a dict walk per call,

@@ -69,6 +69,20 @@ class Stream:
     gate: asyncio.Lock = field(default_factory=asyncio.Lock)
     settling: set[int] = field(default_factory=set)  # let go by the core, store write in flight
     due: float = -NEVER  # what the clock sleeps until; -inf while it is awake and will recompute
+    # Several nodes (section 6): "owner" when this node makes the context's delivery decisions
+    # (always, on one node), "relay" when another node does and this one only writes the attempts
+    # it stored as SENT to its own sockets; None until the store has said which.
+    role: str | None = "owner"
+    remote: set[str] = field(default_factory=set)  # owner: "node:<id>" of the other nodes with READY sockets
+    relayed: dict[str, dict[int, int]] = field(default_factory=dict)  # relay: session -> seq -> attempt written
+    relay_top: int = 0  # relay: the highest seq written to a socket here
+    # relay: every event through this seq has been read with its first send decided (SENT, ACKED
+    # or ESCALATED, not PENDING at attempt 0): what is above it is new, and goes to every socket
+    # here once even if another node's client acked it first (fan-out of the first send).
+    relay_seen: int = 0
+    relay_base: dict[str, int] = field(default_factory=dict)  # relay: session -> last seq before it joined
+    wanted: set[str] = field(default_factory=set)  # what notices asked to re-read (impl/delivery.py)
+    worker: asyncio.Task[None] | None = None  # re-reads what ``wanted`` names
 
     @property
     def live(self) -> Mapping[int, Tracked[EventRecord]]:
@@ -82,7 +96,7 @@ class Stream:
     def idle(self) -> bool:
         """Nothing live, queued or in progress, and no run left to tell: the stream may go."""
         return (not self.core.live and not self.sessions and self.users == 0 and not self.outbox
-                and not self.refused and not self.settling)
+                and not self.refused and not self.settling and not self.wanted)
 
     def wake(self) -> None:
         """Wake the clock if the core now has a deadline before what it sleeps until. Most

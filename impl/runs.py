@@ -143,7 +143,9 @@ class AgentRuntime:
         self._state, self._store = state, store
         settings = state.settings
         self.metrics = DeliveryMetrics(state.metrics) if self.metrics is None else self.metrics
-        self.delivery = DeliveryService(settings, store, state.audit, self.metrics, holder=settings.node_id)
+        self.delivery = DeliveryService(
+            settings, store, state.audit, self.metrics, holder=settings.node_id, cluster=state.cluster
+        )
         self._machine = run_machine(settings.run_max_steps)
         self.leases = RunLeases(
             store, node_id=settings.node_id, ttl=settings.run_lease_ttl, renew_interval=settings.lease_renew_interval
@@ -167,6 +169,8 @@ class AgentRuntime:
             # The events stay in the store: a session joining adopts its context's (section 5).
             # The leases must be kept all the same, or this node's runs would be taken over.
             self._lease_store_failed("recovering unfinished events", exc)
+        if self.delivery.cluster is not None:
+            self.delivery.cluster.spawn(self.delivery.poll_loop, "delivery-poll")
         await self._claim_round()
         self._lease_task = asyncio.get_running_loop().create_task(self._lease_loop(), name="runs-leases")
         self._lease_task.add_done_callback(self._lease_loop_done)

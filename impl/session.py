@@ -302,6 +302,12 @@ class ConnectionShell:
             return
         try:
             self._slot = await self.state.limiter.acquire(self.session_id, principal.user, principal.account)
+        except StoreError as exc:
+            # Slots counted in the store (several nodes): no store, no slot (section 6).
+            self.state.metrics.store_errors.labels(type=exc.code).inc()
+            log.warning("session %s: store failed taking a connection slot: %s", self.session_id, exc)
+            self.apply(self.core.handshake_failed("unavailable", detail={"store_error": exc.code}))
+            return
         except ConnectionLimitExceeded as exc:
             contexts = self.state.contexts
             if contexts is not None:

@@ -178,6 +178,13 @@ class Settings(BaseSettings):
         default=None, description="lease renewal and takeover scan period; unset means run_lease_ttl / 3"
     )
 
+    # Section 6, "Several nodes" (PostgreSQL only): nodes tell each other of new events, acks and
+    # sockets by NOTIFY; each node also re-reads the store this often, so a lost notification
+    # delays an event by at most this much (plus one store read).
+    cluster_poll_interval: PositiveSeconds = Field(
+        default=1.0, description="seconds between a node's store polls for what a lost notification missed"
+    )
+
     audit_log: str | None = Field(
         default=None, description='"stdout", "off", or a file path; unset means data_dir/audit.jsonl'
     )

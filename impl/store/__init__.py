@@ -42,6 +42,7 @@ from __future__ import annotations
 from pipeproof.protocol import EscalationReason
 
 from .api import ClaimScope, Store
+from .cluster import SlotVerdict
 from .engine import SqliteSynchronous, open_store
 from .records import (
     ESCALATION_REASONS,
@@ -67,6 +68,7 @@ __all__ = [
     "EventState",
     "Migration",
     "RunRecord",
+    "SlotVerdict",
     "SqliteSynchronous",
     "Store",
     "encode_event_data",

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pipeproof.errors import StoreIntegrityError
 
+from .cluster import ClusterStore
 from .records import ContextInfo, ContextRecord, RunRecord, context_from_row, now_or_clock, run_from_row
 from .schema import RUN_TERMINAL_STATES, apply_migrations, contexts, read_schema_version, runs, store_probe
 from .stream import EventStream
@@ -33,7 +34,7 @@ ClaimScope = Literal["expired", "own", "all"]
 claiming node's id already holds (its previous process), or every one."""
 
 
-class Store(EventStream):
+class Store(EventStream, ClusterStore):
     """The async store interface (PROTOCOL sections 3-5). Build it with :func:`~.engine.open_store`.
 
     Safe to share between tasks, and the same instance (or instances in other processes) may be

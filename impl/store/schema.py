@@ -11,7 +11,10 @@ The guarantees the protocol needs are made here, by the database, never by an in
   the database refuses any other word (section 5);
 * a run is held by one node at a time: ``runs.owner_node`` and ``runs.lease_expires`` (version 2),
   taken and renewed only by conditional ``UPDATE``s, so exactly one node ends a run whose node
-  died (section 6, "When a node dies").
+  died (section 6, "When a node dies");
+* connection limits across nodes and one delivery owner per context (version 3): a ``sessions``
+  row per socket counted in the transaction that inserts it, and ``delivery_owners`` taken by a
+  compare-and-set against the ``nodes`` heartbeats (section 6, "Several nodes").
 
 The schema is versioned: :data:`MIGRATIONS` are applied in order by :func:`apply_migrations`, each
 recorded in ``schema_version``, safely from many processes at once.
@@ -188,6 +191,43 @@ _runs_v1 = Table(
     UniqueConstraint("context_id", "request_id", name="uq_runs_context_request"),
 )
 
+# Version 3, several nodes on one store (section 6, "Several nodes"). A node is alive while its
+# heartbeat has not run out (``nodes.expires``, wall-clock seconds); what a dead node held (its
+# sockets' connection slots, its contexts' delivery) stops counting as soon as it has.
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("node_id", Text, primary_key=True),
+    Column("started_at", Float, nullable=False),
+    Column("expires", Float, nullable=False),
+)
+# One row per socket holding a connection slot (section 3: the per-user and per-account limits are
+# counted here, across nodes), READY with its context once the socket is (what a context's
+# delivery owner reads to know which nodes to relay through).
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", Text, primary_key=True),
+    Column("node_id", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("account_id", Text, nullable=False),
+    Column("context_id", Text, nullable=True),
+    Column("opened_at", Float, nullable=False),
+)
+Index("ix_sessions_user", sessions.c.user_id)
+Index("ix_sessions_account", sessions.c.account_id)
+Index("ix_sessions_context", sessions.c.context_id)
+# The node that makes a context's delivery decisions (sends, retries, escalations: section 5), so
+# that each happens once in the cluster. Taken by a compare-and-set: free, the taker's own, or
+# held by a node whose heartbeat ran out.
+delivery_owners = Table(
+    "delivery_owners",
+    metadata,
+    Column("context_id", Text, primary_key=True),
+    Column("node_id", Text, nullable=False),
+    Column("since", Float, nullable=False),
+)
+
 store_probe = Table(
     "store_probe",
     metadata,
@@ -222,9 +262,15 @@ def _migration_2(conn: Connection) -> None:
     RUNS_LEASE_INDEX.create(conn)
 
 
+def _migration_3(conn: Connection) -> None:
+    # Several nodes (section 6): new tables only, created as today's Table objects declare them.
+    metadata.create_all(conn, tables=[nodes, sessions, delivery_owners], checkfirst=False)
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "contexts, events, runs, store_probe", _migration_1),
     Migration(2, "run leases: runs.owner_node, lease_expires, cancel_requested", _migration_2),
+    Migration(3, "several nodes: nodes, sessions, delivery_owners", _migration_3),
 )
 EXPECTED_SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 

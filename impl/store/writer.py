@@ -109,6 +109,11 @@ class GroupCommitStore:
         """``"sqlite"`` or ``"postgresql"``."""
         return self._dialect
 
+    @property
+    def pg_schema(self) -> str | None:
+        """The PostgreSQL schema the tables live in (None: the connection's default)."""
+        return self._pg_schema
+
     # -- plumbing ----------------------------------------------------------------------------------
 
     async def _run(

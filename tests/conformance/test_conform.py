@@ -150,8 +150,6 @@ def test_the_cli_reports_sessions_per_node_and_the_same_seed_places_them_alike(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(reason="connection limits are per node, not cluster-wide, yet: a user's sockets spread over "
-                          "two nodes pass max_connections_per_user (the limit probe)", strict=True)
 def test_conform_two_node_cluster(tmp_path: Path) -> None:
     """The kit across a real two-node cluster (two ``pipeproof serve`` processes on one fresh
     PostgreSQL database): the cluster must look like one server."""

@@ -1,8 +1,16 @@
-"""Two ``pipeproof serve`` nodes on one PostgreSQL database (PROTOCOL section 3, one context per
-user; section 6, "Several nodes"), started by the :class:`~process_harness.Cluster` harness: both
-become ready, and 50 ``connection_init`` for one user sent at the same moment, half to each node,
-are all acked with one ``context_id``: one context per user is a database constraint, not a
-per-process lock."""
+"""Several ``pipeproof serve`` nodes on one PostgreSQL database (PROTOCOL section 3, section 5,
+section 6 "Several nodes"; impl/cluster.py and the cluster paths of impl/delivery.py), started by
+the :class:`~process_harness.Cluster` harness. Each row of what was measured against two nodes,
+as the protocol says it must behave:
+
+* both become ready, and 50 ``connection_init`` for one user sent at the same moment, half to each
+  node, are all acked with one ``context_id`` (a database constraint, not a per-process lock);
+* a user with a socket on A and one on B sees a run started on A on both;
+* a socket dropped on A mid-run and resumed on B gets the rest there, and nothing is escalated
+  ``no_session`` while the user holds B's socket;
+* a finished run nobody acked is redelivered by a resume on the other node;
+* the per-user limit holds across nodes, and a dead node's sockets stop counting.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +21,16 @@ from typing import Any
 
 import httpx
 import pytest
-from process_harness import Cluster
+from process_harness import Cluster, ended, events_of, read_until
 from server_harness import init_frame
+from test_leases import query, send
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 INITS = 50
+LEASES = {"PIPEPROOF_RUN_LEASE_TTL": "1.5", "PIPEPROOF_RUN_LEASE_RENEW_INTERVAL": "0.3"}
 
 
 async def recv_json(ws: ClientConnection) -> dict[str, Any]:
@@ -69,3 +80,136 @@ async def test_a_proxied_node_reaches_the_store_through_its_proxy_and_a_killed_n
         cluster.stop(0)
         assert not cluster[0].running
     assert not cluster[1].running  # the context manager stopped the rest
+
+
+# -- fan-out, resume, limits across nodes ----------------------------------------------------------
+
+RUN = 'hello\n/sleep {"seconds": 1}\nbye'
+
+
+async def collect(
+    ws: ClientConnection, predicate: Any, timeout: float = 15.0, ack: bool = True
+) -> list[dict[str, Any]]:
+    return await read_until(ws, predicate, timeout=timeout, ack=ack)
+
+
+async def start_run(ws: ClientConnection, text: str = RUN, request_id: str = "r1") -> str:
+    await send(ws, {"type": "run.start", "request_id": request_id, "input": text})
+    frames = await read_until(ws, lambda fs: any(f["type"] == "run.accepted" for f in fs), timeout=5)
+    return str(next(f["run_id"] for f in frames if f["type"] == "run.accepted"))
+
+
+def seqs(frames: list[dict[str, Any]], run_id: str | None = None) -> list[int]:
+    return [e["seq"] for e in events_of(frames, run_id)]
+
+
+async def states(url: str) -> dict[str, int]:
+    rows = await query(url, "SELECT state, reason, count(*) AS n FROM events GROUP BY state, reason")
+    return {f"{r.state}:{r.reason}" if r.reason else str(r.state): int(r.n) for r in rows}
+
+
+async def test_a_run_on_a_reaches_the_users_socket_on_b(tmp_path: Path) -> None:
+    with Cluster(tmp_path, 2, env=LEASES) as cluster:
+        a, b = cluster.nodes
+        database = cluster.database_url
+        ws_a, _ = await a.connect()
+        ws_b, _ = await b.connect()
+        run_id = await start_run(ws_a)
+        on_a, on_b = await asyncio.gather(collect(ws_a, ended(run_id)), collect(ws_b, ended(run_id)))
+        assert seqs(on_a, run_id) == seqs(on_b, run_id) == list(range(1, len(seqs(on_a, run_id)) + 1))
+        assert [e["event_id"] for e in events_of(on_a)] == [e["event_id"] for e in events_of(on_b)]
+        assert b.metric("pipeproof_events_relayed_total") > 0
+        async with asyncio.timeout(10):
+            while (counted := await states(database)) != {"ACKED": len(seqs(on_a, run_id))}:
+                await asyncio.sleep(0.2)
+        assert counted == {"ACKED": len(seqs(on_a, run_id))}
+        await ws_a.close()
+        await ws_b.close()
+
+
+async def test_a_socket_dropped_on_a_mid_run_resumes_on_b_and_gets_the_rest(tmp_path: Path) -> None:
+    # A short resume window: a no_session escalation would come within the test if B's socket
+    # were not seen as the user's session.
+    with Cluster(tmp_path, 2, env={**LEASES, "PIPEPROOF_RESUME_WINDOW": "2"}) as cluster:
+        a, b = cluster.nodes
+        database = cluster.database_url
+        ws_a, _ = await a.connect()
+        run_id = await start_run(ws_a, 'hello\n/sleep {"seconds": 2}\nbye')
+        first = await read_until(ws_a, lambda fs: any(e["event"] == "tool_executing" for e in events_of(fs)),
+                                 timeout=10, ack=True)
+        last = seqs(first)[-1]
+        await ws_a.close()
+        ws_b, ack = await b.connect(resume=last)
+        assert ack["recovered"] is True
+        rest = await collect(ws_b, ended(run_id), timeout=20)
+        got = sorted(set(seqs(rest, run_id)))
+        assert got[0] == last + 1 and got == list(range(last + 1, got[-1] + 1))
+        await asyncio.sleep(3)  # past the resume window: still nothing escalated
+        counted = await states(database)
+        assert counted == {"ACKED": got[-1]}, counted
+        assert a.metric('pipeproof_escalations_total{reason="no_session"}') == 0
+        assert b.metric('pipeproof_escalations_total{reason="no_session"}') == 0
+        await ws_b.close()
+
+
+async def test_a_finished_run_nobody_acked_is_redelivered_on_the_other_node(tmp_path: Path) -> None:
+    with Cluster(tmp_path, 2, env=LEASES) as cluster:
+        a, b = cluster.nodes
+        database = cluster.database_url
+        ws_a, _ = await a.connect()
+        run_id = await start_run(ws_a, "hello")
+        frames = await collect(ws_a, ended(run_id), ack=False)
+        sent = seqs(frames, run_id)
+        await ws_a.close()
+        ws_b, _ = await b.connect(resume=0)
+        again = await collect(ws_b, lambda fs: set(seqs(fs, run_id)) >= set(sent), timeout=15)
+        assert sorted(set(seqs(again, run_id))) == sent
+        # The attempt in flight (caught up on, as a joining socket is on one node) or a later one.
+        assert all(e["attempt"] >= 1 for e in events_of(again))
+        async with asyncio.timeout(10):
+            while await states(database) != {"ACKED": len(sent)}:
+                await asyncio.sleep(0.2)
+        await ws_b.close()
+
+
+async def test_the_per_user_limit_holds_across_nodes_and_a_dead_nodes_sockets_stop_counting(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, 2, env={**LEASES, "PIPEPROOF_MAX_CONNECTIONS_PER_USER": "8"}) as cluster:
+        a, b = cluster.nodes
+        database = cluster.database_url
+        held: list[ClientConnection] = []
+        refused: list[int] = []
+        for i in range(16):
+            node = (a, b)[i % 2]
+            ws = await connect(node.ws, ping_interval=None, open_timeout=5)
+            await ws.send(json.dumps({"type": "connection_init", "token": node.token("carol")}))
+            try:
+                reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                assert reply["type"] == "connection_ack", reply
+                held.append(ws)
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None
+                refused.append(closed.rcvd.code)
+        assert len(held) == 8 and refused == [4429] * 8
+        (row,) = await query(database, "SELECT count(*) AS n FROM sessions WHERE user_id = 'carol'")
+        assert row.n == 8
+        # A dies holding its four: once its heartbeat runs out they no longer count.
+        a.kill9()
+        async with asyncio.timeout(10):
+            while not await _slot_free(b):
+                await asyncio.sleep(0.3)
+        for ws in held:
+            await ws.close()
+
+
+async def _slot_free(node: Any) -> bool:
+    ws = await connect(node.ws, ping_interval=None, open_timeout=5)
+    try:
+        await ws.send(json.dumps({"type": "connection_init", "token": node.token("carol")}))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        return bool(reply["type"] == "connection_ack")
+    except ConnectionClosed:
+        return False
+    finally:
+        await ws.close()

@@ -559,6 +559,29 @@ class DeliveryCore(Generic[R]):
             self._acks_settled(self.ack_wanted)
         return Acked(tuple(seqs), tuple(latencies), following)
 
+    def acked_elsewhere(self, seqs: Iterable[int], now: float, detail: Mapping[str, Any]) -> Acked:
+        """The store holds ``seqs`` ACKED by another node (a client acked them there: section 5,
+        an ack counts from any session of the context): fire ``ack`` on those still live here.
+
+        The store acks only delivered events, so each machine can take the ack; one that cannot
+        (a race with an adoption that read the event before its first send was stored) is let go
+        without a transition, and its seq is returned in neither list, so it is never sent again.
+        """
+        seqs_done: list[int] = []
+        latencies: list[float] = []
+        for seq in sorted(seqs):
+            entry = self.live.get(seq)
+            if entry is None:
+                continue
+            if not entry.machine.can("ack"):
+                del self.live[seq]
+                self.ended.add(seq)
+                continue
+            self._settle(entry, entry.machine.fire("ack", {**detail, "through": seq}))
+            seqs_done.append(seq)
+            latencies.append(now - entry.appended_at)
+        return Acked(tuple(seqs_done), tuple(latencies), None)
+
     def ack_failed(self) -> None:
         """The ack write failed: what it asked for is not stored, so those events keep their
         deadlines (they are resent, and acked again by the client)."""

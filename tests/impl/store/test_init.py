@@ -21,6 +21,7 @@ INTERFACE = {
     "EventState",
     "Migration",
     "RunRecord",
+    "SlotVerdict",
     "SqliteSynchronous",
     "Store",
     "encode_event_data",

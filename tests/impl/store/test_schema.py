@@ -73,9 +73,9 @@ def test_reason_check_names_every_escalation_reason_and_nothing_else() -> None:
 def test_version_1_constraints_are_the_text_it_shipped_with() -> None:
     # Migration 1 renders these from the enums. A new state or reason changes what a fresh database
     # gets but not what existing ones have: it needs migration 2 (altering the constraint), and then
-    # this test moves to pin version 1's text inside that migration. (Version 2, run leases,
-    # left the events table alone.)
-    assert schema.EXPECTED_SCHEMA_VERSION == 2
+    # this test moves to pin version 1's text inside that migration. (Version 2, run leases, and
+    # version 3, several nodes, left the events table alone.)
+    assert schema.EXPECTED_SCHEMA_VERSION == 3
     assert schema.STATE_CHECK == "state IN ('PENDING', 'SENT', 'ACKED', 'ESCALATED')"
     assert schema.REASON_CHECK == "reason IS NULL OR reason IN ('max_attempts', 'no_session', 'send_failed')"
 
@@ -149,7 +149,7 @@ def test_sql_in_list_refuses_what_it_cannot_render_safely() -> None:
         schema.sql_literal(Unsafe.NUMBER)
 
 
-async def test_version_2_adds_run_leases_to_a_version_1_database(
+async def test_versions_2_and_3_add_run_leases_and_nodes_to_a_version_1_database(
     opener: Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A database made by version 1 (its runs table as it shipped) keeps its runs; they read as
@@ -167,7 +167,7 @@ async def test_version_2_adds_run_leases_to_a_version_1_database(
                  "VALUES ('old-run', :c, 'req', 'alice', 'ACCEPTED', 0, 0)"),
             {"c": cid},
         )
-    assert await old.migrate() == [2]
+    assert await old.migrate() == [2, 3]
     run = await old.find_run("old-run")
     assert run is not None and (run.owner_node, run.lease_expires, run.cancel_requested) == (None, None, False)
     (claimed,) = await old.claim_runs("b", 10.0, 20.0)
