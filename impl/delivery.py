@@ -779,14 +779,14 @@ class DeliveryService:
         (clamped to what was delivered), then the socket gets every attempt the store holds SENT."""
         if resume_last_seq is not None:
             await self._relay_ack(stream, resume_last_seq, resume=True)
-        info = await self.store.find_context(stream.context_id)
         async with stream.lock:
             if getattr(session, "closed", False):
                 return
             stream.sessions[session.session_id] = session
-            # What was stored before it joined reaches it only while in flight (as on one node:
-            # a joining session catches up on attempts awaiting their ack, never on acked ones).
-            base = info.last_seq if info is not None else 0
+            # What was stored before it became READY reaches it only while in flight (as on one
+            # node: a joining session catches up on attempts awaiting their ack, never on acked
+            # ones); what came after is new to it even if it took the store a while to hear of it.
+            base = session.ready_seq
             stream.relay_base[session.session_id] = base
             if len(stream.sessions) == 1:
                 stream.relay_seen = max(stream.relay_seen, base)

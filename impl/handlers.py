@@ -35,6 +35,12 @@ class Session(Protocol):
     @property
     def epoch(self) -> int: ...
 
+    @property
+    def ready_seq(self) -> int:
+        """The context's highest seq when the socket became READY (its connection_ack's
+        ``last_seq``): what is appended after it is new to this socket (section 5 fan-out)."""
+        ...
+
     async def wait_room(self, timeout: float) -> None:
         """Wait, at most ``timeout`` seconds, until ``send`` can queue a frame (section 6 back-pressure)."""
         ...

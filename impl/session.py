@@ -73,6 +73,7 @@ class ConnectionShell:
         self._account: str | None = None
         self._context_id: str | None = None
         self._epoch = 0
+        self._ready_seq = 0
         # ``machine``: a variant of the connection machine (the conformance tests' seeded defects
         # inject broken designs here, a declared point, instead of overriding internals).
         self.conn = TracedMachine(
@@ -125,6 +126,10 @@ class ConnectionShell:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def ready_seq(self) -> int:
+        return self._ready_seq
 
     @property
     def closed(self) -> bool:
@@ -333,6 +338,7 @@ class ConnectionShell:
         last_seq = info.last_seq if info is not None else 0
         self._user, self._account = principal.user, principal.account
         self._context_id, self._epoch = record.context_id, record.epoch
+        self._ready_seq = last_seq
         self.conn.user, self.conn.context_id = principal.user, record.context_id
         self.apply(self.core.ready({"epoch": record.epoch, "store_created": record.created}))
         if self.closed:

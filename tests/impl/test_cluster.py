@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pgcluster import PgCluster
 from process_harness import Cluster, ended, events_of, read_until
 from server_harness import init_frame
 from test_leases import query, send
@@ -213,3 +214,181 @@ async def _slot_free(node: Any) -> bool:
         return False
     finally:
         await ws.close()
+
+
+# -- nodes failing: kill -9, drain, the store cut or restarted -------------------------------------
+
+SLEEPING = 'hello\n/sleep {"seconds": 10}\nbye'
+
+
+async def run_to_sleep(ws: ClientConnection, text: str = SLEEPING) -> tuple[str, list[dict[str, Any]]]:
+    """Start a run and read (acking) until its sleep tool runs; returns the run id and the frames."""
+    run_id = await start_run(ws, text)
+    frames = await read_until(ws, lambda fs: any(
+        e["event"] == "tool_executing" and e["data"]["tool"] == "sleep" for e in events_of(fs)), timeout=10, ack=True)
+    return run_id, frames
+
+
+async def settled(database: str, timeout: float = 15.0) -> dict[str, int]:
+    """Wait until no event is PENDING or SENT; returns the counts by state (and reason)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            counted = await states(database)
+            if not {"PENDING", "SENT"} & set(counted):
+                return counted
+            await asyncio.sleep(0.2)
+
+
+async def test_a_node_killed_mid_run_its_run_ends_on_the_other_node_and_reaches_the_socket_there(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, 2, env=LEASES) as cluster:
+        a, b = cluster.nodes
+        ws_b, _ = await b.connect()
+        ws_a, _ = await a.connect()
+        run_id, frames = await run_to_sleep(ws_a)
+        before = await read_until(ws_b, lambda fs: seqs(fs, run_id)[-1:] == seqs(frames, run_id)[-1:],
+                                  timeout=10, ack=True)
+        cluster.kill9(0)
+        rest = await collect(ws_b, ended(run_id), timeout=20)
+        events = events_of(before + rest, run_id)
+        assert events[-1]["event"] == "agent_failed" and events[-1]["data"]["code"] == "node_lost"
+        assert sorted({e["seq"] for e in events}) == list(range(1, events[-1]["seq"] + 1))
+        # Retrying the request on B answers with the run as it is; a cancel of it is answered.
+        await send(ws_b, {"type": "run.start", "request_id": "r1", "input": SLEEPING})
+        replies = await read_until(ws_b, lambda fs: any(f["type"] == "run.accepted" for f in fs), timeout=5)
+        assert [f["run_id"] for f in replies if f["type"] == "run.accepted"] == [run_id]
+        await send(ws_b, {"type": "run.cancel", "run_id": run_id})
+        reply = await read_until(ws_b, lambda fs: any(f["type"] == "error" for f in fs), timeout=5, ack=True)
+        assert [f["code"] for f in reply if f["type"] == "error"] == ["run_finished"]
+        assert await settled(cluster.database_url) == {"ACKED": events[-1]["seq"]}
+        (row,) = await query(cluster.database_url, "SELECT state FROM runs WHERE run_id = :r", r=run_id)
+        assert row.state == "FAILED"
+        await ws_b.close()
+
+
+async def test_a_draining_node_hands_its_sockets_to_another_and_nothing_is_lost(tmp_path: Path) -> None:
+    # SIGTERM mid-run: the socket is closed 1001 going_away; resumed on B, it gets the rest of the
+    # run, its terminal event included, whichever node appended it.
+    env = {**LEASES, "PIPEPROOF_SHUTDOWN_GRACE": "2"}
+    with Cluster(tmp_path, 2, env=env) as cluster:
+        a, b = cluster.nodes
+        ws_a, _ = await a.connect()
+        run_id, frames = await run_to_sleep(ws_a, 'hello\n/sleep {"seconds": 1}\nbye')
+        last = seqs(frames, run_id)[-1]
+        stopping = asyncio.get_running_loop().run_in_executor(None, cluster.stop, 0)
+        with pytest.raises(ConnectionClosed) as closed:
+            await read_until(ws_a, lambda fs: False, timeout=10, ack=True)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        ws_b, _ = await b.connect(resume=last)
+        rest = await collect(ws_b, ended(run_id), timeout=20)
+        await stopping
+        got = sorted({e["seq"] for e in events_of(rest, run_id)})
+        assert got == list(range(last + 1, got[-1] + 1)), got
+        assert events_of(rest, run_id)[-1]["event"] in ("agent_completed", "agent_failed")
+        assert await settled(cluster.database_url) == {"ACKED": got[-1]}
+        await ws_b.close()
+
+
+async def test_three_nodes_a_run_reaches_every_socket_and_each_event_is_acked_once(tmp_path: Path) -> None:
+    with Cluster(tmp_path, 3, env=LEASES) as cluster:
+        sockets = [(await node.connect())[0] for node in cluster.nodes]
+        run_id = await start_run(sockets[1])
+        seen = await asyncio.gather(*(collect(ws, ended(run_id)) for ws in sockets))
+        assert len({tuple(seqs(frames, run_id)) for frames in seen}) == 1
+        total = len(seqs(seen[0], run_id))
+        assert await settled(cluster.database_url) == {"ACKED": total}
+        acked = sum(node.metric("pipeproof_events_acked_total") for node in cluster.nodes)
+        assert acked == total  # each event's ack fired once, on its owner
+        for ws in sockets:
+            await ws.close()
+
+
+async def test_one_nodes_store_cut_past_its_lease_and_restored_loses_nothing(tmp_path: Path) -> None:
+    # A reaches PostgreSQL through a fault proxy. Cut for longer than the lease TTL mid-run: B
+    # takes A's run over (node_lost) and the context's delivery; restored, A finds both gone and
+    # appends nothing more. The socket on B gets every event, the terminal one included.
+    with Cluster(tmp_path, 2, proxied=[0], env=LEASES) as cluster:
+        a, b = cluster.nodes
+        ws_b, _ = await b.connect()
+        ws_a, _ = await a.connect()
+        run_id, _ = await run_to_sleep(ws_a)
+        cluster.proxy(0).cut()
+        rest = await collect(ws_b, ended(run_id), timeout=20)
+        cluster.proxy(0).restore()
+        events = events_of(rest, run_id)
+        assert sorted({e["seq"] for e in events}) == list(range(1, events[-1]["seq"] + 1))
+        assert events[-1]["data"]["code"] == "node_lost"
+        await asyncio.sleep(2)  # A is back: it must add nothing to the ended run
+        assert await terminals_of(cluster.database_url, run_id) == ["agent_failed"]
+        counted = await settled(cluster.database_url)
+        assert set(counted) <= {"ACKED", "ESCALATED:max_attempts"}, counted
+        await ws_b.close()
+        await ws_a.close()
+
+
+async def test_a_stalled_store_connection_delays_delivery_and_loses_nothing(tmp_path: Path) -> None:
+    # B's store stalls (packets held, no error) for a second mid-run, then flows again: B's socket
+    # still gets every event once the store answers, and every event ends acked.
+    with Cluster(tmp_path, 2, proxied=[1], env=LEASES) as cluster:
+        a, b = cluster.nodes
+        ws_a, _ = await a.connect()
+        ws_b, _ = await b.connect()
+        run_id = await start_run(ws_a, 'hello\n/sleep {"seconds": 2}\nbye')
+        cluster.proxy(1).stall()
+        reading = asyncio.gather(collect(ws_a, ended(run_id), timeout=30), collect(ws_b, ended(run_id), timeout=30))
+        await asyncio.sleep(1.0)
+        cluster.proxy(1).restore()
+        on_a, on_b = await reading
+        assert sorted(set(seqs(on_b, run_id))) == seqs(on_a, run_id)
+        assert await settled(cluster.database_url, timeout=30) == {"ACKED": len(seqs(on_a, run_id))}
+        await ws_a.close()
+        await ws_b.close()
+
+
+async def test_postgresql_restarted_under_two_nodes_every_run_ends_and_nothing_is_lost(tmp_path: Path) -> None:
+    with PgCluster() as pg:
+        database = pg.url
+        with Cluster(tmp_path, 2, env={**LEASES, "PIPEPROOF_STORE_TIMEOUT": "2"}, database_url=database) as cluster:
+            a, b = cluster.nodes
+            ws_a, _ = await a.connect()
+            ws_b, _ = await b.connect()
+            run_id = await start_run(ws_a, 'hello\n/sleep {"seconds": 2}\nbye')
+            await read_until(ws_a, lambda fs: any(e["event"] == "tool_executing" for e in events_of(fs)),
+                             timeout=10, ack=True)
+            await asyncio.get_running_loop().run_in_executor(None, pg.restart)
+            # Sockets may be closed try_again_later while the store is away: resume until the run ends.
+            events = await resume_until_ended(b, run_id, ws_b)
+            assert events[-1]["event"] in ("agent_completed", "agent_failed")
+            counted = await settled(database, timeout=30)
+            assert set(counted) <= {"ACKED", "ESCALATED:max_attempts", "ESCALATED:no_session"}, counted
+            assert await terminals_of(database, run_id) in (["agent_completed"], ["agent_failed"])
+            await ws_a.close()
+
+
+async def resume_until_ended(
+    node: Any, run_id: str, ws: ClientConnection, timeout: float = 40.0
+) -> list[dict[str, Any]]:
+    """Read (acking) on ``ws`` and, whenever it closes, resume on ``node`` from the highest seq
+    received, until the run's terminal event; returns every event of the run received."""
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                frames = await read_until(ws, ended(run_id), timeout=timeout, ack=True)
+                got.extend(events_of(frames, run_id))
+                return got
+            except ConnectionClosed:
+                pass
+            while True:
+                try:
+                    ws, _ = await node.connect(resume=max([e["seq"] for e in got], default=0))
+                    break
+                except (ConnectionClosed, AssertionError, OSError):
+                    await asyncio.sleep(0.5)
+
+
+async def terminals_of(url: str, run_id: str) -> list[str]:
+    rows = await query(url, "SELECT kind FROM events WHERE run_id = :r AND kind IN "
+                            "('agent_completed', 'agent_failed') ORDER BY seq", r=run_id)
+    return [str(r.kind) for r in rows]

@@ -40,6 +40,7 @@ class RecordingSession:
         self.account = "acme"
         self.context_id = context_id
         self.epoch = 1
+        self.ready_seq = 0
         self.closed = False
         self.frames: list[EventFrame] = []
 
