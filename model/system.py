@@ -267,12 +267,8 @@ class System:
         v = _StateReads(self, state)
         if self._live_owner(v, user) >= 0:
             return True
-        m, b = self.model, self.bounds
-        if not m.adopt:
-            return False
-        lease = v.lease(user)
-        free = lease < 0 or not v.up(lease)
-        return any(v.up(n) and not v.holds(user) >> n & 1 and (free or not m.cas) for n in range(b.nodes))
+        return self._may_take(v, user) and any(v.up(n) and not v.holds(user) >> n & 1
+                                               for n in range(self.bounds.nodes))
 
     def delivered_prefix(self, state: State, user: int) -> int:
         """Highest seq N such that the client has received every event 1..N of ``user``'s stream."""
@@ -323,6 +319,14 @@ class System:
             if holds >> n & 1 and (self.bounds.nodes == 1 or v.up(n)):
                 return n
         return -1
+
+    def _may_take(self, v: _Reads, user: int) -> bool:
+        """Whether a node may write itself into ``user``'s delivery lease: a compare-and-set that
+        finds it free, or held by a dead node (``SystemModel.adopt``: a survivor takes over);
+        without compare-and-set (``cas`` off), whatever it holds."""
+        m = self.model
+        lease = v.lease(user)
+        return not m.cas or lease < 0 or (m.adopt and not v.up(lease))
 
     def _node_down(self, v: _Reads, s: int) -> bool:
         return self.bounds.nodes > 1 and not v.up(s % self.bounds.nodes)
@@ -627,12 +631,14 @@ class System:
             return
         m = self.model
         bit = 1 << n
-        if m.adopt and not v.holds(u) & bit and any(v.event(u, i)[0] not in m.delivery.terminal
-                                                    for i in range(v.stream_len(u))):
-            lease = v.lease(u)
-            if not m.cas or lease < 0 or not v.up(lease):
-                yield _Local("server_adopt_delivery", "server", (u, n), (),
-                             (("lease", u, n), ("holds", u, v.holds(u) | bit)))
+        # Worth taking: the store has an unfinished event to adopt, or this node has a READY
+        # session of the user (the design's claim of a free lease by a session's node).
+        if not v.holds(u) & bit and (
+                any(v.event(u, i)[0] not in m.delivery.terminal for i in range(v.stream_len(u)))
+                or any(self._live(v.conn(s)) for s in self.sessions_of(u) if s % self.bounds.nodes == n)) \
+                and self._may_take(v, u):
+            yield _Local("server_adopt_delivery", "server", (u, n), (),
+                         (("lease", u, n), ("holds", u, v.holds(u) | bit)))
         adoptable = not v.run_holds(u) & bit and v.ctx(u)[0] is Ctx.LIVE and v.run(u)[0] not in m.run.terminal \
             and not 0 <= self.bounds.runs <= u
         if adoptable and (not m.cas or not v.up(v.run_lease(u))):

@@ -445,10 +445,15 @@ class _Gen:
         if not self.multi:
             return "1"  # node 0 owns every stream with an event
         owner = self.holder_live("holds", u)
-        if not self.m.adopt:
-            return owner
-        free = self.lease_dead_or_free(u) if self.m.cas else "1"
+        free = self.may_take(u)
         return _any([owner, *(_all([self.up(n), _not(self.bit("holds", u, n)), free]) for n in range(self.N))])
+
+    def may_take(self, u: int) -> str:
+        """System._may_take: the compare-and-set finds the lease free, or a dead holder (when
+        survivors adopt); without compare-and-set, always."""
+        if not self.m.cas:
+            return "1"
+        return self.lease_dead_or_free(u) if self.m.adopt else f"(lease{u} == 0)"
 
     def ill_ordered(self, u: int) -> str:
         """invariants.well_ordered(kinds) != "" for ``u``'s stream, as one expression.
@@ -678,12 +683,10 @@ class _Gen:
         for u in range(self.U):
             for n in range(self.N):
                 live = _any([_all([self.in_stream(u, i), _not(self.terminal(u, i))]) for i in range(self.K)])
-                guard = [self.up(n), _not(self.bit("holds", u, n)), live]
-                if self.m.cas:
-                    guard.append(self.lease_dead_or_free(u))
-                if self.m.adopt:
-                    yield _Draft("server_adopt_delivery", (u, n), guard,
-                                 extra=[(f"lease{u}", str(n + 1)), (self.bit("holds", u, n), "1")])
+                local = _any([self.live(s) for s in self.system.sessions_of(u) if s % self.N == n])
+                guard = [self.up(n), _not(self.bit("holds", u, n)), _any([live, local]), self.may_take(u)]
+                yield _Draft("server_adopt_delivery", (u, n), guard,
+                             extra=[(f"lease{u}", str(n + 1)), (self.bit("holds", u, n), "1")])
                 if not 0 <= self.b.runs <= u:
                     guard = [self.up(n), _not(self.bit("rholds", u, n)),
                              f"({self.st('ctx', (u,))} == {self.const('ctx', Ctx.LIVE)})",

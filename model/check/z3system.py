@@ -640,25 +640,32 @@ class SysEnc:
                 yield draft.case("server_relay_catch_up", "server")
 
     def _adopt_delivery_case(self, pre: St, user: Term, n: Term, lease: Term) -> Iterator[Case]:
-        if not self.model.adopt:
-            return
         draft = _Draft(self, pre, (user, n))
+        # Worth taking: an unfinished event to adopt, or a READY session of the user on this node.
+        local = self.u.exists("S", lambda s: z3.And(self.u.owner(s) == user, self.u.node(s) == n,
+                                                    self.live_session(pre, s)), "cs")
         draft.guard(self.is_node(n), self.node_up(pre, n), z3.Not(z3.Select(pre["holds"], user, n)),
-                    self.u.exists("Int", lambda i: self.live_event(pre, user, i), "ai"))
-        if self.model.cas:
-            draft.guard(z3.Or(lease < 0, z3.Not(self.node_up(pre, lease))))
+                    z3.Or(self.u.exists("Int", lambda i: self.live_event(pre, user, i), "ai"), local),
+                    self.may_take(pre, user))
         draft.post["lease"] = z3.Store(pre["lease"], user, n)
         draft.post["holds"] = z3.Store(pre["holds"], user, n, z3.BoolVal(True))
         yield draft.case("server_adopt_delivery", "server")
+
+    def may_take(self, st: St, user: Term) -> Term:
+        """model/system.py ``_may_take``: the compare-and-set finds the lease free, or held by a
+        dead node (when survivors adopt); without compare-and-set, always."""
+        if not self.model.cas:
+            return z3.BoolVal(True)
+        lease = z3.Select(st["lease"], user)
+        if not self.model.adopt:
+            return lease < 0
+        return z3.Or(lease < 0, z3.Not(self.node_up(st, lease)))
 
     def can_decide(self, st: St, user: Term) -> Term:
         """model/system.py ``can_decide``: a live node owns ``user``'s delivery or one could adopt it."""
         if not self.multi:
             return self.live_holder(st, "holds", user)
-        if not self.model.adopt:
-            return self.live_holder(st, "holds", user)
-        lease = z3.Select(st["lease"], user)
-        free = z3.Or(lease < 0, z3.Not(self.node_up(st, lease))) if self.model.cas else z3.BoolVal(True)
+        free = self.may_take(st, user)
         return z3.Or(self.live_holder(st, "holds", user), self.u.exists_node(
             lambda n: z3.And(self.node_up(st, n), z3.Not(z3.Select(st["holds"], user, n)), free), "d"))
 
