@@ -130,10 +130,9 @@ class ClusterLink:
             delay = min(delay * 2, LISTEN_RETRY_MAX)
         self.joined.set()
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._heartbeat_loop(), name="cluster-heartbeat"),
-            loop.create_task(self._listen_loop(), name="cluster-listen"),
-        ]
+        self._tasks = [loop.create_task(self._heartbeat_loop(), name="cluster-heartbeat")]
+        if self.settings.cluster_notify:
+            self._tasks.append(loop.create_task(self._listen_loop(), name="cluster-listen"))
 
     def spawn(self, loop_body: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         """Run ``loop_body`` (delivery's poll loop) until :meth:`close`."""
@@ -179,7 +178,7 @@ class ClusterLink:
     def tell(self, kind: NoticeKind, context_id: str) -> None:
         """Notify the other nodes that ``kind`` happened to ``context_id`` (coalesced: the notices
         of one event-loop turn go out in one transaction)."""
-        if self._closed:
+        if self._closed or not self.settings.cluster_notify:
             return
         payload = Notice(kind, context_id, self.node_id).encode()
         if payload not in self._outbox:

@@ -823,8 +823,15 @@ class DeliveryService:
             # one above read it, so forgetting it below can never make it look new again.
             in_flight = await self.store.unacked_after(stream.context_id, 0)
             live = {r.seq for r in in_flight}
-            frames: dict[int, EventRecord] = {r.seq: r for r in fresh if r.attempt > 0 and r.state in _FANNED_OUT}
-            frames.update((r.seq, r) for r in in_flight if r.state is DeliveryState.SENT)
+            # First sends go out in seq order, as on one node: none past an event whose first
+            # send is not decided yet (PENDING at attempt 0; its turn comes at a later read).
+            gap = next((r.seq for r in fresh if r.state is DeliveryState.PENDING and r.attempt == 0), None)
+            frames: dict[int, EventRecord] = {
+                r.seq: r for r in fresh if r.attempt > 0 and r.state in _FANNED_OUT and (gap is None or r.seq < gap)
+            }
+            frames.update(
+                (r.seq, r) for r in in_flight if r.state is DeliveryState.SENT and (gap is None or r.seq < gap)
+            )
             for session_id, session in list(stream.sessions.items()):
                 written = stream.relayed.setdefault(session_id, {})
                 base = stream.relay_base.get(session_id, 0)

@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     cluster_poll_interval: PositiveSeconds = Field(
         default=1.0, description="seconds between a node's store polls for what a lost notification missed"
     )
+    # Off: no LISTEN/NOTIFY at all, every node learns by polling (a connection pooler in
+    # transaction mode, such as PgBouncer's, cannot hold a LISTEN).
+    cluster_notify: bool = Field(default=True, description="tell other nodes of changes by NOTIFY (off: poll only)")
 
     audit_log: str | None = Field(
         default=None, description='"stdout", "off", or a file path; unset means data_dir/audit.jsonl'

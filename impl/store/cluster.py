@@ -361,7 +361,9 @@ class ClusterStore(GroupCommitStore):
                 while True:
                     await asyncio.sleep(check_every)
                     async with asyncio.timeout(timeout):
-                        await conn.execute(text("SELECT 1"))
+                        # On the driver, outside any transaction: PostgreSQL holds notifications
+                        # back from a session inside one (SQLAlchemy's execute would open one).
+                        await driver.fetchval("SELECT 1")
             finally:
                 # A dead connection is discarded, not returned to the pool; a bounded close.
                 try:

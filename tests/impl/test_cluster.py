@@ -109,8 +109,13 @@ async def states(url: str) -> dict[str, int]:
     return {f"{r.state}:{r.reason}" if r.reason else str(r.state): int(r.n) for r in rows}
 
 
-async def test_a_run_on_a_reaches_the_users_socket_on_b(tmp_path: Path) -> None:
-    with Cluster(tmp_path, 2, env=LEASES) as cluster:
+@pytest.mark.parametrize("learning", ["notices", "polls"])
+async def test_a_run_on_a_reaches_the_users_socket_on_b(tmp_path: Path, learning: str) -> None:
+    # Each way a node learns, alone: notices with a poll too slow to matter within the test, then
+    # polls alone (notices off), as behind a pooler that cannot hold a LISTEN.
+    learn = ({"PIPEPROOF_CLUSTER_POLL_INTERVAL": "120"} if learning == "notices" else
+             {"PIPEPROOF_CLUSTER_NOTIFY": "false", "PIPEPROOF_CLUSTER_POLL_INTERVAL": "0.2"})
+    with Cluster(tmp_path, 2, env={**LEASES, **learn}) as cluster:
         a, b = cluster.nodes
         database = cluster.database_url
         ws_a, _ = await a.connect()

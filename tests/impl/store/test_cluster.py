@@ -127,6 +127,14 @@ async def test_notify_reaches_a_listener(store: Store) -> None:
         while len(got) < 2:
             await asyncio.sleep(0.02)
     assert got == ["e|a|ctx-1", "s|a|ctx-1"]
+    # After several liveness checks too: a check must not leave the connection in a transaction,
+    # where PostgreSQL would hold every later notification back.
+    await asyncio.sleep(0.7)
+    await store.notify("pipeproof.test", ["a|b|ctx-2"])
+    async with asyncio.timeout(5):
+        while len(got) < 3:
+            await asyncio.sleep(0.02)
+    assert got[2] == "a|b|ctx-2"
     with pytest.raises(ValueError):
         await store.notify("pipeproof.test", ["x" * 8000])
     task.cancel()
