@@ -98,6 +98,7 @@ class ClusterLink:
         self._on_notice: Callable[[Notice], None] = lambda notice: None
         self._on_resync: Callable[[], None] = lambda: None
         self._outbox: list[str] = []
+        self._farewell: list[str] = []  # "owner" notices, sent after leaving (close)
         self._flush: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._slots: dict[str, Slot] = {}
@@ -150,6 +151,9 @@ class ClusterLink:
                 await self._flush
         try:
             await self.store.leave_cluster(self.node_id)
+            # Now the contexts this node owned are free: the nodes with sockets of them take them
+            # at once rather than at their next poll.
+            await self.store.notify(self.channel, self._farewell)
         except StoreError as exc:
             # Not fatal: the heartbeat runs out within run_lease_ttl and the others act then.
             log.warning("could not leave the cluster cleanly (%s); the others act when its heartbeat runs out", exc)
@@ -181,6 +185,10 @@ class ClusterLink:
         if self._closed or not self.settings.cluster_notify:
             return
         payload = Notice(kind, context_id, self.node_id).encode()
+        if kind == "owner":
+            # Sent once this node has left (close): before, the others could not take it yet.
+            self._farewell.append(payload)
+            return
         if payload not in self._outbox:
             self._outbox.append(payload)
         if self._flush is None or self._flush.done():

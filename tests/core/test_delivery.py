@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 from pipeproof.core import delivery as core_module
 from pipeproof.core.delivery import (
     NEVER,
+    Acked,
     AckThrough,
     CatchUp,
     Command,
@@ -357,6 +358,24 @@ def an_ended_event_is_never_adopted_again(cls: CoreClass) -> None:
     assert list(sh.core.live) == [3]
 
 
+def acked_through_another_node(cls: CoreClass) -> None:
+    # Several nodes (section 5): a relay stored acks of events this owner sent. They are acked
+    # here from the store, never resent; one never delivered (a race with an adoption) is let go
+    # without a transition and is not sent again either.
+    sh = Shell(cls, max_attempts=2)
+    sh.join("node:b", 0.0)
+    sh.append(0.0, Ev(1, S, 1), Ev(2, S, 1), Ev(3, S, 1))
+    sh.core.restore([Ev(4)], 0.0)
+    sent_before = len(sh.frames)
+    result = sh.core.acked_elsewhere([2, 1, 4, 9], 0.5, {"stored": "through another node"})
+    assert result.seqs == (1, 2) and result.next is None
+    assert sh.events(1)[-1] == sh.events(2)[-1] == "ack"
+    assert list(sh.core.live) == [3]
+    sh.tick(1.1)  # 3's ack wait ran out: only 3 is resent
+    assert [f[0] for f in sh.frames[sent_before:]] == [3]
+    assert sh.core.restore([Ev(1, S, 1), Ev(4)], 2.0) == []  # ended here: never adopted again
+
+
 SCENARIOS = {
     "first_send_and_fan_out": first_send_and_fan_out,
     "acks_are_cumulative_and_clamped": acks_are_cumulative_and_clamped,
@@ -369,6 +388,7 @@ SCENARIOS = {
     "next_deadline": next_deadline,
     "adopting_another_nodes_events": adopting_another_nodes_events,
     "an_ended_event_is_never_adopted_again": an_ended_event_is_never_adopted_again,
+    "acked_through_another_node": acked_through_another_node,
 }
 
 
@@ -493,6 +513,13 @@ class ReadoptsEnded(DeliveryCore[Ev]):
         return super().restore(records, now)
 
 
+class AckedElsewhereIgnored(DeliveryCore[Ev]):
+    """Takes the store's word on acks made through another node for nothing: resends them."""
+
+    def acked_elsewhere(self, seqs: Iterable[int], now: float, detail: Mapping[str, Any]) -> Acked:
+        return Acked((), (), None)
+
+
 BROKEN: Sequence[tuple[str, CoreClass]] = (
     ("first_send_and_fan_out", FirstSessionOnly),
     ("acks_are_cumulative_and_clamped", UnclampedAck),
@@ -505,6 +532,7 @@ BROKEN: Sequence[tuple[str, CoreClass]] = (
     ("next_deadline", DeadlinesDuringAcks),
     ("adopting_another_nodes_events", AdoptedLast),
     ("an_ended_event_is_never_adopted_again", ReadoptsEnded),
+    ("acked_through_another_node", AckedElsewhereIgnored),
 )
 
 
