@@ -33,7 +33,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
@@ -111,7 +110,7 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     if not values:
         return (float("nan"),) * 3
     ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return statistics.median(ordered), p99, ordered[-1]
 
 
