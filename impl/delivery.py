@@ -503,16 +503,19 @@ class DeliveryService:
         """Record an escalation the core made: the store, the metric and the log (section 5)."""
         self._released(stream, 1)
         stream.settling.add(command.seq)  # still live in the store until this write: not adoptable
+        stamp = time.time()
         try:
-            stored = await self.store.escalate(stream.context_id, command.seq, command.reason)
+            stored = await self.store.escalate(stream.context_id, command.seq, command.reason, stamp)
         finally:
             stream.settling.discard(command.seq)
             self._maybe_forget(stream)
-        if stored.state is not DeliveryState.ESCALATED:
-            # A client acked it through another node in the meantime: the store's word is final,
-            # and the escalation is not counted (each event is escalated once in the cluster).
+        if stored.state is not DeliveryState.ESCALATED or stored.updated_at != stamp:
+            # A client acked it through another node in the meantime, or another node escalated it
+            # first (it took the context over while this one stalled): the store's word is final,
+            # and only the write that made the escalation counts it (once in the cluster).
             log.warning(
-                "event %s:%d escalated here but stored as %s", stream.context_id, command.seq, stored.state.value
+                "event %s:%d escalated here but already stored as %s", stream.context_id, command.seq,
+                stored.state.value,
             )
             return
         self.metrics.escalations.labels(reason=command.reason).inc()
