@@ -397,3 +397,32 @@ async def terminals_of(url: str, run_id: str) -> list[str]:
     rows = await query(url, "SELECT kind FROM events WHERE run_id = :r AND kind IN "
                             "('agent_completed', 'agent_failed') ORDER BY seq", r=run_id)
     return [str(r.kind) for r in rows]
+
+
+async def test_retries_and_escalations_happen_once_in_the_cluster(tmp_path: Path) -> None:
+    # Nobody acks: each event goes out max_attempts times, each attempt to the sockets on both
+    # nodes once, and is escalated once, counted once across the nodes.
+    env = {**LEASES, "PIPEPROOF_ACK_TIMEOUT": "0.3", "PIPEPROOF_ACK_BACKOFF": "1", "PIPEPROOF_MAX_ATTEMPTS": "3"}
+    with Cluster(tmp_path, 2, env=env) as cluster:
+        a, b = cluster.nodes
+        ws_a, _ = await a.connect()
+        ws_b, _ = await b.connect()
+        run_id = await start_run(ws_a, "hello")
+
+        def attempts_done(frames: list[dict[str, Any]]) -> bool:
+            return any(e["attempt"] == 3 and e["event"] == "agent_completed" for e in events_of(frames, run_id))
+
+        on_a, on_b = await asyncio.gather(
+            read_until(ws_a, attempts_done, timeout=20), read_until(ws_b, attempts_done, timeout=20))
+        counted = await settled(cluster.database_url)
+        total = sum(counted.values())
+        assert counted == {"ESCALATED:max_attempts": total}, counted
+        for frames in (on_a, on_b):
+            pairs = [(e["seq"], e["attempt"]) for e in events_of(frames, run_id)]
+            assert sorted(pairs) == sorted({(s, n) for s in range(1, total + 1) for n in (1, 2, 3)}), pairs
+        rows = await query(cluster.database_url, "SELECT attempt FROM events")
+        assert {r.attempt for r in rows} == {3}
+        escalations = sum(node.metric('pipeproof_escalations_total{reason="max_attempts"}') for node in cluster.nodes)
+        assert escalations == total
+        await ws_a.close()
+        await ws_b.close()
