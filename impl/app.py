@@ -119,7 +119,7 @@ def create_app(
             if store.dialect == "postgresql" and state.cluster is None:
                 # PostgreSQL is the store of several nodes: this one joins them, its sockets count
                 # against the limits cluster-wide (unless the embedder brought its own limiter), and
-                # delivery fans out through the store (section 6, "Several nodes").
+                # delivery fans out through the store (section 5, "Several nodes").
                 state.cluster = ClusterLink(s, store, metrics, pg_schema=store.pg_schema)
                 if limiter is None:
                     state.limiter = state.cluster

@@ -1,5 +1,5 @@
-"""This node among several on one PostgreSQL store (PROTOCOL section 3, section 5 and section 6,
-"Several nodes").
+"""This node among several on one PostgreSQL store (PROTOCOL section 3; section 5, "Several nodes";
+section 6, "When a node dies").
 
 :class:`ClusterLink` is everything a node does to be one of several:
 

@@ -122,7 +122,7 @@ class DeliveryService:
         self.recovered = asyncio.Event()
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()  # hand-offs of cancelled callers (_hand_off)
-        # Several nodes (section 6, "Several nodes"): None on one node, where every stream is this
+        # Several nodes (section 5, "Several nodes"): None on one node, where every stream is this
         # node's to decide. With a cluster, the contexts whose delivery this node owns in the store
         # (sticky: kept until this node dies or leaves, so other nodes' notices find it).
         self.cluster = cluster
@@ -723,7 +723,7 @@ class DeliveryService:
         async with stream.lock:
             await self._run(stream, stream.core.tick(time.monotonic()))
 
-    # -- several nodes (section 6, "Several nodes") -----------------------------------------------
+    # -- several nodes (section 5, "Several nodes") -----------------------------------------------
 
     def _node_session(self, node_id: str) -> str:
         """The id under which another node's READY sockets are one session of the owner's core."""

@@ -382,6 +382,7 @@ def validate_for_startup(settings: Settings) -> None:
     * ``prod`` + HS256: ``PIPEPROOF_JWT_SECRET`` must be set, at least 32 bytes, and not a
       placeholder (see :func:`is_placeholder_secret`, which also rejects :data:`DEV_JWT_SECRET`).
     * the run lease is renewed more often than it lasts (section 6).
+    * on PostgreSQL, the cluster poll is quicker than the ack wait (section 5, "Several nodes").
     * RS256 in any env: ``PIPEPROOF_JWT_PUBLIC_KEY`` must be a PEM public key; there is no dev
       fallback because no built-in key pair would be safe to ship. A private key, if given, must
       parse too.
@@ -397,6 +398,13 @@ def validate_for_startup(settings: Settings) -> None:
         # loses its runs to a takeover (section 6).
         raise ConfigError(env_name("run_lease_renew_interval"), f"{settings.lease_renew_interval:g}s is not "
                           f"below PIPEPROOF_RUN_LEASE_TTL ({settings.run_lease_ttl:g}s)")
+    several_nodes = (settings.database_url or "").startswith("postgresql")
+    if several_nodes and settings.cluster_poll_interval >= settings.ack_timeout:
+        # Several nodes: a lost notice is made good by the next poll. A poll slower than the ack
+        # wait would let the owner resend (or escalate) before another node's socket had the
+        # attempt once (section 5, "Several nodes"; docs/model.md, the poll bound).
+        raise ConfigError(env_name("cluster_poll_interval"), f"{settings.cluster_poll_interval:g}s is not "
+                          f"below PIPEPROOF_ACK_TIMEOUT ({settings.ack_timeout:g}s)")
     if settings.jwt_algorithm == "HS256":
         if settings.env == "prod":
             setting = env_name("jwt_secret")

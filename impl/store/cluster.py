@@ -1,6 +1,6 @@
 """The store's cluster operations: node heartbeats, connection slots counted across nodes, one
 delivery owner per context, and the notifications between nodes (PROTOCOL section 3 and
-section 6, "Several nodes").
+section 5, "Several nodes").
 
 Everything a node must agree on with the others is decided here, by the database:
 

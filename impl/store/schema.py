@@ -14,7 +14,7 @@ The guarantees the protocol needs are made here, by the database, never by an in
   died (section 6, "When a node dies");
 * connection limits across nodes and one delivery owner per context (version 3): a ``sessions``
   row per socket counted in the transaction that inserts it, and ``delivery_owners`` taken by a
-  compare-and-set against the ``nodes`` heartbeats (section 6, "Several nodes").
+  compare-and-set against the ``nodes`` heartbeats (section 5, "Several nodes").
 
 The schema is versioned: :data:`MIGRATIONS` are applied in order by :func:`apply_migrations`, each
 recorded in ``schema_version``, safely from many processes at once.
@@ -191,7 +191,7 @@ _runs_v1 = Table(
     UniqueConstraint("context_id", "request_id", name="uq_runs_context_request"),
 )
 
-# Version 3, several nodes on one store (section 6, "Several nodes"). A node is alive while its
+# Version 3, several nodes on one store (section 5, "Several nodes"). A node is alive while its
 # heartbeat has not run out (``nodes.expires``, wall-clock seconds); what a dead node held (its
 # sockets' connection slots, its contexts' delivery) stops counting as soon as it has.
 nodes = Table(

@@ -153,8 +153,10 @@ def test_the_cli_reports_sessions_per_node_and_the_same_seed_places_them_alike(
 def test_conform_two_node_cluster(tmp_path: Path) -> None:
     """The kit across a real two-node cluster (two ``pipeproof serve`` processes on one fresh
     PostgreSQL database): the cluster must look like one server."""
-    env = {**SMALL.server_env(), "PIPEPROOF_MAX_CONNECTIONS_PER_ACCOUNT": "512",
-           "PIPEPROOF_DISABLED_USERS": DISABLED_USER, "PIPEPROOF_SHUTDOWN_GRACE": "1"}
+    # The poll below SMALL's ack wait (0.25 s), as startup requires on PostgreSQL.
+    env = {**SMALL.server_env(), "PIPEPROOF_CLUSTER_POLL_INTERVAL": "0.1",
+           "PIPEPROOF_MAX_CONNECTIONS_PER_ACCOUNT": "512", "PIPEPROOF_DISABLED_USERS": DISABLED_USER,
+           "PIPEPROOF_SHUTDOWN_GRACE": "1"}
     with Cluster(tmp_path, 2, env=env) as cluster:
         a, b = cluster.urls
         target = Target(a, Tokens(SECRET), SMALL, disabled_user=DISABLED_USER, cluster=(b,), seed=0)

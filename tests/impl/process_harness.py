@@ -70,6 +70,8 @@ class ServerProcess:
             "PIPEPROOF_JWT_SECRET": SECRET,
             "PIPEPROOF_DATA_DIR": str(data_dir),
             "PIPEPROOF_ACK_TIMEOUT": "0.5",
+            # Below the ack wait, as startup requires on PostgreSQL (a lost notice costs no attempt).
+            "PIPEPROOF_CLUSTER_POLL_INTERVAL": "0.2",
             "PIPEPROOF_ACK_JITTER": "0",
             "PIPEPROOF_MAX_ATTEMPTS": "4",
             "PIPEPROOF_RESUME_WINDOW": "30",

@@ -1,5 +1,5 @@
 """Several ``pipeproof serve`` nodes on one PostgreSQL database (PROTOCOL section 3, section 5,
-section 6 "Several nodes"; impl/cluster.py and the cluster paths of impl/delivery.py), started by
+section 5 "Several nodes"; impl/cluster.py and the cluster paths of impl/delivery.py), started by
 the :class:`~process_harness.Cluster` harness. Each row of what was measured against two nodes,
 as the protocol says it must behave:
 
@@ -113,7 +113,7 @@ async def states(url: str) -> dict[str, int]:
 async def test_a_run_on_a_reaches_the_users_socket_on_b(tmp_path: Path, learning: str) -> None:
     # Each way a node learns, alone: notices with a poll too slow to matter within the test, then
     # polls alone (notices off), as behind a pooler that cannot hold a LISTEN.
-    learn = ({"PIPEPROOF_CLUSTER_POLL_INTERVAL": "120"} if learning == "notices" else
+    learn = ({"PIPEPROOF_CLUSTER_POLL_INTERVAL": "120", "PIPEPROOF_ACK_TIMEOUT": "200"} if learning == "notices" else
              {"PIPEPROOF_CLUSTER_NOTIFY": "false", "PIPEPROOF_CLUSTER_POLL_INTERVAL": "0.2"})
     with Cluster(tmp_path, 2, env={**LEASES, **learn}) as cluster:
         a, b = cluster.nodes

@@ -314,3 +314,16 @@ def test_the_lease_is_renewed_every_third_of_its_ttl_by_default_and_must_be_rene
             validate_for_startup(load_settings(run_lease_ttl=2.0, run_lease_renew_interval=renew))
     with pytest.raises(ConfigError, match="PIPEPROOF_RUN_LEASE_TTL"):
         load_settings(run_lease_ttl=0)
+
+
+def test_on_postgresql_the_cluster_poll_must_be_quicker_than_the_ack_wait() -> None:
+    pg = "postgresql+asyncpg://u@127.0.0.1/db"
+    assert (load_settings().cluster_poll_interval, load_settings().cluster_notify) == (1.0, True)
+    validate_for_startup(load_settings(database_url=pg, ack_timeout=5.0, cluster_poll_interval=4.9))
+    for poll in (5.0, 30.0):
+        with pytest.raises(ConfigError, match="PIPEPROOF_CLUSTER_POLL_INTERVAL"):
+            validate_for_startup(load_settings(database_url=pg, ack_timeout=5.0, cluster_poll_interval=poll))
+    # One node on SQLite polls nothing: any interval starts.
+    validate_for_startup(load_settings(ack_timeout=0.5, cluster_poll_interval=30.0))
+    with pytest.raises(ConfigError, match="PIPEPROOF_CLUSTER_POLL_INTERVAL"):
+        load_settings(cluster_poll_interval=0)

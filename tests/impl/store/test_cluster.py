@@ -1,5 +1,5 @@
 """Tests for impl/store/cluster.py: node heartbeats, connection slots counted across nodes, one
-delivery owner per context, and notifications (PROTOCOL section 3; section 6, "Several nodes").
+delivery owner per context, and notifications (PROTOCOL section 3; section 5, "Several nodes").
 Each runs on SQLite and, when configured, PostgreSQL, except LISTEN/NOTIFY (PostgreSQL only)."""
 
 from __future__ import annotations
