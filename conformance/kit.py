@@ -500,6 +500,7 @@ class ConformanceMachine(RuleBasedStateMachine):
                                         f"{body.get('context_id')}, the sockets got {u.context_id}",
                                         [f"context {u.context_id}"])
         records: list[dict[str, Any]] = [r for r in body["events"] if isinstance(r, dict)]
+        u.on_listing(records)
         for rec in records:
             u.on_http_event(rec, now)
         status, esc = self._http().get("/v1/escalations", token)
@@ -604,14 +605,26 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.oracle.pump()
         first.client_close()
         # The declared idle time must pass with no socket attached: waiting for it is the action.
-        idle_until = acked_at + self.tm.context_ttl + self.tm.slack
+        # The late bound: a server may expire contexts by a periodic sweep, up to the tolerance.
+        idle_until = acked_at + self.tm.late(self.tm.context_ttl)
         clock = threading.Event()  # never set: a bounded wait on the declared duration
         while time.monotonic() < idle_until:
             clock.wait(min(0.25, max(0.0, idle_until - time.monotonic())))
             self.oracle.pump()  # the example's other sockets keep being observed meanwhile
+        before = first.acked
         second = self._open(user, "good")
         self._init(second, self.target.tokens.good(name))
         self._wait(second, lambda: second.acked is not None, "connection_ack")
+        after = second.acked
+        if before is not None and after is not None:
+            # Expired means replaced: the same id and epoch again is the expired context reused.
+            self.oracle.count("expired_context_never_reused")
+            if (after.get("context_id"), after.get("epoch")) == (before.get("context_id"), before.get("epoch")):
+                raise self.oracle.violation(
+                    "expired_context_never_reused",
+                    f"user {name}: after {self.tm.late(self.tm.context_ttl):.1f}s idle with no socket (context_ttl "
+                    f"{self.tm.context_ttl}s) the same context {before.get('context_id')} epoch "
+                    f"{before.get('epoch')} again", ["a new context_id or a higher epoch"])
         if second.closed is None:
             second.sock.drop(True)
             self.oracle.pump()

@@ -35,6 +35,8 @@ _WIRE: tuple[Property, ...] = (
     Property("timeouts_honoured", "1, 5",
              "init_timeout and ack_timeout fire no earlier than declared and within the tolerance.", "wire"),
     Property("frames_valid", "Transport", "Every server frame is JSON with a type and matches its schema.", "wire"),
+    Property("seq_gap_free", "5",
+             "A context's seqs are 1, 2, 3, ... with no gap: GET /v1/events lists every one in order.", "wire"),
     Property("replies_answer_requests", "1, 4",
              "Each handled frame gets the reply the protocol names (run.accepted/error with the request_id, "
              "error invalid_message), in arrival order.", "wire"),
@@ -44,7 +46,7 @@ PROPERTIES: dict[str, Property] = {
     **{i.name: Property(i.name, _MODEL_SECTIONS.get(i.machine, "?"), i.doc, "model") for i in INVARIANTS},
     **{p.name: p for p in _WIRE},
 }
-"""Every property by name: the model's invariants (thirteen), then the wire rules."""
+"""Every property by name: the model's invariants, then the wire rules."""
 
 
 __all__ = ["PROPERTIES", "Property"]

@@ -4,7 +4,7 @@
 The server under test is run with small, declared settings. The kit never sleeps and hopes: it
 waits for an observation up to a deadline computed from the declared value,
 
-    early bound   declared - slack          (an observation before it is "too early")
+    early bound   max(declared - slack, declared / 2)  (an observation before it is "too early")
     late bound    declared x tolerance + slack
 
 and one model ``tick`` of a delivery machine stands for "the declared wait at hand has passed",
@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
+
+EARLY_FRACTION = 0.5
+"""No declared duration may be seen to end before this fraction of it (:meth:`Timing.early`)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,10 @@ class Timing:
         return min(self.ack_timeout * self.ack_backoff ** max(0, attempt - 1), self.ack_timeout_max)
 
     def early(self, declared: float) -> float:
-        return max(0.0, declared - self.slack)
+        """The earliest a declared duration may be observed to end: ``slack`` before it, but never
+        less than half of it, so even a short declared wait (a small ack_timeout) keeps a lower
+        bound a server firing it early breaks."""
+        return max(declared * EARLY_FRACTION, declared - self.slack)
 
     def late(self, declared: float) -> float:
         return declared * self.tolerance + self.slack

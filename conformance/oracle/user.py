@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ class RunView:
     kinds: list[str] = field(default_factory=list)
     cancelled: bool = False
     cancel_won: bool = False  # it ended agent_failed without agent_started after the kit's cancel
+    open_call: str | None = None  # the tool_call_id of its tool_executing not yet completed
 
 
 class UserView:
@@ -69,6 +70,7 @@ class UserView:
         self.recent_drops: list[float] = []
         self.proven = 0  # the highest seq whose ack a barrier proved handled
         self.codes: dict[int, Any] = {}  # seq -> the code of an agent_failed event
+        self.calls: dict[int, str] = {}  # seq -> the tool_call_id of a tool event
         self.last_init = 0.0  # when the init of the user's last acked socket was sent (an upper bound on idle)
 
     def live_sockets(self) -> list[SockView]:
@@ -138,6 +140,7 @@ class UserView:
         self.events.clear()
         self.kinds.clear()
         self.codes.clear()
+        self.calls.clear()
         self.applied = 0
         self.runs.clear()
         self.requests.clear()
@@ -268,6 +271,20 @@ class UserView:
         sock.floor = max(sock.floor, sure)
         self.proven = max(self.proven, sure)
 
+    def on_listing(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Section 5: seqs are allocated 1, 2, 3, ... per context, so ``GET /v1/events?after=0``
+        lists every seq from 1, in order. One that skips a number is a gap, reported as one (not
+        as the run or delivery rule that the missing event later seems to break)."""
+        self.kit.count("seq_gap_free")
+        for expected, rec in enumerate(records, start=1):
+            seq = rec.get("seq")
+            if seq != expected:
+                raise self.kit.violation(
+                    "seq_gap_free",
+                    f"GET /v1/events?after=0 as {self.name}: seq {seq} where seq {expected} belongs "
+                    f"(listed: {[r.get('seq') for r in records][:12]})",
+                    [f"seq {expected}"])
+
     def on_http_event(self, rec: Mapping[str, Any], now: float) -> None:
         seq, state = int(rec["seq"]), str(rec.get("state", "")).lower()
         run_id, kind = str(rec.get("run_id")), str(rec.get("event"))
@@ -380,6 +397,24 @@ class UserView:
     def _note_code(self, seq: int, kind: str, data: Any) -> None:
         if kind == "agent_failed" and isinstance(data, Mapping) and "code" in data:
             self.codes[seq] = data["code"]
+        if kind in ("tool_executing", "tool_completed") and isinstance(data, Mapping) and "tool_call_id" in data:
+            self.calls[seq] = str(data["tool_call_id"])
+
+    def _tool_pairing(self, view: RunView, seq: int, kind: str) -> None:
+        """Section 4: each tool_completed closes the run's open tool call, naming its tool_call_id."""
+        if kind == "tool_executing":
+            view.open_call = self.calls.get(seq)
+            return
+        if kind != "tool_completed":
+            return
+        self.kit.count("run_events_well_ordered")
+        opened, closed = view.open_call, self.calls.get(seq)
+        view.open_call = None
+        if opened is not None and closed is not None and closed != opened:
+            raise self.kit.violation("run_events_well_ordered",
+                                     f"user {self.name}: run {view.run_id}: seq {seq} tool_completed with "
+                                     f"tool_call_id {closed!r}, the open call is {opened!r}",
+                                     [f"tool_completed with tool_call_id {opened!r}"])
 
     def _cancel_outcome(self, view: RunView, seq: int, kind: str) -> None:
         """Section 4: a cancelled run that never started ends with one agent_failed, code cancelled."""
@@ -417,6 +452,7 @@ class UserView:
                 raise self.kit.violation("run_events_well_ordered", f"user {self.name}: run {run_id}: {why} "
                                          f"(events {view.kinds})", view.belief.allowed())
             self._fire_run(view, kind, f"event seq {self.applied + 1} {kind}")
+            self._tool_pairing(view, self.applied + 1, kind)
             self._cancel_outcome(view, self.applied + 1, kind)
             self.applied += 1
 

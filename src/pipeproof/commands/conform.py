@@ -21,7 +21,13 @@ HELP = "run the conformance kit against a server (or --serve the reference)"
 
 _TIMING_FLAGS = ("init_timeout", "ack_timeout", "ack_backoff", "ack_timeout_max", "ack_jitter", "max_attempts",
                  "resume_window", "heartbeat_interval", "preready_buffer_frames", "error_budget",
-                 "max_connections_per_user", "run_max_steps", "tolerance", "slack")
+                 "max_connections_per_user", "run_max_steps", "tolerance", "slack", "context_ttl", "reply_timeout")
+
+
+_FLAG_HELP = {
+    "reply_timeout": "seconds the kit waits for a reply (the late bound of it: x tolerance + slack); default 3",
+    "context_ttl": "the server's declared context_ttl; the expiry probe runs when it is at most 5 s",
+}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for name in _TIMING_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=float if name not in (
             "max_attempts", "preready_buffer_frames", "error_budget", "max_connections_per_user", "run_max_steps")
-            else int, default=None, help=f"the server's declared {name}")
+            else int, default=None, help=_FLAG_HELP.get(name, f"the server's declared {name}"))
 
 
 def run(args: argparse.Namespace) -> int:
