@@ -153,6 +153,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             frame["token"] = token
         if resume is not None:
             frame["resume"] = {"last_seq": resume}
+            view.resume_seq = resume
             if view.user is not None:
                 view.user.ack_perm = max(view.user.ack_perm, resume)
         view.send("init", frame)

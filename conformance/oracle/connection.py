@@ -74,6 +74,7 @@ class SockView:
         self.closed: tuple[int, str] | None = None
         self.attached = False
         self.floor = 0  # seqs <= floor were acked and a later barrier proved the ack handled here
+        self.resume_seq: int | None = None  # the last_seq this socket's connection_init resumed from
         self.delivered: set[int] = set()
         self.attempts: dict[int, int] = {}  # seq -> highest attempt seen on this socket
 
@@ -186,6 +187,10 @@ class SockView:
             self.floor = self.user.proven
             self.user.on_ack(self, f)
             self.attached = True
+            if self.resume_seq is not None and f.get("recovered") is True:
+                # Section 5: a resume acks every event through last_seq before connection_ack, and
+                # the kit resumes from what it received, all delivered: none of them is sent here.
+                self.floor = max(self.floor, self.resume_seq)
 
     def _on_event(self, f: dict[str, Any], o: Obs) -> None:
         self.kit.count("no_message_before_ready")

@@ -192,7 +192,7 @@ class UserView:
         self.kit.count("monotonic_event_state")
         if seq <= sock.floor:
             raise self.kit.violation("acked_never_resent",
-                                     f"{where}: seq {seq} was acked and a later barrier proved the ack handled",
+                                     f"{where}: seq {seq} was acked (a resume or an ack a barrier proved handled)",
                                      ["no event with seq <= " + str(sock.floor)])
         known = self.kinds.get(seq)
         if known is not None and known != (run_id, kind):
