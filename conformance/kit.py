@@ -17,6 +17,7 @@ request goes to the node :class:`~.placement.Placement` picks, and the oracle is
 from __future__ import annotations
 
 import functools
+import secrets
 import threading
 import time
 import uuid
@@ -24,16 +25,17 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 from hypothesis.errors import Flaky
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    get_state_machine_test,
     initialize,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from pipeproof.protocol import CloseReason
@@ -681,13 +683,20 @@ def machine_for(target: Target, *, shrink_deadline: float = 0.0, prefix: str | N
 
 
 def run_kit(target: Target, *, examples: int = 20, steps: int = 8, randomize: bool = False,
-            budget: float = 45.0, shrink_budget: float = 4.0, prefix: str | None = None) -> KitResult:
+            budget: float = 45.0, shrink_budget: float = 4.0, prefix: str | None = None,
+            random_seed: int | None = None) -> KitResult:
     """Run the kit; a violation comes back in ``result.violation`` with the shrunk client actions.
 
     The search is bounded by ``examples`` (derandomized unless ``randomize``: the same client
     actions every run) and, as a safety net, by ``budget`` seconds; shrinking a failure gets
     ``shrink_budget`` seconds from the moment it is found, then the smallest trace so far is reported.
+    A random search draws from ``random_seed`` (a fresh one when None), kept in
+    ``result.random_seed``: the same seed, examples and steps draw the same client actions.
     """
+    if random_seed is not None:
+        randomize = True
+    elif randomize:
+        random_seed = secrets.randbits(32)
     start = time.monotonic()
     machine = machine_for(target, shrink_deadline=start + budget, prefix=prefix)
     result = machine.result
@@ -702,8 +711,12 @@ def run_kit(target: Target, *, examples: int = 20, steps: int = 8, randomize: bo
         machine.shrink_deadline = min(machine.shrink_deadline, time.monotonic() + shrink_budget)
 
     _capture_steps(machine, trace, found)
+    result.random_seed = random_seed
+    test = get_state_machine_test(machine, settings=cfg)
+    if random_seed is not None:
+        test = hypothesis_seed(random_seed)(test)
     try:
-        run_state_machine_as_test(machine, settings=cfg)
+        test()
     except Violation as v:
         v.trace = tuple(trace)
         result.violation = v

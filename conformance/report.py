@@ -20,9 +20,13 @@ def text_summary(result: KitResult, target: str) -> str:
         for node, url, sessions, requests in node_rows(result):
             lines.append(f"    node {node} {url}: {sessions} sessions, {requests} HTTP requests")
         lines.append(f"  resumes after a drop: {result.resumes_after_drop}, on another node: {result.resumes_moved}")
+    if result.random_seed is not None:
+        lines.append(f"  random search, seed {result.random_seed} (replay it: --random-seed {result.random_seed})")
     if result.violation is not None:
         lines.append("")
         lines.append("VIOLATION " + result.violation.render())
+        if result.random_seed is not None:
+            lines.append(f"reproduce: --random-seed {result.random_seed} (with the same --examples and --steps)")
     else:
         lines.append("ok: every observation was a behaviour the model allows")
     return "\n".join(lines)

@@ -62,6 +62,7 @@ class KitResult:
     http_requests: list[int] = field(default_factory=list)  # HTTP requests sent to each node
     resumes_after_drop: int = 0  # resumes of a user that had dropped a socket
     resumes_moved: int = 0  # ... placed on another node than that socket's
+    random_seed: int | None = None  # a random search's seed (None: derandomized): replays it exactly
 
     @property
     def ok(self) -> bool:

@@ -163,3 +163,29 @@ def test_conform_two_node_cluster(tmp_path: Path) -> None:
         result = run_kit(target, examples=8, steps=6, budget=40.0)
     assert min(result.sessions) > 0, result.sessions
     assert result.ok, result.violation and result.violation.render()
+
+
+def test_a_random_search_prints_its_seed_and_the_seed_replays_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server(tmp_path, {}, SMALL.with_(context_ttl=600.0))
+    declared = [f"--{flag}={getattr(SMALL, flag.replace('-', '_'))}" for flag in (
+        "init-timeout", "heartbeat-interval", "preready-buffer-frames", "error-budget", "max-connections-per-user")]
+    try:
+        url = f"ws://127.0.0.1:{server.port}"
+        target = Target(url, Tokens(SECRET), SMALL.with_(context_ttl=600.0), runs=False)
+        fresh = run_kit(target, examples=3, steps=4, randomize=True)
+        assert fresh.random_seed is not None
+        # Sections 1-3 only: the actions depend on the draws alone, so a replay takes the same ones.
+        again = run_kit(target, examples=3, steps=4, random_seed=fresh.random_seed)
+        assert (again.random_seed, again.examples, again.actions, again.checks) == (
+            fresh.random_seed, fresh.examples, fresh.actions, fresh.checks)
+        assert main(["conform", url, "--secret", SECRET, "--no-runs", "--examples", "2", "--steps", "3",
+                     "--random-seed", "77", *declared]) == 0
+        out = capsys.readouterr().out
+        assert "random search, seed 77 (replay it: --random-seed 77)" in out
+        assert main(["conform", url, "--secret", SECRET, "--no-runs", "--examples", "2", "--steps", "3",
+                     *declared]) == 0
+        assert "random search" not in capsys.readouterr().out  # derandomized by default
+    finally:
+        server.stop()

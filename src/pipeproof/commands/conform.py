@@ -43,7 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="client actions per example (default 8)")
     parser.add_argument("--budget", type=float, default=45.0,
                         help="seconds for searching and shrinking before the best trace is reported (45)")
-    parser.add_argument("--random", action="store_true", help="new random examples (default: derandomized)")
+    parser.add_argument("--random", action="store_true",
+                        help="new random examples (default: derandomized); the seed is printed")
+    parser.add_argument("--random-seed", type=int, default=None, metavar="N",
+                        help="replay the random search of seed N (implies --random)")
     parser.add_argument("--seed", type=int, default=0,
                         help="with several URLs: which node each session goes to (the same seed, the same placement)")
     parser.add_argument("--no-runs", action="store_true", help="the server implements sections 1-3 only")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                         cluster=tuple(nodes[1:]), seed=args.seed)
         url = " ".join(nodes)
         result = run_kit(target, examples=args.examples or 20, steps=args.steps, randomize=args.random,
-                         budget=args.budget)
+                         budget=args.budget, random_seed=args.random_seed)
         print(text_summary(result, url))
         if args.junit is not None:
             write_junit(result, args.junit, url)
