@@ -576,6 +576,10 @@ class DeliveryService:
         """Whether the run's terminal event is still in delivery on this node (it reaches the
         context's sessions here)."""
         stream = self.streams.get(context_id)
+        if stream is not None and stream.role == "relay":
+            # Another node owns the stream: the terminal event reaches this node's sockets through
+            # the relay while the store holds it in delivery (as of the last relay read).
+            return run_id in stream.relay_terminals
         return stream is not None and any(
             e.record.run_id == run_id and e.record.kind in TERMINAL_KINDS for e in stream.core.live.values()
         )
@@ -826,6 +830,7 @@ class DeliveryService:
             # one above read it, so forgetting it below can never make it look new again.
             in_flight = await self.store.unacked_after(stream.context_id, 0)
             live = {r.seq for r in in_flight}
+            stream.relay_terminals = {r.run_id for r in in_flight if r.kind in TERMINAL_KINDS}
             # First sends go out in seq order, as on one node: none past an event whose first
             # send is not decided yet (PENDING at attempt 0; its turn comes at a later read).
             gap = next((r.seq for r in fresh if r.state is DeliveryState.PENDING and r.attempt == 0), None)

@@ -81,6 +81,7 @@ class Stream:
     # here once even if another node's client acked it first (fan-out of the first send).
     relay_seen: int = 0
     relay_base: dict[str, int] = field(default_factory=dict)  # relay: session -> last seq before it joined
+    relay_terminals: set[str] = field(default_factory=set)  # relay: runs whose terminal event is in delivery
     wanted: set[str] = field(default_factory=set)  # what notices asked to re-read (impl/delivery.py)
     worker: asyncio.Task[None] | None = None  # re-reads what ``wanted`` names
 

@@ -54,6 +54,10 @@ class ServerPool:
             self.schemas.append(schema)
             overrides.setdefault("database_url", PG_URL)
             kwargs.setdefault("store_opener", functools.partial(open_store, pg_schema=schema))
+            # Startup requires the cluster poll below the ack wait on PostgreSQL (section 5,
+            # "Several nodes"); tests declare short ack waits.
+            ack = float(overrides.get("ack_timeout", Settings.model_fields["ack_timeout"].default))
+            overrides.setdefault("cluster_poll_interval", min(1.0, ack / 2))
         settings = make_settings(self.tmp_path / f"srv{len(self.servers)}", **overrides)
         server = ServerThread(settings, kwargs).start()
         self.servers.append(server)
