@@ -33,6 +33,13 @@ from pipeproof.conformance.serve import DISABLED_USER, free_port
 from pipeproof.conformance.timing import SMALL, Timing
 
 HERE = Path(__file__).parent
+# The whole sweep (three clean searches, every switch with its retries) takes about 7.5 minutes
+# here: a flag, like the long fuzz run. CI runs one clean search and the switches that stand for
+# the kit's checks added with this suite (about a minute).
+FULL = os.environ.get("PIPEPROOF_TEST_INDEPENDENT") == "all"
+CI_SWITCHES = frozenset({"seq_gap", "unpaired_tool", "early_resend", "expired_context_reused",
+                         "close_1011_on_bad_frame"})
+_FULL_ONLY = pytest.mark.skip(reason="part of the full sweep: PIPEPROOF_TEST_INDEPENDENT=all")
 
 # Switches the kit cannot catch today: strict xfail, so the mark must go when the kit learns it.
 KIT_MISSES: dict[Bug, str] = {
@@ -182,7 +189,9 @@ def test_every_switch_is_described() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("random_seed", [None, 1, 2], ids=["derandomized", "seed-1", "seed-2"])
+@pytest.mark.parametrize("random_seed", [
+    None, pytest.param(1, marks=[] if FULL else [_FULL_ONLY]), pytest.param(2, marks=[] if FULL else [_FULL_ONLY]),
+], ids=["derandomized", "seed-1", "seed-2"])
 def test_the_independent_server_passes_the_kit(random_seed: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """No switch on: every observation is a behaviour the model allows (three different searches)."""
     with IndependentServer() as server:
@@ -201,6 +210,8 @@ def _cases() -> list[Any]:
         marks = [pytest.mark.xfail(strict=True, reason=KIT_MISSES[bug])] if bug in KIT_MISSES else []
         if bug in KIT_SOMETIMES:
             marks = [pytest.mark.xfail(strict=False, reason=KIT_SOMETIMES[bug])]
+        if not FULL and bug.value not in CI_SWITCHES:
+            marks = [_FULL_ONLY]
         cases.append(pytest.param(bug, marks=marks, id=bug.value))
     return cases
 
